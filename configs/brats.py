@@ -1,0 +1,25 @@
+"""BraTS 2023 adult glioma (GLI): pre = t1n, post = t1c; regions WT, TC, ET.
+
+  python -m resfuse_jax.main --config=configs/brats.py \
+      --config.data.root=/data/ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData --workdir=runs/brats
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
+
+def get_config(arg: str | None = None):
+  model, options = common.parse_arg(arg)
+  c = common.base_config(model)
+  c.data.name = "brats"
+  c.data.root = os.environ.get("BRATS_ROOT", "")
+  c.data.patch_size = (128, 128, 128)
+  c.model.features = (16, 32, 64, 128, 256)
+  if "smoke" in options:
+    common.apply_smoke(c)
+  return c

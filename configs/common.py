@@ -1,0 +1,82 @@
+"""Settings shared by every dataset config; datasets override what differs.
+
+Config args are comma-separated: the first names the model, the rest are
+options, e.g. ``configs/brats.py:resfuse,smoke``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODELS = ("resfuse", "resunet", "resunet_early")
+OPTIONS = ("smoke",)
+
+
+def parse_arg(arg: str | None) -> tuple[str, set[str]]:
+  parts = [p for p in (arg or "").split(",") if p]
+  model = parts[0] if parts and parts[0] in MODELS else "resfuse"
+  options = set(parts[1:] if parts and parts[0] in MODELS else parts)
+  unknown = options - set(OPTIONS)
+  if unknown:
+    raise ValueError(
+      f"Unknown config args {sorted(unknown)}; the first arg is a model ({', '.join(MODELS)}), "
+      f"the rest options ({', '.join(OPTIONS)})"
+    )
+  return model, options
+
+
+def base_config(model: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = model
+  c.model.features = (16, 32, 64, 128, 256)
+  c.model.fusion = "conv"  # identity | conv | gate (ResFuse only)
+  c.model.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""
+  c.data.root = ""
+  c.data.patch_size = (128, 128, 128)
+  c.data.fold = 0
+  c.data.num_folds = 5
+  c.data.split_seed = 12345
+  c.data.fg_fraction = 1.0 / 3.0
+  c.data.workers = 0  # Grain worker processes; 0 = in the main process
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100_000
+  c.train.batch_size = 2
+  c.train.optimizer = "adamw"
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 1000
+  c.train.weight_decay = 1e-5
+  c.train.grad_clip = 1.0
+  c.train.log_every = 100
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 5000
+  c.eval.overlap = 0.5
+  c.eval.batch_size = 4  # sliding windows per forward call
+  c.eval.max_cases = 0  # 0 = every validation case
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 2
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: every device
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> None:
+  """A few steps of a tiny model: for tests and for checking an installation."""
+  c.model.features = (4, 8)
+  c.data.patch_size = (16, 16, 16)
+  c.train.steps = 4
+  c.train.warmup_steps = 1
+  c.train.log_every = 2
+  c.eval.every_steps = 4
+  c.eval.max_cases = 2
+  c.checkpoint.every_steps = 2

@@ -1,0 +1,44 @@
+"""Reader for the BraTS 2023 GLI layout: pre = t1n, post = t1c, seg optional."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from resfuse_jax.data.common import CaseFiles, DataError
+
+REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+LABELS = (0, 1, 2, 3)
+SOURCE_HINT = (
+  "BraTS 2023 adult glioma (GLI) training data is distributed through Synapse "
+  "(the 'BraTS 2023 Challenge' project, after registering for the challenge); unpack "
+  "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData and pass it with "
+  "--config.data.root=/path/to/ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData. "
+  "To try the pipeline without data, train on the built-in phantom: "
+  "python -m resfuse_jax.main --config=configs/phantom.py --workdir=runs/phantom"
+)
+
+
+def find_cases(root: str | Path, require_label: bool = True) -> list[CaseFiles]:
+  """Lists ``<root>/BraTS-GLI-XXXXX-YYY/`` case folders, checking each has its files."""
+  root = Path(root) if root else None
+  if root is None or not root.is_dir():
+    raise DataError(f"BraTS data folder not found: data.root={str(root or '')!r}. {SOURCE_HINT}")
+  cases = []
+  for case_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("BraTS-")):
+    cid = case_dir.name
+    files = {
+      "pre": case_dir / f"{cid}-t1n.nii.gz",
+      "post": case_dir / f"{cid}-t1c.nii.gz",
+      "label": case_dir / f"{cid}-seg.nii.gz",
+    }
+    for kind in ("pre", "post"):
+      if not files[kind].is_file():
+        raise DataError(f"case {cid}: missing {kind}-contrast scan {files[kind]}")
+    if not files["label"].is_file():
+      if require_label:
+        raise DataError(f"case {cid}: missing segmentation {files['label']}")
+      files["label"] = None
+    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"]))
+  if not cases:
+    raise DataError(f"no BraTS-GLI-* case folders in {root}. {SOURCE_HINT}")
+  return cases

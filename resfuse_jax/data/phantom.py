@@ -1,0 +1,222 @@
+"""A procedural brain-tumour phantom written in the BraTS 2023 layout.
+
+Each case is a brain-like head with a glioma (ring-enhancing, solid-enhancing
+or non-enhancing) and the distractors that make post-contrast-only
+segmentation fail the way the paper describes:
+
+- T1-bright, non-enhancing foci (subacute blood, fat): bright in the
+  pre-contrast AND the post-contrast scan, shaped like small solid or
+  ring-like lesions, so on the post scan alone they look like enhancing
+  tumour; only the pre scan shows they did not enhance;
+- normally enhancing structures (vessels, dura): they do enhance, so the
+  subtraction alone is not enough either; shape and context are needed.
+
+Labels follow BraTS 2023: 1 NCR (necrotic / non-enhancing core), 2 ED (edema),
+3 ET (enhancing tumour). Everything is deterministic in (seed, case index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+MARKER = "phantom.json"
+# T1 (pre-contrast) intensities of the tissues, arbitrary units.
+T1 = {"wm": 0.75, "gm": 0.55, "csf": 0.15, "edema": 0.48, "core": 0.30, "et_pre": 0.52}
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomSpec:
+  num_cases: int = 40
+  shape: tuple[int, int, int] = (48, 48, 48)
+  spacing: float = 1.5  # mm
+  seed: int = 0
+
+  def key(self) -> dict:
+    return {
+      "num_cases": self.num_cases,
+      "shape": list(self.shape),
+      "spacing": self.spacing,
+      "seed": self.seed,
+      "version": 1,
+    }
+
+
+def case_id(index: int) -> str:
+  return f"BraTS-GLI-{index:05d}-000"
+
+
+def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+  """Zero-mean, unit-std low-frequency noise field."""
+  n = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+  return (n - n.mean()) / (n.std() + 1e-8)
+
+
+def _blob(coords, center, radius, rng, roughness=0.15):
+  """Irregular ellipsoid: a radial distance with low-frequency wobble, <1 inside."""
+  axes = radius * rng.uniform(0.8, 1.2, size=3)
+  d = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, center, axes)))
+  wobble = _smooth_noise(rng, d.shape, sigma=3.0)
+  return d * (1.0 + roughness * wobble)
+
+
+def _tube(coords, start, end, radius):
+  """Distance-to-segment mask of a straight vessel."""
+  p = np.stack(coords, axis=-1).astype(np.float32)
+  a, b = np.asarray(start, np.float32), np.asarray(end, np.float32)
+  ab = b - a
+  t = np.clip(((p - a) @ ab) / (ab @ ab), 0.0, 1.0)
+  closest = a + t[..., None] * ab
+  return np.linalg.norm(p - closest, axis=-1) < radius
+
+
+def _point_inside(rng, brain_dist, lo, hi, coords):
+  """A voxel position whose normalised brain radius lies in [lo, hi]."""
+  candidates = np.argwhere((brain_dist > lo) & (brain_dist < hi))
+  return candidates[rng.integers(len(candidates))].astype(np.float32)
+
+
+def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
+  """Returns {'t1n','t1c','t2w','t2f': float32, 'seg': uint8} volumes of ``spec.shape``."""
+  rng = np.random.default_rng([spec.seed, index])
+  shape = spec.shape
+  coords = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+  center = np.array(shape, np.float32) / 2 + rng.uniform(-1.5, 1.5, 3)
+
+  # Head: brain ellipsoid, grey-matter shell, ventricles.
+  brain_axes = np.array(shape, np.float32) * rng.uniform(0.40, 0.45, 3)
+  brain_dist = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, center, brain_axes)))
+  brain_dist = brain_dist * (1.0 + 0.03 * _smooth_noise(rng, shape, 4.0))
+  brain = brain_dist < 1.0
+  gm = brain & (brain_dist > 0.78 + 0.05 * _smooth_noise(rng, shape, 2.0))
+  ventricles = np.zeros(shape, bool)
+  for side in (-1, 1):
+    vc = center + np.array([0.0, 0.0, side * shape[2] * 0.07])
+    ventricles |= _blob(coords, vc, np.array([0.16, 0.07, 0.04]) * np.array(shape), rng, 0.1) < 1
+
+  t1 = np.where(brain, T1["wm"], 0.0).astype(np.float32)
+  t1[gm] = T1["gm"]
+  t1[ventricles & brain] = T1["csf"]
+  enhancement = np.where(brain, 0.04, 0.0).astype(np.float32)  # normal parenchyma, slight
+  t2 = np.where(brain, 0.35, 0.0).astype(np.float32)
+  t2[gm] = 0.5
+  t2[ventricles & brain] = 0.95
+  flair = np.where(brain, 0.45, 0.0).astype(np.float32)
+  flair[gm] = 0.55
+  flair[ventricles & brain] = 0.1
+
+  # Tumour: edema (WT) around a core (TC) with an enhancement pattern.
+  seg = np.zeros(shape, np.uint8)
+  pattern = rng.choice(["ring", "solid", "nonenhancing"], p=[0.45, 0.35, 0.20])
+  t_center = _point_inside(rng, brain_dist, 0.25, 0.55, coords)
+  r_wt = rng.uniform(5.5, 8.5)
+  wt = (_blob(coords, t_center, r_wt, rng) < 1) & brain
+  core_scale = rng.uniform(0.5, 0.7)
+  core_dist = _blob(coords, t_center, r_wt * core_scale, rng, 0.1)
+  core = (core_dist < 1) & wt
+  seg[wt] = 2
+  t1[wt] = T1["edema"]
+  t2[wt] = 0.85
+  flair[wt] = 0.9
+  et_strength = rng.uniform(0.65, 0.9)
+  if pattern == "ring":
+    rim = 1.0 - rng.uniform(1.5, 2.5) / (r_wt * core_scale)
+    et = core & (core_dist >= rim)
+    ncr = core & ~et
+  elif pattern == "solid":
+    et, ncr = core, np.zeros(shape, bool)
+  else:
+    et, ncr = np.zeros(shape, bool), core
+  seg[ncr] = 1
+  seg[et] = 3
+  t1[ncr] = T1["core"]
+  t2[ncr] = 0.75
+  flair[ncr] = 0.5
+  t1[et] = T1["et_pre"]
+  enhancement[et] = et_strength * rng.uniform(0.85, 1.15, size=int(et.sum()))
+
+  # Distractor 1: T1-bright, non-enhancing foci, some ring-like, away from the tumour.
+  # Bright in the pre scan at about the level of enhancing tumour in the post scan.
+  for _ in range(rng.integers(4, 8)):
+    for _attempt in range(20):
+      f_center = _point_inside(rng, brain_dist, 0.15, 0.75, coords)
+      if np.linalg.norm(f_center - t_center) > r_wt + 4:
+        break
+    r = rng.uniform(2.0, 4.5)
+    fd = _blob(coords, f_center, r, rng, 0.1)
+    focus = (fd < 1) & brain & (seg == 0)
+    if rng.random() < 0.4:  # ring-like: bright rim, dark centre
+      t1[focus & (fd < 0.5)] = T1["core"]
+      focus &= fd >= 0.5
+    t1[focus] = T1["et_pre"] + et_strength * rng.uniform(0.8, 1.25)
+    enhancement[focus] = 0.0
+
+  # Distractor 2: normally enhancing vessels and dura (enhance, but are not tumour).
+  for _ in range(rng.integers(2, 4)):
+    a = _point_inside(rng, brain_dist, 0.3, 0.9, coords)
+    b = _point_inside(rng, brain_dist, 0.3, 0.9, coords)
+    vessel = _tube(coords, a, b, rng.uniform(0.7, 1.1)) & brain & (seg == 0)
+    t1[vessel] = 0.35
+    enhancement[vessel] = rng.uniform(0.7, 0.95)
+  dura = (brain_dist > 0.93) & brain & (_smooth_noise(rng, shape, 3.0) > 0.3)
+  enhancement[dura & (seg == 0)] = rng.uniform(0.4, 0.6)
+
+  # Acquisition: bias field shared by both T1 scans, own gain and noise per scan.
+  bias = np.exp(0.08 * _smooth_noise(rng, shape, 8.0)).astype(np.float32)
+  post_gain = rng.uniform(0.85, 1.15)
+  head = brain.astype(np.float32)
+
+  def acquire(img, gain):
+    noisy = gain * img * bias + rng.normal(0.0, 0.025, shape).astype(np.float32)
+    return (np.clip(noisy, 0.0, None) * head * 1000.0).astype(np.float32)
+
+  return {
+    "t1n": acquire(t1, 1.0),
+    "t1c": acquire(t1 + enhancement, post_gain),
+    "t2w": acquire(t2, 1.0),
+    "t2f": acquire(flair, 1.0),
+    "seg": seg,
+  }
+
+
+def _save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+  tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+  nib.save(nib.Nifti1Image(array, affine), str(tmp))
+  os.replace(tmp, path)
+
+
+def write_phantom(root: str | os.PathLike, spec: PhantomSpec) -> Path:
+  """Writes (or reuses) the phantom under ``root`` in the BraTS 2023 GLI layout.
+
+  A marker file with the spec is written last, so an interrupted generation is
+  redone rather than half-used; a root holding a different phantom is an error.
+  """
+  root = Path(root)
+  marker = root / MARKER
+  if marker.exists():
+    found = json.loads(marker.read_text())
+    if found == spec.key():
+      return root
+    raise ValueError(
+      f"{root} already holds a phantom with a different spec ({found}); "
+      f"wanted {spec.key()}. Point data.root somewhere else or delete it."
+    )
+  root.mkdir(parents=True, exist_ok=True)
+  affine = np.diag([spec.spacing] * 3 + [1.0])
+  affine[:3, 3] = -np.array(spec.shape) * spec.spacing / 2
+  for index in range(spec.num_cases):
+    cid = case_id(index)
+    case_dir = root / cid
+    case_dir.mkdir(exist_ok=True)
+    for suffix, volume in make_case(spec, index).items():
+      _save_nifti_atomic(volume, affine, case_dir / f"{cid}-{suffix}.nii.gz")
+  tmp = marker.with_suffix(".tmp")
+  tmp.write_text(json.dumps(spec.key()))
+  os.replace(tmp, marker)
+  return root

@@ -1,0 +1,80 @@
+"""Sliding-window inference over whole volumes (nnU-Net's Gaussian-weighted tiling)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=8)
+def gaussian_importance(window: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+  """[d, h, w] weights, peak 1 at the centre, sigma = window * sigma_scale.
+
+  The minimum is clamped above zero so every voxel of a window counts a little.
+  """
+  grids = np.meshgrid(*[np.arange(w, dtype=np.float64) for w in window], indexing="ij")
+  g = np.ones(window, np.float64)
+  for grid, w in zip(grids, window):
+    g *= np.exp(-0.5 * ((grid - (w - 1) / 2) / (w * sigma_scale)) ** 2)
+  g /= g.max()
+  g = np.maximum(g, g[g > 0].min() if (g > 0).any() else 1e-6)
+  return g.astype(np.float32)
+
+
+def window_starts(shape: Sequence[int], window: Sequence[int], overlap: float) -> list[tuple]:
+  """Start corners so that windows of ``window`` cover ``shape`` with the given overlap."""
+  if not 0.0 <= overlap < 1.0:
+    raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+  per_axis = []
+  for size, win in zip(shape, window):
+    if size <= win:
+      per_axis.append([0])
+      continue
+    step = max(1, int(win * (1.0 - overlap)))
+    n = int(np.ceil((size - win) / step)) + 1
+    per_axis.append(sorted({int(round(x)) for x in np.linspace(0, size - win, n)}))
+  return list(itertools.product(*per_axis))
+
+
+def sliding_window(
+  predict: Callable[[np.ndarray], np.ndarray],
+  volume: np.ndarray,
+  window: Sequence[int],
+  num_outputs: int,
+  overlap: float = 0.5,
+  batch_size: int = 4,
+) -> np.ndarray:
+  """Predicts a whole volume tile by tile.
+
+  Args:
+    predict: [batch_size, *window, C] -> [batch_size, *window, num_outputs]
+      probabilities; always called with a full batch so it compiles once.
+    volume: [D, H, W, C]; padded with zeros up to the window where smaller.
+
+  Returns:
+    [D, H, W, num_outputs] float32 probabilities, Gaussian-weighted averages.
+  """
+  window = tuple(int(w) for w in window)
+  shape = volume.shape[:3]
+  padded_shape = tuple(max(s, w) for s, w in zip(shape, window))
+  pad = [(0, p - s) for p, s in zip(padded_shape, shape)] + [(0, 0)]
+  vol = np.pad(volume, pad) if any(hi for _, hi in pad) else volume
+  weights = gaussian_importance(window)[..., None]
+  acc = np.zeros(padded_shape + (num_outputs,), np.float32)
+  norm = np.zeros(padded_shape + (1,), np.float32)
+  starts = window_starts(padded_shape, window, overlap)
+  for i in range(0, len(starts), batch_size):
+    chunk = starts[i : i + batch_size]
+    tiles = np.zeros((batch_size, *window, vol.shape[-1]), np.float32)
+    for j, s in enumerate(chunk):
+      tiles[j] = vol[tuple(slice(a, a + w) for a, w in zip(s, window))]
+    probs = np.asarray(predict(tiles))
+    for j, s in enumerate(chunk):
+      sl = tuple(slice(a, a + w) for a, w in zip(s, window))
+      acc[sl] += probs[j] * weights
+      norm[sl] += weights
+  out = acc / norm
+  return out[: shape[0], : shape[1], : shape[2]]

@@ -1,0 +1,50 @@
+"""Model registry: every network is built by name from ``config.model``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resfuse_jax.models.resfuse import ResFuse
+from resfuse_jax.models.resunet import ResUNet
+
+
+def _resunet(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
+  return ResUNet(tuple(cfg.features), num_outputs, inputs="post", dtype=dtype)
+
+
+def _resunet_early(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
+  return ResUNet(tuple(cfg.features), num_outputs, inputs="pre+post", dtype=dtype)
+
+
+def _resfuse(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
+  levels = cfg.get("fuse_levels", None)
+  return ResFuse(
+    tuple(cfg.features),
+    num_outputs,
+    fusion=cfg.get("fusion", "conv"),
+    fuse_levels=None if levels is None else tuple(levels),
+    dtype=dtype,
+  )
+
+
+_REGISTRY: dict[str, Callable[[Any, int, Any], nn.Module]] = {
+  "resfuse": _resfuse,
+  "resunet": _resunet,
+  "resunet_early": _resunet_early,
+}
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def build(model_config: Any, num_outputs: int, dtype: Any = jnp.float32) -> nn.Module:
+  """Builds ``model_config.name``; unknown names raise listing the valid ones."""
+  name = model_config.name
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown model.name {name!r}; registered models: {', '.join(names())}")
+  return _REGISTRY[name](model_config, num_outputs, dtype)

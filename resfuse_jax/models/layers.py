@@ -1,0 +1,192 @@
+"""3D building blocks shared by every model, written around XLA's fast paths.
+
+XLA's CPU (and, for transposed convs, GPU) backends are pathologically slow on
+two patterns a U-Net needs: the backward pass of strided convolutions and
+``lax.conv_transpose``. Every block here expresses those through exact
+rewrites instead (space-to-depth + unstrided conv; 1x1x1 conv + depth-to-space),
+keeping the parameter shapes of the textbook layers. All tensors are NDHWC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+def space_to_depth(x: jax.Array) -> jax.Array:
+  """[B, D, H, W, C] -> [B, D/2, H/2, W/2, 8C], channels ordered (pd, ph, pw, C)."""
+  b, d, h, w, c = x.shape
+  x = x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, d // 2, h // 2, w // 2, 8 * c)
+
+
+def depth_to_space(x: jax.Array) -> jax.Array:
+  """[B, D, H, W, 8C] -> [B, 2D, 2H, 2W, C]; inverse of `space_to_depth`."""
+  b, d, h, w, c8 = x.shape
+  c = c8 // 8
+  x = x.reshape(b, d, h, w, 2, 2, 2, c)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, 2 * d, 2 * h, 2 * w, c)
+
+
+def stride2_kernel_as_s2d(kernel: jax.Array) -> jax.Array:
+  """Rearranges a [3,3,3,I,O] stride-2 kernel into a [2,2,2,8I,O] unstrided one.
+
+  With SAME padding a stride-2 k3 conv reads input taps 2i, 2i+1, 2i+2 per
+  axis: tap k sits in space-to-depth block i + k // 2 at phase k % 2. Padding
+  the kernel to 4 taps and splitting 4 -> (block offset, phase) is that map.
+  """
+  i, o = kernel.shape[-2:]
+  k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 1), (0, 0), (0, 0)))
+  k = k.reshape(2, 2, 2, 2, 2, 2, i, o)  # (od, pd, oh, ph, ow, pw, I, O)
+  k = k.transpose(0, 2, 4, 1, 3, 5, 6, 7)  # (od, oh, ow, pd, ph, pw, I, O)
+  return k.reshape(2, 2, 2, 8 * i, o)
+
+
+class Conv3(nn.Module):
+  """3x3x3 convolution, SAME padding, stride 1 or 2 (via space-to-depth)."""
+
+  features: int
+  strides: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", conv_init, (3, 3, 3, x.shape[-1], self.features))
+    dn = ("NDHWC", "DHWIO", "NDHWC")
+    if self.strides == 1:
+      y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (1, 1, 1), "SAME", dimension_numbers=dn
+      )
+    elif self.strides == 2:
+      y = jax.lax.conv_general_dilated(
+        space_to_depth(x).astype(self.dtype),
+        stride2_kernel_as_s2d(kernel).astype(self.dtype),
+        (1, 1, 1),
+        ((0, 1), (0, 1), (0, 1)),
+        dimension_numbers=dn,
+      )
+    else:
+      raise ValueError(f"Conv3 supports strides 1 or 2, got {self.strides}")
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
+class Conv1(nn.Module):
+  """1x1x1 convolution; stride 2 is an exact subsample followed by the 1x1x1 conv."""
+
+  features: int
+  strides: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.strides not in (1, 2):
+      raise ValueError(f"Conv1 supports strides 1 or 2, got {self.strides}")
+    if self.strides == 2:
+      x = x[:, ::2, ::2, ::2]
+    return nn.Dense(
+      self.features, use_bias=self.use_bias, kernel_init=conv_init, dtype=self.dtype, name="dense"
+    )(x)
+
+
+class UpConv(nn.Module):
+  """Transposed conv k2 s2, written as a 1x1x1 conv to 8*features + depth-to-space."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.Dense(8 * self.features, kernel_init=conv_init, dtype=self.dtype, name="dense")(x)
+    return depth_to_space(y)  # [B, 2D, 2H, 2W, features]
+
+
+def instance_norm(name: str, dtype: Dtype) -> nn.Module:
+  """Per-sample, per-channel norm: lets both branches share one batched call."""
+  return nn.InstanceNorm(dtype=dtype, name=name)
+
+
+class ResidualBranch(nn.Module):
+  """F(x) of a residual unit: [norm -> ReLU ->] conv3 (stride s) -> norm -> ReLU -> conv3.
+
+  ``preactivate=False`` drops the leading norm/ReLU for the stem, as in
+  Zhang et al.'s ResUNet, so the raw intensities (and with them the
+  enhancement) reach the first convolution unnormalised.
+  """
+
+  features: int
+  strides: int = 1
+  preactivate: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.preactivate:
+      x = nn.relu(instance_norm("norm_in", self.dtype)(x))
+    x = Conv3(self.features, self.strides, dtype=self.dtype, name="conv_a")(x)
+    x = nn.relu(instance_norm("norm_mid", self.dtype)(x))
+    return Conv3(self.features, 1, dtype=self.dtype, name="conv_b")(x)
+
+
+class Projection(nn.Module):
+  """P(x) of a residual unit: identity, or conv1 (stride s) + norm when the shape changes."""
+
+  features: int
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.strides == 1 and x.shape[-1] == self.features:
+      return x
+    x = Conv1(self.features, self.strides, use_bias=False, dtype=self.dtype, name="conv")(x)
+    return instance_norm("norm", self.dtype)(x)
+
+
+def needs_projection(in_features: int, features: int, strides: int) -> bool:
+  return strides != 1 or in_features != features
+
+
+class ResidualUnit(nn.Module):
+  """y = F(x) + P(x), the ResUNet block."""
+
+  features: int
+  strides: int = 1
+  preactivate: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f = ResidualBranch(self.features, self.strides, self.preactivate, self.dtype, name="residual")
+    p = Projection(self.features, self.strides, self.dtype, name="projection")
+    return f(x) + p(x)
+
+
+class Decoder(nn.Module):
+  """ResUNet decoder: per level, upsample, concatenate the skip, residual unit; conv1 head."""
+
+  features: tuple[int, ...]
+  num_outputs: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, skips: list[jax.Array]) -> jax.Array:
+    x = skips[-1]
+    for level in range(len(skips) - 2, -1, -1):
+      x = UpConv(self.features[level], self.dtype, name=f"up{level}")(x)
+      x = jnp.concatenate([x, skips[level]], axis=-1)
+      x = ResidualUnit(self.features[level], 1, True, self.dtype, name=f"level{level}")(x)
+    x = nn.relu(instance_norm("norm_out", self.dtype)(x))
+    return Conv1(self.num_outputs, dtype=jnp.float32, name="head")(x).astype(jnp.float32)

@@ -1,0 +1,125 @@
+"""ResFuse: the paper's residual fusion of pre- and post-contrast encoders.
+
+For every encoder level l, with ONE set of weights F_l, P_l shared by both
+branches (paper Sec. 2.1, Fig. 2):
+
+  auxiliary (pre):  a_{l+1} = F_l(a_l) + P_l(a_l)
+  main (post):      m_{l+1} = F_l(m_l) + W_l(a_l)
+
+The main branch's identity skip is replaced by the auxiliary feature seen
+through W_l, so F_l learns the enhancement residual at every scale. The
+decoder sees the main branch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resfuse_jax.models import layers
+
+FUSIONS = ("identity", "conv", "gate")
+
+
+class FusionWeight(nn.Module):
+  """W_l, the fusion weight learning block (Fig. 2c) and its ablations.
+
+  - ``identity``: W_l = P_l, the plain residual swap of Fig. 2b (no parameters);
+  - ``conv``: a learned 1x1x1 conv on a_l (stride of the level);
+  - ``gate``: sigmoid(conv1([m_l, a_l])) * P_l(a_l), a per-voxel gate.
+  """
+
+  features: int
+  strides: int
+  fusion: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, main: jax.Array, aux: jax.Array, projected_aux: jax.Array) -> jax.Array:
+    if self.fusion == "identity":
+      return projected_aux
+    if self.fusion == "conv":
+      return layers.Conv1(self.features, self.strides, dtype=self.dtype, name="conv")(aux)
+    if self.fusion == "gate":
+      both = jnp.concatenate([main, aux], axis=-1)
+      gate = layers.Conv1(self.features, self.strides, dtype=self.dtype, name="gate")(both)
+      return nn.sigmoid(gate) * projected_aux
+    raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+
+
+class ResFuseLevel(nn.Module):
+  """One encoder level applied to both branches, F_l in a single batched call."""
+
+  features: int
+  strides: int
+  preactivate: bool
+  fusion: str
+  fuse: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, main: jax.Array, aux: jax.Array) -> tuple[jax.Array, jax.Array]:
+    residual = layers.ResidualBranch(
+      self.features, self.strides, self.preactivate, self.dtype, name="residual"
+    )
+    projection = layers.Projection(self.features, self.strides, self.dtype, name="projection")
+    n = main.shape[0]
+    f = residual(jnp.concatenate([main, aux], axis=0))  # [2B, ...]: both branches, one call
+    f_main, f_aux = f[:n], f[n:]
+    if not self.fuse:  # ablation: this level keeps its ordinary skips
+      return f_main + projection(main), f_aux + projection(aux)
+    p_aux = projection(aux)
+    w_aux = FusionWeight(self.features, self.strides, self.fusion, self.dtype, name="fusion")(
+      main, aux, p_aux
+    )
+    return f_main + w_aux, f_aux + p_aux
+
+
+class ResFuseEncoder(nn.Module):
+  """Shared-weight encoder over (main, aux); returns the main branch per level."""
+
+  features: tuple[int, ...]
+  fusion: str = "conv"
+  fuse_levels: Sequence[int] | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, main: jax.Array, aux: jax.Array) -> list[jax.Array]:
+    skips = []
+    for level, feats in enumerate(self.features):
+      fuse = self.fuse_levels is None or level in self.fuse_levels
+      main, aux = ResFuseLevel(
+        feats,
+        strides=1 if level == 0 else 2,
+        preactivate=level > 0,
+        fusion=self.fusion,
+        fuse=fuse,
+        dtype=self.dtype,
+        name=f"level{level}",
+      )(main, aux)
+      skips.append(main)
+    return skips
+
+
+class ResFuse(nn.Module):
+  """The paper's network: post-contrast main branch, pre-contrast auxiliary branch."""
+
+  features: tuple[int, ...]
+  num_outputs: int
+  fusion: str = "conv"
+  fuse_levels: Sequence[int] | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
+    """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
+    if self.fusion not in FUSIONS:
+      raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+    skips = ResFuseEncoder(
+      self.features, self.fusion, self.fuse_levels, self.dtype, name="encoder"
+    )(post.astype(self.dtype), pre.astype(self.dtype))
+    return layers.Decoder(self.features, self.num_outputs, self.dtype, name="decoder")(skips)

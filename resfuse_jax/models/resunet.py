@@ -1,0 +1,57 @@
+"""ResUNet (Zhang et al. 2018) in 3D: the backbone every model here shares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resfuse_jax.models import layers
+
+
+class ResUNetEncoder(nn.Module):
+  """Residual units; level 0 keeps the resolution, every further level halves it."""
+
+  features: tuple[int, ...]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    skips = []
+    for level, feats in enumerate(self.features):
+      x = layers.ResidualUnit(
+        feats,
+        strides=1 if level == 0 else 2,
+        preactivate=level > 0,
+        dtype=self.dtype,
+        name=f"level{level}",
+      )(x)
+      skips.append(x)
+    return skips
+
+
+class ResUNet(nn.Module):
+  """Single-stream ResUNet.
+
+  ``inputs='post'`` is the paper's Res-UNet-Single; ``inputs='pre+post'`` is
+  early fusion (the two scans as two input channels).
+  """
+
+  features: tuple[int, ...]
+  num_outputs: int
+  inputs: str = "post"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
+    """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
+    if self.inputs == "post":
+      x = post
+    elif self.inputs == "pre+post":
+      x = jnp.concatenate([pre, post], axis=-1)
+    else:
+      raise ValueError(f"ResUNet.inputs must be 'post' or 'pre+post', got {self.inputs!r}")
+    skips = ResUNetEncoder(self.features, self.dtype, name="encoder")(x.astype(self.dtype))
+    return layers.Decoder(self.features, self.num_outputs, self.dtype, name="decoder")(skips)

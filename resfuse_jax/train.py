@@ -1,0 +1,328 @@
+"""Training and evaluation loop: ``train_and_evaluate(config, workdir)``."""
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+
+from resfuse_jax import checkpointing, data, inference, losses, metrics, models, sharding, writers
+from resfuse_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  dice_loss: clu_metrics.Average.from_output("dice_loss")
+  bce_loss: clu_metrics.Average.from_output("bce_loss")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Linear warm-up then cosine (adamw) or polynomial (sgd, nnU-Net) decay, with clipping."""
+  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+  if cfg.optimizer == "adamw":
+    schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1), end_value=cfg.lr * 0.01
+    )
+    opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  elif cfg.optimizer == "sgd":
+    schedule = optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)),
+        optax.polynomial_schedule(cfg.lr, 0.0, 0.9, max(cfg.steps - warmup, 1)),
+      ],
+      [max(warmup, 1)],
+    )
+    opt = optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay), optax.sgd(schedule, 0.99, nesterov=True)
+    )
+  else:
+    raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  regions: tuple[tuple[int, ...], ...],
+) -> tuple[TrainState, TrainMetrics]:
+  """One optimisation step on a global batch {'pre','post': [B,D,H,W,1], 'label': [B,D,H,W]}."""
+  targets = losses.labels_to_regions(batch["label"], regions)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, batch["pre"], batch["post"])
+    return losses.dice_bce_loss(logits, targets)
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  step_metrics = TrainMetrics.single_from_model_output(
+    loss=loss, grad_norm=optax.global_norm(grads), **parts
+  )
+  return new_state, step_metrics
+
+
+def make_predict_fn(model: nn.Module, mesh) -> Callable:
+  """jit'ed (params, tiles [N, d, h, w, 2]) -> sigmoid probabilities, tiles split over 'data'."""
+
+  def predict(params, tiles):
+    logits = model.apply({"params": params}, tiles[..., 0:1], tiles[..., 1:2])
+    return jax.nn.sigmoid(logits)
+
+  return jax.jit(
+    predict,
+    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+
+def evaluate(
+  predict_fn: Callable,
+  params: Any,
+  cases: list[data.Case],
+  info: data.DatasetInfo,
+  config: ml_collections.ConfigDict,
+  mesh,
+) -> metrics.RegionMetrics:
+  """Sliding-window prediction of whole validation volumes; per-case region metrics."""
+  batch = -(-config.eval.batch_size // mesh.shape[sharding.DATA]) * mesh.shape[sharding.DATA]
+  in_sharding = sharding.data_sharding(mesh)
+
+  def predict_tiles(tiles: np.ndarray) -> np.ndarray:
+    return np.asarray(predict_fn(params, sharding.put_global(tiles, in_sharding)))
+
+  acc = metrics.RegionMetrics(info.region_names)
+  regions = tuple(info.regions.values())
+  for case in cases:
+    volume = np.stack([case.pre, case.post], axis=-1)
+    probs = inference.sliding_window(
+      predict_tiles,
+      volume,
+      config.data.patch_size,
+      len(regions),
+      overlap=config.eval.overlap,
+      batch_size=batch,
+    )
+    ref = np.stack([np.isin(case.label, v) for v in regions], axis=-1)
+    acc.add(case.case_id, probs > 0.5, ref, case.spacing)
+  return acc
+
+
+class Progress:
+  """Steps/s and ETA at logging points (clu's periodic_actions would import TensorFlow)."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total = total_steps
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(rate, 1e-9)
+    return {"steps_per_sec": rate, "eta_sec": eta}
+
+
+def _format_eta(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  return f"{m}m{s:02d}s"
+
+
+def load_or_make_splits(workdir: Path, case_ids: list[str], cfg) -> dict:
+  """Reuses ``splits.json`` of a resumed run, so a fold never changes under a checkpoint."""
+  path = workdir / "splits.json"
+  if path.exists():
+    splits = json.loads(path.read_text())
+    missing = sorted(set(splits["train"] + splits["val"]) - set(case_ids))
+    if missing:
+      raise data.DataError(f"{path} names cases no longer found under data.root: {missing[:5]}")
+    return splits
+  return data.make_splits(case_ids, cfg.fold, cfg.num_folds, cfg.split_seed)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  tmp.replace(path)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config.model`` on ``config.data``, resuming from ``workdir``; returns results."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  info = data.dataset_info(config.data.name)
+  regions = tuple(info.regions.values())
+
+  # ----- Data ------------------------------------------------------------------
+  files = data.find_cases(config.data)
+  splits = load_or_make_splits(workdir, [f.case_id for f in files], config.data)
+  if is_main:
+    _write_json(workdir / "config.json", config.to_dict())
+    _write_json(workdir / "splits.json", splits)
+  by_id = {f.case_id: f for f in files}
+  train_cases = data.read_cases([by_id[c] for c in splits["train"]], info)
+  val_ids = splits["val"][: config.eval.max_cases] if config.eval.max_cases else splits["val"]
+  val_cases = data.read_cases([by_id[c] for c in val_ids], info)
+  logging.info("%d training cases, %d validation cases", len(train_cases), len(val_cases))
+
+  # ----- Mesh and input --------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
+  train_iter = iter(
+    pipeline.train_dataset(
+      train_cases,
+      patch_size=config.data.patch_size,
+      batch_size=local_batch,
+      regions=info.regions,
+      fg_fraction=config.data.fg_fraction,
+      seed=config.seed,
+      workers=config.data.workers,
+      shard_index=jax.process_index(),
+      shard_count=jax.process_count(),
+    )
+  )
+
+  # ----- Model and state, created already placed on the mesh --------------------
+  model = models.build(config.model, len(regions))
+  tx = make_optimizer(config.train)
+  patch = tuple(config.data.patch_size)
+  dummy = jnp.zeros((1, *patch, 1), jnp.float32)
+
+  def init_state(rng):
+    params = model.init(rng, dummy, dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  state_sharding = sharding.replicated(mesh)
+  state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+  num_params = count_params(state.params)
+  if is_main:
+    logging.info(
+      "%s\n%s", config.model.name, parameter_overview.get_parameter_overview(state.params)
+    )
+
+  # ----- Checkpoints: resume if the workdir has one -----------------------------
+  manager = checkpointing.make_manager(workdir / "checkpoints", config.checkpoint.keep)
+  start_step = 0
+  if manager.latest_step() is not None:
+    start_step = manager.latest_step()
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    state = checkpointing.restore(manager, start_step, abstract, train_iter)
+    logging.info("Resumed from %s at step %d", manager.directory, start_step)
+
+  # ----- Update ----------------------------------------------------------------
+  batch_sharding = sharding.data_sharding(mesh)
+  step_fn = jax.jit(
+    functools.partial(train_step, model=model, tx=tx, regions=regions),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+  predict_fn = make_predict_fn(model, mesh)
+  writer = writers.create(workdir, just_logging=not is_main)
+  if start_step == 0:
+    writer.write_hparams(dict(config.to_dict()))
+  total = config.train.steps
+  progress = Progress(total, start_step)
+  pending: TrainMetrics | None = None
+  val_summary = None
+
+  for step in range(start_step + 1, total + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      batch = sharding.put_batch(next(train_iter), batch_sharding)
+      state, step_metrics = step_fn(state, batch)
+    pending = step_metrics if pending is None else pending.merge(step_metrics)
+
+    # ----- Logging (the only host sync in the loop) -----------------------------
+    if step % config.train.log_every == 0 or step == total:
+      scalars = {f"train/{k}": float(v) for k, v in pending.compute().items()}
+      pending = None
+      if not np.isfinite(scalars["train/loss"]):
+        raise FloatingPointError(
+          f"non-finite training loss at step {step}; the last good checkpoint is kept in "
+          f"{manager.directory}"
+        )
+      speed = progress.report(step)
+      writer.write_scalars(step, {**scalars, "train/steps_per_sec": speed["steps_per_sec"]})
+      logging.info(
+        "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
+        step,
+        total,
+        scalars["train/loss"],
+        speed["steps_per_sec"],
+        _format_eta(speed["eta_sec"]),
+      )
+
+    # ----- Evaluation and checkpoints ----------------------------------------
+    is_eval = step % config.eval.every_steps == 0 or step == total
+    ckpt_metrics = None
+    if is_eval:
+      t0 = time.perf_counter()
+      val_summary = evaluate(predict_fn, state.params, val_cases, info, config, mesh).summary()
+      ckpt_metrics = {checkpointing.BEST_METRIC: val_summary["dice"]["mean"]}
+      writer.write_scalars(
+        step, {f"val/{m}_{r}": v for m, d in val_summary.items() for r, v in d.items()}
+      )
+      logging.info(
+        "step %d validation (%d cases, %.1fs): Dice %s",
+        step,
+        len(val_cases),
+        time.perf_counter() - t0,
+        ", ".join(f"{r} {v:.4f}" for r, v in val_summary["dice"].items()),
+      )
+      progress.last_time = time.perf_counter()  # keep evaluation out of steps/s
+    if is_eval or step % config.checkpoint.every_steps == 0:
+      checkpointing.save(manager, step, state, train_iter, ckpt_metrics)
+  manager.wait_until_finished()
+  writer.flush()
+
+  # ----- Results ---------------------------------------------------------------
+  if val_summary is None:  # resumed a finished run: evaluate the final state again
+    val_summary = evaluate(predict_fn, state.params, val_cases, info, config, mesh).summary()
+  results = {
+    "model": config.model.name,
+    "dataset": config.data.name,
+    "steps": int(jax.device_get(state.step)),
+    "params": num_params,
+    **val_summary,
+    "cases": len(val_cases),
+  }
+  if is_main:
+    _write_json(workdir / "results.json", results)
+    print(
+      f"Validation Dice over {len(val_cases)} cases ({config.model.name}, step "
+      f"{results['steps']}): " + ", ".join(f"{r} {v:.4f}" for r, v in results["dice"].items())
+    )
+  writer.close()
+  manager.close()
+  return results

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small phantom on disk, tiny configs, absl flags parsed for Grain."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+  os.environ["RESFUSE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def small_phantom(tmp_path_factory):
+  """8 cases of 32^3, written once per session in the BraTS layout."""
+  from resfuse_jax.data import phantom
+
+  spec = phantom.PhantomSpec(num_cases=8, shape=(32, 32, 32), seed=3)
+  root = tmp_path_factory.mktemp("phantom")
+  phantom.write_phantom(root, spec)
+  return root, spec
+
+
+@pytest.fixture(scope="session")
+def small_cases(small_phantom):
+  from resfuse_jax import data
+  from resfuse_jax.data import brats
+
+  root, _ = small_phantom
+  return data.read_cases(brats.find_cases(root), data.dataset_info("phantom"))
+
+
+def smoke_config(model="resfuse", **overrides):
+  import phantom as phantom_config  # configs/phantom.py
+
+  c = phantom_config.get_config(f"{model},smoke")
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from resfuse_jax import inference
+
+
+def test_gaussian_peak_and_positivity():
+  g = inference.gaussian_importance((8, 8, 8))
+  assert g.max() == pytest.approx(1.0) and g.min() > 0
+  assert g[3:5, 3:5, 3:5].min() == g.max()
+
+
+@pytest.mark.parametrize("shape", [(20, 33, 17), (16, 16, 16), (5, 40, 9)])
+def test_windows_cover_every_voxel(shape):
+  window = (16, 16, 16)
+  padded = tuple(max(s, w) for s, w in zip(shape, window))
+  covered = np.zeros(padded, int)
+  for s in inference.window_starts(padded, window, 0.5):
+    covered[tuple(slice(a, a + w) for a, w in zip(s, window))] += 1
+    assert all(a + w <= p for a, w, p in zip(s, window, padded))
+  assert covered.min() >= 1
+
+
+def test_single_window_equals_one_forward_pass():
+  rng = np.random.default_rng(0)
+  vol = rng.normal(size=(8, 8, 8, 2)).astype(np.float32)
+  w = rng.normal(size=(2, 3)).astype(np.float32)
+
+  def predict(tiles):
+    return tiles @ w
+
+  out = inference.sliding_window(predict, vol, (8, 8, 8), 3, batch_size=2)
+  np.testing.assert_allclose(out, vol @ w, rtol=1e-5, atol=1e-6)
+
+
+def test_voxelwise_function_is_reproduced_on_larger_volume():
+  """Overlapping windows of a voxel-wise function average to the function itself."""
+  vol = np.random.default_rng(1).normal(size=(21, 13, 30, 2)).astype(np.float32)
+  out = inference.sliding_window(lambda t: t[..., :1] * 2.0, vol, (8, 8, 8), 1, batch_size=3)
+  assert out.shape == (21, 13, 30, 1)
+  np.testing.assert_allclose(out[..., 0], vol[..., 0] * 2.0, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_is_always_called_with_a_full_batch():
+  seen = []
+
+  def predict(tiles):
+    seen.append(tiles.shape[0])
+    return tiles[..., :1]
+
+  inference.sliding_window(
+    predict, np.ones((20, 20, 20, 1), np.float32), (8, 8, 8), 1, batch_size=4
+  )
+  assert set(seen) == {4}

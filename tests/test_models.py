@@ -1,0 +1,129 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from resfuse_jax import models
+from resfuse_jax.models import layers, resfuse
+
+FEATURES = (4, 8, 16)
+
+
+def build(name, fusion="conv", features=FEATURES, fuse_levels=None):
+  cfg = ml_collections.ConfigDict(
+    {"name": name, "features": features, "fusion": fusion, "fuse_levels": fuse_levels}
+  )
+  return models.build(cfg, num_outputs=3)
+
+
+def init(model, shape=(2, 16, 16, 16, 1)):
+  x = jnp.zeros(shape)
+  return model.init(jax.random.key(0), x, x)["params"]
+
+
+def n_params(tree):
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", ["resfuse", "resunet", "resunet_early"])
+def test_output_shape(name):
+  model = build(name)
+  params = init(model)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 16, 1))
+  y = model.apply({"params": params}, x, x)
+  assert y.shape == (2, 16, 16, 16, 3) and y.dtype == jnp.float32
+
+
+def test_unknown_model_lists_registered_names():
+  with pytest.raises(ValueError, match="resfuse.*resunet"):
+    build("unet9000")
+
+
+def test_unknown_fusion_is_an_error():
+  with pytest.raises(ValueError, match="model.fusion"):
+    init(build("resfuse", fusion="attention"))
+
+
+def fusion_param_count(features, fusion, in_channels=1):
+  """W_l's parameters, counted from the paper's definition, not from the model."""
+  total, c_in = 0, in_channels
+  for f in features:
+    if fusion == "conv":  # 1x1x1 conv a_l -> f channels, with bias
+      total += c_in * f + f
+    elif fusion == "gate":  # 1x1x1 conv [m_l, a_l] -> f gate channels, with bias
+      total += 2 * c_in * f + f
+    c_in = f
+  return total
+
+
+@pytest.mark.parametrize("fusion", ["identity", "conv", "gate"])
+def test_resfuse_adds_exactly_the_fusion_parameters(fusion):
+  extra = n_params(init(build("resfuse", fusion))) - n_params(init(build("resunet")))
+  assert extra == fusion_param_count(FEATURES, fusion)
+  assert fusion != "identity" or extra == 0
+
+
+def test_fuse_levels_ablation_drops_fusion_parameters():
+  full = n_params(init(build("resfuse")))
+  partial = n_params(init(build("resfuse", fuse_levels=(0,))))
+  assert full - partial == fusion_param_count(FEATURES[1:], "conv", in_channels=FEATURES[0])
+
+
+def test_encoder_has_one_parameter_set_for_both_branches():
+  params = init(build("resfuse"))
+  for level in range(len(FEATURES)):
+    names = set(params["encoder"][f"level{level}"])
+    assert names == {"residual", "projection", "fusion"}, names
+  # Same encoder parameter shapes and count as the single-branch ResUNet: no second copy.
+  resunet_enc = init(build("resunet"))["encoder"]
+  ours = {k: {n: v for n, v in lv.items() if n != "fusion"} for k, lv in params["encoder"].items()}
+  assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, resunet_enc)
+
+
+def one_level(fusion):
+  enc = resfuse.ResFuseEncoder(features=(6,), fusion=fusion)
+  m = jax.random.normal(jax.random.key(1), (2, 8, 8, 8, 1))
+  a = jax.random.normal(jax.random.key(2), (2, 8, 8, 8, 1)) * 0.5 + 0.3
+  params = enc.init(jax.random.key(3), m, a)["params"]
+  return enc, params, m, a
+
+
+@pytest.mark.parametrize("fusion", ["conv", "identity", "gate"])
+def test_one_level_main_branch_is_F_of_main_plus_W_of_aux(fusion):
+  enc, params, m, a = one_level(fusion)
+  (main_out,) = enc.apply({"params": params}, m, a)
+  p = params["level0"]
+  F = layers.ResidualBranch(6, strides=1, preactivate=False)
+  P = layers.Projection(6, strides=1)
+  f_m = F.apply({"params": p["residual"]}, m)
+  p_a = P.apply({"params": p["projection"]}, a)
+  if fusion == "conv":
+    w_a = a @ p["fusion"]["conv"]["dense"]["kernel"] + p["fusion"]["conv"]["dense"]["bias"]
+  elif fusion == "identity":
+    w_a = p_a
+  else:
+    g = p["fusion"]["gate"]["dense"]
+    w_a = nn.sigmoid(jnp.concatenate([m, a], -1) @ g["kernel"] + g["bias"]) * p_a
+  np.testing.assert_allclose(main_out, f_m + w_a, rtol=1e-5, atol=1e-5)
+  # And the main branch really uses the aux scan: changing it changes the output.
+  (changed,) = enc.apply({"params": params}, m, a + 1.0)
+  assert not np.allclose(changed, main_out)
+
+
+def test_aux_branch_is_an_ordinary_residual_unit_with_the_shared_weights():
+  _, params, m, a = one_level("conv")
+  level = resfuse.ResFuseLevel(6, strides=1, preactivate=False, fusion="conv")
+  _, aux_out = level.apply({"params": params["level0"]}, m, a)
+  unit = layers.ResidualUnit(6, strides=1, preactivate=False)
+  shared = {k: params["level0"][k] for k in ("residual", "projection")}
+  np.testing.assert_allclose(aux_out, unit.apply({"params": shared}, a), rtol=1e-5, atol=1e-5)
+
+
+def test_both_branches_share_one_batched_convolution_call():
+  enc, params, m, a = one_level("conv")
+  jaxpr = jax.make_jaxpr(lambda p: enc.apply({"params": p}, m, a))(params)
+  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert len(convs) == 2  # conv_a and conv_b of F, each once, on the stacked [2B] batch
+  assert all(e.invars[0].aval.shape[0] == 2 * m.shape[0] for e in convs)
