@@ -81,7 +81,7 @@ def train_step(
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   step_metrics = TrainMetrics.single_from_model_output(
-    loss=loss, grad_norm=optax.global_norm(grads), **parts
+    loss=loss, grad_norm=optax.tree.norm(grads), **parts
   )
   return new_state, step_metrics
 

@@ -18,7 +18,7 @@ REGIONS = tuple(brats.REGIONS.values())
 
 @pytest.fixture(scope="module")
 def setup(small_cases):
-  cfg = smoke_config(**{"train.lr": 1e-2, "train.steps": 200, "train.warmup_steps": 1})
+  cfg = smoke_config(**{"train.lr": 1e-2, "train.steps": 200, "train.warmup_steps": 0})
   model = models.build(cfg.model, len(REGIONS))
   tx = train.make_optimizer(cfg.train)
   ds = pipeline.train_dataset(
@@ -92,8 +92,8 @@ def test_checkpoint_restore_gives_identical_params_and_data_position(setup, smal
   manager.close()
 
 
-def run_cli(workdir, *overrides, config="configs/phantom.py:resfuse,smoke", check=True):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def run_cli(workdir, *overrides, config="configs/phantom.py:resfuse,smoke", check=True, devices=1):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
   cmd = [
     sys.executable,
     "-m",
@@ -125,9 +125,11 @@ def test_cli_end_to_end_and_resume(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in results[metric].values())
   assert results["params"] > 0
 
-  # A half-written step (as a kill -9 mid-save leaves) must not be picked up.
+  # A half-written step (as a kill -9 mid-save leaves) must not be picked up; the resumed
+  # run shards each batch over 2 devices (mesh.data = -1) and restores onto that mesh.
   (workdir / "checkpoints" / "3.orbax-checkpoint-tmp-123").mkdir()
-  proc = run_cli(workdir, "--config.train.steps=4", "--config.checkpoint.every_steps=1")
+  proc = run_cli(workdir, "--config.train.steps=4", "--config.checkpoint.every_steps=1", devices=2)
+  assert "CpuDevice(id=1)" in proc.stderr
   assert "Resumed from" in proc.stderr and "at step 2" in proc.stderr
   assert "step 2/4" not in proc.stderr and "step 4/4" in proc.stderr
   assert json.loads((workdir / "results.json").read_text())["steps"] == 4
