@@ -44,6 +44,25 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.data.split_seed = 12345
   c.data.fg_fraction = 1.0 / 3.0
   c.data.workers = 0  # Grain worker processes; 0 = in the main process
+  # Preprocessing (changing any of these builds a new cache, keyed by their hash).
+  c.data.target_spacing = ml_collections.FieldReference(None, field_type=tuple)  # mm; None = keep
+  c.data.normalization = "zscore"  # zscore (per scan) | joint (pre's statistics for both)
+  c.data.affine_tolerance = 1e-3  # mm: pre/post/label affines may differ by this much
+  c.data.cache_dir = ""  # "" = $RESFUSE_CACHE/preprocessed (~/.cache/resfuse_jax/preprocessed)
+  c.data.preprocess_workers = 2
+  c.data.on_bad_case = "error"  # error | skip (skipped cases go to W/bad_cases.json)
+  c.data.augment = ml_collections.ConfigDict(
+    {
+      "flip": True,
+      "rot90": True,
+      "rot90_axes": (0, 1),  # the axial plane of the canonical RAS+ grid
+      "rotate_degrees": 0.0,
+      "scale_range": (1.0, 1.0),
+      "intensity": True,
+      "intensity_scale": 0.1,
+      "intensity_shift": 0.1,
+    }
+  )
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100_000

@@ -17,6 +17,7 @@ import optax
 from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 
 from resfuse_jax import checkpointing, data, inference, losses, metrics, models, sharding, writers
 from resfuse_jax.data import pipeline
@@ -182,17 +183,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = data.dataset_info(config.data.name)
   regions = tuple(info.regions.values())
 
-  # ----- Data ------------------------------------------------------------------
+  # ----- Data: preprocessed cache (process 0 builds, the others reuse or build locally) --
   files = data.find_cases(config.data)
-  splits = load_or_make_splits(workdir, [f.case_id for f in files], config.data)
+  if is_main:
+    cache_dir, good_ids, bad = data.prepare(config.data, files)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("preprocessed cache")
+  if not is_main:
+    cache_dir, good_ids, bad = data.prepare(config.data, files, progress=False)
+  splits = load_or_make_splits(workdir, good_ids, config.data)
   if is_main:
     _write_json(workdir / "config.json", config.to_dict())
     _write_json(workdir / "splits.json", splits)
-  by_id = {f.case_id: f for f in files}
-  train_cases = data.read_cases([by_id[c] for c in splits["train"]], info)
+    if bad:
+      _write_json(workdir / "bad_cases.json", bad)
+  train_cases = data.load_cases(cache_dir, splits["train"])
   val_ids = splits["val"][: config.eval.max_cases] if config.eval.max_cases else splits["val"]
-  val_cases = data.read_cases([by_id[c] for c in val_ids], info)
-  logging.info("%d training cases, %d validation cases", len(train_cases), len(val_cases))
+  val_cases = data.load_cases(cache_dir, val_ids)
+  logging.info(
+    "%d training cases, %d validation cases (cache %s)", len(train_cases), len(val_cases), cache_dir
+  )
 
   # ----- Mesh and input --------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -205,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       regions=info.regions,
       fg_fraction=config.data.fg_fraction,
       seed=config.seed,
+      augment=pipeline.Augment.from_config(config.data.augment),
       workers=config.data.workers,
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),

@@ -91,3 +91,5 @@ def test_splits_are_deterministic_and_disjoint():
   assert sorted(sum(vals, [])) == sorted(ids)
   with pytest.raises(ValueError, match="fold"):
     data.make_splits(ids, 5, 5)
+  everything = data.make_splits(ids, -1, 5)
+  assert everything["train"] == sorted(ids) and everything["val"] == sorted(ids)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from resfuse_jax.data import brats, pipeline
 from resfuse_jax.data.common import Case
@@ -92,3 +93,82 @@ def test_volume_smaller_than_patch_is_padded(small_cases):
   sampler = pipeline.PairedPatchSampler(small_cases[:1], (64, 64, 64), brats.REGIONS, 0.5)
   out = sampler.random_map(0, np.random.default_rng(0))
   assert out["pre"].shape == (64, 64, 64, 1) and out["label"].shape == (64, 64, 64)
+
+
+def coded_case(size=(40, 36, 30)):
+  """pre = label code, post = 2 * pre + 1 inside the head: alignment is checkable per voxel."""
+  rng = np.random.default_rng(3)
+  label = rng.integers(0, 4, size=size).astype(np.uint8)
+  label = np.repeat(np.repeat(label[::4, ::4, ::3], 4, 0), 4, 1).repeat(3, 2)[
+    : size[0], : size[1], : size[2]
+  ]
+  pre = label.astype(np.float32) + 1.0
+  post = 2.0 * pre + 1.0
+  return Case("coded", pre, post, label, (1.0,) * 3, np.eye(4), size, ((0, s) for s in size))
+
+
+@pytest.mark.parametrize(
+  "augment",
+  [
+    pipeline.Augment(flip=True, rot90=False, intensity=False),
+    pipeline.Augment(flip=False, rot90=True, intensity=False),
+    pipeline.Augment(flip=True, rot90=True, rot90_axes=(1, 2), intensity=False),
+    pipeline.Augment(flip=True, rot90=True, intensity=True),
+  ],
+)
+def test_pre_post_label_stay_aligned_after_exact_augmentations(augment):
+  sampler = pipeline.PairedPatchSampler(
+    [coded_case()], (16, 12, 8), brats.REGIONS, 0.5, augment=augment
+  )
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    out = sampler.random_map(0, rng)
+    pre, post, label = out["pre"][..., 0], out["post"][..., 0], out["label"]
+    assert pre.shape == (16, 12, 8) and label.shape == (16, 12, 8)
+    # post = 2 pre + 1 before a shared intensity map y = s x + b: still exactly linear.
+    s_fit, b_fit = np.polyfit(pre.ravel(), post.ravel(), 1)
+    np.testing.assert_allclose(post, s_fit * pre + b_fit, atol=1e-4)
+    # and the label still codes pre: one pre value per label value.
+    for v in np.unique(label):
+      assert np.ptp(pre[label == v]) < 1e-4
+
+
+def test_intensity_augmentation_keeps_enhancement_sign():
+  sampler = pipeline.PairedPatchSampler(
+    [coded_case()],
+    (16, 12, 8),
+    brats.REGIONS,
+    0.5,
+    augment=pipeline.Augment(flip=False, rot90=False, intensity=True, intensity_scale=0.3),
+  )
+  rng = np.random.default_rng(1)
+  for _ in range(30):
+    out = sampler.random_map(0, rng)
+    assert (out["post"] > out["pre"]).all()  # post > pre everywhere in the source
+
+
+def test_small_rotation_and_scaling_keep_alignment():
+  augment = pipeline.Augment(
+    flip=False, rot90=False, intensity=False, rotate_degrees=15, scale_range=(0.85, 1.15)
+  )
+  sampler = pipeline.PairedPatchSampler(
+    [coded_case()], (16, 16, 8), brats.REGIONS, 0.5, augment=augment
+  )
+  rng = np.random.default_rng(2)
+  for _ in range(10):
+    out = sampler.random_map(0, rng)
+    pre, post, label = out["pre"][..., 0], out["post"][..., 0], out["label"]
+    assert pre.shape == (16, 16, 8)
+    head = pre != 0
+    np.testing.assert_allclose(post[head], 2 * pre[head] + 1, atol=1e-4)  # linear interp commutes
+    # Inside label blocks (interpolated code still an integer) nearest labels must match it.
+    inside = head & (np.abs(pre - np.round(pre)) < 1e-3)
+    assert inside.sum() > 200
+    assert (label[inside] + 1 == np.round(pre[inside])).mean() > 0.98
+
+
+def test_workers_give_the_same_batches(small_cases):
+  a = take(make(small_cases, seed=4), 2)
+  b = take(make(small_cases, seed=4, workers=2), 2)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["post"], y["post"])

@@ -26,8 +26,9 @@ class Case:
   """One case in canonical (RAS) orientation, cropped to the head and normalised.
 
   ``pre``/``post`` are float32 [D, H, W]; ``label`` uint8 [D, H, W] or None.
-  ``crop`` is the (start, stop) box in the canonical grid; ``affine``/``shape``
-  are the file's own, kept so predictions can be written back to it.
+  ``crop`` is the (start, stop) box in the canonical grid, before any
+  resampling to ``spacing`` from ``original_spacing``; ``affine``/``shape`` are
+  the file's own, kept so predictions can be written back to it.
   """
 
   case_id: str
@@ -38,6 +39,9 @@ class Case:
   affine: np.ndarray
   shape: tuple[int, int, int]
   crop: tuple[tuple[int, int], ...]
+  original_spacing: tuple[float, float, float] | None = None
+  normalization: dict | None = None
+  fg_locations: list[np.ndarray] | None = None  # per region: [N, 3] voxel indices
 
 
 def load_canonical(

@@ -1,10 +1,47 @@
-"""Reading a case and nnU-Net-style preprocessing: crop to the head, z-score."""
+"""Reading and checking a case, then nnU-Net-style preprocessing.
+
+Steps: reorient to canonical RAS+, check (shapes, affines, finite, non-empty,
+label values), crop to the non-zero box of pre ∪ post, optionally resample to a
+target spacing (images linear, labels nearest), normalise intensities.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+from scipy import ndimage
 
 from resfuse_jax.data.common import Case, CaseFiles, DataError, load_canonical
+
+NORMALIZATIONS = ("zscore", "joint")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepSettings:
+  """Everything that changes the cached arrays (and so the cache key).
+
+  normalization:
+    ``zscore``: each scan z-scored over the head on its own statistics
+      (default; robust to a gain difference between the two acquisitions);
+    ``joint``: both scans z-scored with the pre-contrast scan's statistics.
+  """
+
+  target_spacing: tuple[float, float, float] | None = None
+  normalization: str = "zscore"
+  affine_tolerance: float = 1e-3  # mm, largest allowed difference of affine entries
+  resample_order: int = 1
+
+  def __post_init__(self):
+    if self.normalization not in NORMALIZATIONS:
+      raise ValueError(
+        f"data.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+      )
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["target_spacing"] = None if self.target_spacing is None else list(self.target_spacing)
+    return d
 
 
 def nonzero_box(*volumes: np.ndarray) -> tuple[tuple[int, int], ...]:
@@ -22,33 +59,72 @@ def nonzero_box(*volumes: np.ndarray) -> tuple[tuple[int, int], ...]:
   return tuple(box)
 
 
-def zscore(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Per-channel z-score over the head mask; background stays 0.
-
-  Each scan is normalised on its own: scanner gain differs between the pre and
-  post acquisitions, and the tissue statistics are dominated by non-enhancing
-  parenchyma, so enhancement survives as post > pre locally.
-  """
+def _stats(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
   values = image[mask]
-  mean, std = float(values.mean()), float(values.std())
-  return np.where(mask, (image - mean) / max(std, 1e-8), 0.0).astype(np.float32)
+  return float(values.mean()), max(float(values.std()), 1e-8)
 
 
-def read_case(files: CaseFiles, label_values: tuple[int, ...]) -> Case:
-  """Loads, checks, crops and normalises one case."""
+def normalize(
+  pre: np.ndarray, post: np.ndarray, method: str
+) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Returns normalised (pre, post) and the statistics used; background stays 0."""
+  head = (pre != 0) | (post != 0)
+  pre_mean, pre_std = _stats(pre, head)
+  if method == "zscore":
+    post_mean, post_std = _stats(post, head)
+  elif method == "joint":
+    post_mean, post_std = pre_mean, pre_std
+  else:
+    raise ValueError(f"unknown normalization {method!r}; choose from {NORMALIZATIONS}")
+
+  def z(img, mean, std):
+    return np.where(head, (img - mean) / std, 0.0).astype(np.float32)
+
+  stats = {"method": method, "pre": [pre_mean, pre_std], "post": [post_mean, post_std]}
+  return z(pre, pre_mean, pre_std), z(post, post_mean, post_std), stats
+
+
+def resample(volume: np.ndarray, spacing, target, order: int) -> np.ndarray:
+  factors = [s / t for s, t in zip(spacing, target)]
+  if np.allclose(factors, 1.0):
+    return volume
+  return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
+
+
+def _check_affine(cid: str, kind: str, path, affine, ref_affine, ref_path, tol: float) -> None:
+  diff = float(np.abs(np.asarray(affine) - np.asarray(ref_affine)).max())
+  if diff > tol:
+    raise DataError(
+      f"case {cid}: {kind} file {path} is not in the same space as {ref_path}: affines differ "
+      f"by up to {diff:.4g} (tolerance data.affine_tolerance={tol})"
+    )
+
+
+def preprocess_case(
+  files: CaseFiles, label_values: tuple[int, ...], settings: PrepSettings = PrepSettings()
+) -> Case:
+  """Loads, checks, crops, resamples and normalises one case."""
   cid = files.case_id
   pre, pre_img, spacing = load_canonical(files.pre, cid, "pre-contrast")
-  post, _, _ = load_canonical(files.post, cid, "post-contrast")
-  label = None
+  post, post_img, _ = load_canonical(files.post, cid, "post-contrast")
+  label, label_img = None, None
   if files.label is not None:
-    label_raw, _, _ = load_canonical(files.label, cid, "label")
+    label_raw, label_img, _ = load_canonical(files.label, cid, "label")
+    if not np.isfinite(label_raw).all():
+      raise DataError(f"case {cid}: label file {files.label} contains NaN or Inf voxels")
     label = np.rint(label_raw).astype(np.int64)
-  for kind, vol, path in (("post-contrast", post, files.post), ("label", label, files.label)):
-    if vol is not None and vol.shape != pre.shape:
+  for kind, vol, img, path in (
+    ("post-contrast", post, post_img, files.post),
+    ("label", label, label_img, files.label),
+  ):
+    if vol is None:
+      continue
+    if vol.shape != pre.shape:
       raise DataError(
         f"case {cid}: {kind} file {path} has shape {vol.shape}, "
         f"but the pre-contrast scan {files.pre} has {pre.shape}"
       )
+    _check_affine(cid, kind, path, img.affine, pre_img.affine, files.pre, settings.affine_tolerance)
   for kind, vol, path in (("pre-contrast", pre, files.pre), ("post-contrast", post, files.post)):
     if not np.isfinite(vol).all():
       raise DataError(f"case {cid}: {kind} file {path} contains NaN or Inf voxels")
@@ -60,17 +136,28 @@ def read_case(files: CaseFiles, label_values: tuple[int, ...]) -> Case:
       raise DataError(
         f"case {cid}: label file {files.label} has values {bad} outside {list(label_values)}"
       )
+
   box = nonzero_box(pre, post)
   sl = tuple(slice(a, b) for a, b in box)
   pre, post = pre[sl].astype(np.float32), post[sl].astype(np.float32)
-  head = (pre != 0) | (post != 0)
+  label = None if label is None else label[sl].astype(np.uint8)
+  target = spacing
+  if settings.target_spacing is not None:
+    target = tuple(float(t) for t in settings.target_spacing)
+    pre = resample(pre, spacing, target, settings.resample_order)
+    post = resample(post, spacing, target, settings.resample_order)
+    if label is not None:
+      label = resample(label, spacing, target, 0)
+  pre, post, stats = normalize(pre, post, settings.normalization)
   return Case(
     case_id=cid,
-    pre=zscore(pre, head),
-    post=zscore(post, head),
-    label=None if label is None else label[sl].astype(np.uint8),
-    spacing=spacing,
+    pre=pre,
+    post=post,
+    label=label,
+    spacing=target,
     affine=np.asarray(pre_img.affine),
     shape=tuple(int(s) for s in pre_img.shape[:3]),
     crop=box,
+    original_spacing=spacing,
+    normalization=stats,
   )

@@ -1,0 +1,177 @@
+"""Patches/s of the data pipeline next to the training step's consumption, in one run.
+
+On BraTS-sized volumes (240x240x155, phantom content), at a config's patch size and
+batch size (default: configs/brats.py, patch 128^3, batch 2):
+  - straight from .nii.gz: every patch decodes and preprocesses its case again
+    (what a pipeline without the cache does);
+  - from the preprocessed cache, in the main process and with Grain workers;
+  - the training step (resfuse, jit, after warm-up): patches consumed per second.
+
+  python benchmarks/pipeline_throughput.py [--cases 4] [--steps 2] [--config configs/brats.py]
+
+Writes benchmarks/results/pipeline_throughput.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from resfuse_jax import data, models, train  # noqa: E402
+from resfuse_jax.data import brats, phantom, pipeline  # noqa: E402
+
+
+def load_config(path: str, arg: str):
+  spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def patches_per_second(make_iter, batch_size: int, batches: int) -> float:
+  it = make_iter()
+  next(it)  # warm-up (worker start, first reads)
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batches * batch_size / (time.perf_counter() - t)
+
+
+def uncached_patches_per_second(files, info, patch, n: int) -> float:
+  """Decode + preprocess a case from .nii.gz for every patch, then cut it."""
+  rng = np.random.default_rng(0)
+  t = time.perf_counter()
+  for i in range(n):
+    case = data.read_cases([files[i % len(files)]], info)[0]
+    sampler = pipeline.PairedPatchSampler(
+      [case], patch, info.regions, 1 / 3, augment=pipeline.Augment()
+    )
+    sampler.random_map(0, rng)
+  return n / (time.perf_counter() - t)
+
+
+def step_patches_per_second(config, steps: int) -> tuple[float, float]:
+  info = data.dataset_info("brats")
+  regions = tuple(info.regions.values())
+  model = models.build(config.model, len(regions))
+  tx = train.make_optimizer(config.train)
+  b, patch = config.train.batch_size, tuple(config.data.patch_size)
+  rng = np.random.default_rng(0)
+  batch = {
+    "pre": jnp.asarray(rng.normal(size=(b, *patch, 1)).astype(np.float32)),
+    "post": jnp.asarray(rng.normal(size=(b, *patch, 1)).astype(np.float32)),
+    "label": jnp.asarray(rng.integers(0, 4, size=(b, *patch)).astype(np.uint8)),
+  }
+  params = jax.jit(model.init)(jax.random.key(0), batch["pre"], batch["post"])["params"]
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  step = jax.jit(
+    functools.partial(train.train_step, model=model, tx=tx, regions=regions), donate_argnums=0
+  )
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  median = float(np.median(times))
+  return b / median, median
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="configs/brats.py")
+  parser.add_argument("--model", default="resfuse")
+  parser.add_argument("--cases", type=int, default=4)
+  parser.add_argument("--batches", type=int, default=20)
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--workers", type=int, default=2)
+  args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()
+  config = load_config(args.config, args.model)
+  patch, batch_size = tuple(config.data.patch_size), config.train.batch_size
+  info = data.dataset_info("brats")
+
+  with tempfile.TemporaryDirectory() as tmp:
+    spec = phantom.PhantomSpec(num_cases=args.cases, shape=(240, 240, 155), spacing=1.0, seed=0)
+    t = time.perf_counter()
+    root = phantom.write_phantom(Path(tmp) / "brats", spec)
+    print(f"wrote {args.cases} BraTS-sized cases in {time.perf_counter() - t:.0f}s", flush=True)
+    files = brats.find_cases(root)
+    cfg = config.data
+    cfg.unlock()
+    cfg.cache_dir = str(Path(tmp) / "cache")
+    t = time.perf_counter()
+    out, ids, _ = data.prepare(cfg, files, workers=args.workers, progress=False)
+    build_s = time.perf_counter() - t
+    cases = data.load_cases(out, ids)
+
+    def make_iter(workers):
+      return lambda: iter(
+        pipeline.train_dataset(
+          cases,
+          patch_size=patch,
+          batch_size=batch_size,
+          regions=info.regions,
+          fg_fraction=1 / 3,
+          seed=0,
+          augment=pipeline.Augment(),
+          workers=workers,
+        )
+      )
+
+    results = {
+      "config": args.config,
+      "patch": patch,
+      "batch_size": batch_size,
+      "cases": args.cases,
+      "volume": list(spec.shape),
+      "cache_build_s": build_s,
+      "uncached_patches_per_s": uncached_patches_per_second(files, info, patch, 4),
+      "cached_patches_per_s_0_workers": patches_per_second(make_iter(0), batch_size, args.batches),
+      f"cached_patches_per_s_{args.workers}_workers": patches_per_second(
+        make_iter(args.workers), batch_size, args.batches
+      ),
+    }
+  step_rate, step_s = step_patches_per_second(config, args.steps)
+  results.update(step_patches_per_s=step_rate, step_s=step_s, device=str(jax.devices()[0]))
+  best_cached = max(v for k, v in results.items() if k.startswith("cached_"))
+  results["cached_over_step"] = best_cached / step_rate
+  results["uncached_over_step"] = results["uncached_patches_per_s"] / step_rate
+
+  out_dir = ROOT / "benchmarks" / "results"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "pipeline_throughput.json").write_text(json.dumps(results, indent=2))
+  print(
+    f"\n{args.config} ({args.model}), patch {patch}, batch {batch_size}, "
+    f"{args.cases} cases of {spec.shape}; cache built in {build_s:.0f}s"
+  )
+  print("| source | patches/s | × step consumption |")
+  print("|---|---|---|")
+  print(
+    f"| .nii.gz, decoded per patch | {results['uncached_patches_per_s']:.2f} | "
+    f"{results['uncached_over_step']:.1f} |"
+  )
+  for k, v in results.items():
+    if k.startswith("cached_patches"):
+      print(f"| cache, {k.split('_')[-2]} workers | {v:.2f} | {v / step_rate:.1f} |")
+  print(f"| training step consumes | {step_rate:.3f} ({step_s:.1f} s/step) | 1.0 |")
+
+
+if __name__ == "__main__":
+  main()

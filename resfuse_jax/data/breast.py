@@ -1,0 +1,52 @@
+"""Reader for breast DCE-MRI in the MAMA-MIA layout.
+
+``<root>/images/<ID>/<ID>_0000.nii.gz`` is the pre-contrast phase,
+``<ID>_000<k>.nii.gz`` the k-th post-contrast phase (``data.post_phase``,
+default 1), ``<root>/segmentations/expert/<ID>.nii.gz`` the lesion mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from resfuse_jax.data.common import CaseFiles, DataError
+
+REGIONS = {"lesion": (1,)}
+LABELS = (0, 1)
+SOURCE_HINT = (
+  "Expected the MAMA-MIA layout: <root>/images/<ID>/<ID>_0000.nii.gz (pre-contrast), "
+  "<ID>_0001.nii.gz (first post-contrast phase) and <root>/segmentations/expert/<ID>.nii.gz. "
+  "Set --config.data.root, or describe another collection with a CSV manifest "
+  "(configs/manifest.py)."
+)
+
+
+def find_cases(
+  root: str | Path, post_phase: int = 1, require_label: bool = True
+) -> list[CaseFiles]:
+  if post_phase < 1:
+    raise DataError(f"data.post_phase={post_phase}: post-contrast phases start at 1 (_0001)")
+  root = Path(root) if root else None
+  if root is None or not (root / "images").is_dir():
+    raise DataError(
+      f"breast data not found: no images/ folder under data.root={str(root or '')!r}. {SOURCE_HINT}"
+    )
+  cases = []
+  for case_dir in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
+    cid = case_dir.name
+    pre = case_dir / f"{cid}_0000.nii.gz"
+    post = case_dir / f"{cid}_{post_phase:04d}.nii.gz"
+    label = root / "segmentations" / "expert" / f"{cid}.nii.gz"
+    if not pre.is_file():
+      raise DataError(f"case {cid}: missing pre-contrast phase {pre}")
+    if not post.is_file():
+      phases = sorted(p.name for p in case_dir.glob(f"{cid}_*.nii.gz"))
+      raise DataError(f"case {cid}: missing post-contrast phase {post} (found: {phases})")
+    if not label.is_file():
+      if require_label:
+        raise DataError(f"case {cid}: missing segmentation {label}")
+      label = None
+    cases.append(CaseFiles(cid, pre, post, label))
+  if not cases:
+    raise DataError(f"no case folders under {root / 'images'}. {SOURCE_HINT}")
+  return cases

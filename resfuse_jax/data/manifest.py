@@ -1,0 +1,53 @@
+"""Reader for any collection described by a CSV manifest: ``case_id,pre,post,label``.
+
+Relative paths are taken relative to the manifest's folder; an empty ``label``
+marks an inference-only case.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from resfuse_jax.data.common import CaseFiles, DataError
+
+COLUMNS = ("case_id", "pre", "post", "label")
+
+
+def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFiles]:
+  path = Path(manifest) if manifest else None
+  if path is None or not path.is_file():
+    raise DataError(
+      f"manifest not found: data.manifest={str(path or '')!r}; expected a CSV with columns "
+      f"{','.join(COLUMNS)}"
+    )
+  with path.open(newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise DataError(f"manifest {path} lacks columns {missing}; it has {reader.fieldnames}")
+    rows = list(reader)
+  cases, seen = [], set()
+  for line, row in enumerate(rows, start=2):
+    cid = (row["case_id"] or "").strip()
+    if not cid:
+      raise DataError(f"manifest {path} line {line}: empty case_id")
+    if cid in seen:
+      raise DataError(f"manifest {path} line {line}: case_id {cid!r} appears twice")
+    seen.add(cid)
+    files = {}
+    for column in ("pre", "post", "label"):
+      value = (row[column] or "").strip()
+      if not value:
+        if column == "label" and not require_label:
+          files[column] = None
+          continue
+        raise DataError(f"manifest {path} line {line} (case {cid}): empty {column!r} path")
+      p = Path(value) if Path(value).is_absolute() else path.parent / value
+      if not p.is_file():
+        raise DataError(f"manifest {path} line {line} (case {cid}): {column} file {p} not found")
+      files[column] = p
+    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"]))
+  if not cases:
+    raise DataError(f"manifest {path} lists no cases")
+  return cases

@@ -1,0 +1,44 @@
+"""Builds the preprocessed cache ahead of training: ``python -m resfuse_jax.preprocess``.
+
+  python -m resfuse_jax.preprocess --config=configs/brats.py \
+      --config.data.root=/data/BraTS2023 --workers=8
+
+Training builds (or reuses) the same cache by itself; running this first lets
+a cluster job start training at once. Interrupted runs resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resfuse_jax import data
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
+flags.DEFINE_integer("workers", None, "Parallel processes (default: data.preprocess_workers).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cfg = FLAGS.config.data
+  try:
+    out, good, bad = data.prepare(cfg, workers=FLAGS.workers)
+  except data.DataError as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+  if bad:
+    (out / "bad_cases.json").write_text(json.dumps(bad, indent=2))
+  print(
+    f"{len(good)} cases ready in {out}"
+    + (f"; {len(bad)} skipped, see {out}/bad_cases.json" if bad else "")
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
