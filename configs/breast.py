@@ -19,10 +19,7 @@ def get_config(arg: str | None = None):
   c.data.name = "breast"
   c.data.root = os.environ.get("BREAST_ROOT", "")
   c.data.post_phase = 1  # _0001: the first post-contrast phase
-  # DCE-MRI is anisotropic and its spacing varies by scanner: resample to one grid.
-  c.data.target_spacing = (1.0, 1.0, 1.0)
-  c.data.patch_size = (128, 128, 64)
-  c.model.features = (16, 32, 64, 128, 256)
+  common.apply_dce_defaults(c)
   if "smoke" in options:
     common.apply_smoke(c)
   return c

@@ -89,6 +89,13 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   return c
 
 
+def apply_dce_defaults(c: ml_collections.ConfigDict) -> None:
+  """Breast DCE-MRI and most in-house collections: anisotropic, scanner-dependent spacing."""
+  c.data.target_spacing = (1.0, 1.0, 1.0)  # resample every case to one grid
+  c.data.patch_size = (128, 128, 64)
+  c.model.features = (16, 32, 64, 128, 256)
+
+
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
   """A few steps of a tiny model: for tests and for checking an installation."""
   c.model.features = (4, 8)

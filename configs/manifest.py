@@ -21,9 +21,7 @@ def get_config(arg: str | None = None):
   c = common.base_config(model)
   c.data.name = "manifest"
   c.data.manifest = ""
-  c.data.target_spacing = (1.0, 1.0, 1.0)
-  c.data.patch_size = (128, 128, 64)
-  c.model.features = (16, 32, 64, 128, 256)
+  common.apply_dce_defaults(c)
   if "smoke" in options:
     common.apply_smoke(c)
   return c

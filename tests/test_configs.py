@@ -1,4 +1,6 @@
 import brats as brats_config  # configs/brats.py
+import breast as breast_config  # configs/breast.py
+import manifest as manifest_config  # configs/manifest.py
 import phantom as phantom_config  # configs/phantom.py
 import pytest
 
@@ -28,7 +30,7 @@ def get(c, dotted):
   return c
 
 
-@pytest.mark.parametrize("module", [phantom_config, brats_config])
+@pytest.mark.parametrize("module", [phantom_config, brats_config, breast_config, manifest_config])
 @pytest.mark.parametrize(
   "arg", [None, "resfuse", "resunet", "resunet_early", "resunet,smoke", "smoke"]
 )

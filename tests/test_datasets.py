@@ -243,3 +243,28 @@ def test_parallel_build_equals_serial(tmp_path):
   for cid in ("c0", "c3"):
     np.testing.assert_array_equal(np.load(a / cid / "post.npy"), np.load(b / cid / "post.npy"))
   assert cache.is_complete(a / "c0", manifest.find_cases(csv)[0])
+
+
+def test_training_on_a_manifest_skips_and_reports_a_bad_case(tmp_path):
+  from test_train import run_cli
+
+  csv = write_manifest(tmp_path / "m", n=6)
+  pre, post, label = volumes(3)
+  save(post[:-1], tmp_path / "m" / "vols" / "c3_post.nii.gz")  # shape mismatch
+  workdir = tmp_path / "run"
+  run_cli(
+    workdir,
+    f"--config.data.manifest={csv}",
+    "--config.data.on_bad_case=skip",
+    "--config.data.num_folds=2",
+    "--config.train.steps=2",
+    "--config.data.patch_size=(8,8,8)",
+    f"--config.data.cache_dir={tmp_path / 'cache'}",
+    config="configs/manifest.py:resfuse,smoke",
+  )
+  bad = json.loads((workdir / "bad_cases.json").read_text())
+  assert [b["case_id"] for b in bad] == ["c3"] and "shape" in bad[0]["error"]
+  splits = json.loads((workdir / "splits.json").read_text())
+  assert "c3" not in splits["train"] + splits["val"]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["dataset"] == "manifest" and set(results["dice"]) == {"lesion", "mean"}

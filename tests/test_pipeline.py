@@ -1,3 +1,4 @@
+import grain
 import numpy as np
 import pytest
 
@@ -172,3 +173,17 @@ def test_workers_give_the_same_batches(small_cases):
   b = take(make(small_cases, seed=4, workers=2), 2)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["post"], y["post"])
+
+
+def test_process_shards_split_the_case_stream(small_cases):
+  """Each JAX process reads its own slice of the shuffled case stream."""
+
+  def case_stream(index, count):
+    ds = grain.MapDataset.range(len(small_cases)).seed(0).shuffle().repeat()
+    return list(ds[index::count][:12])
+
+  full = list(grain.MapDataset.range(len(small_cases)).seed(0).shuffle().repeat()[:24])
+  assert case_stream(0, 2) == full[0::2] and case_stream(1, 2) == full[1::2]
+  a = take(make(small_cases, shard_index=0, shard_count=2), 2)
+  b = take(make(small_cases, shard_index=1, shard_count=2), 2)
+  assert not np.array_equal(a[0]["post"], b[0]["post"])
