@@ -40,5 +40,10 @@ def main(argv):
   )
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point (``resfuse-preprocess``)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
