@@ -79,6 +79,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.eval.overlap = 0.5
   c.eval.batch_size = 4  # sliding windows per forward call
   c.eval.max_cases = 0  # 0 = every validation case
+  c.eval.thresholds = ml_collections.FieldReference(None, field_type=tuple)  # per region; 0.5
+  c.eval.min_component_voxels = 0  # predict: drop smaller connected components per region
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000

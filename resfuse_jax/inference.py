@@ -46,6 +46,7 @@ def sliding_window(
   num_outputs: int,
   overlap: float = 0.5,
   batch_size: int = 4,
+  mirror_axes: Sequence[int] = (),
 ) -> np.ndarray:
   """Predicts a whole volume tile by tile.
 
@@ -53,6 +54,8 @@ def sliding_window(
     predict: [batch_size, *window, C] -> [batch_size, *window, num_outputs]
       probabilities; always called with a full batch so it compiles once.
     volume: [D, H, W, C]; padded with zeros up to the window where smaller.
+    mirror_axes: spatial axes (0-2) for mirroring test-time augmentation: every
+      combination of flips is predicted, flipped back and averaged (2^k passes).
 
   Returns:
     [D, H, W, num_outputs] float32 probabilities, Gaussian-weighted averages.
@@ -71,10 +74,27 @@ def sliding_window(
     tiles = np.zeros((batch_size, *window, vol.shape[-1]), np.float32)
     for j, s in enumerate(chunk):
       tiles[j] = vol[tuple(slice(a, a + w) for a, w in zip(s, window))]
-    probs = np.asarray(predict(tiles))
+    probs = _predict_mirrored(predict, tiles, tuple(mirror_axes))
     for j, s in enumerate(chunk):
       sl = tuple(slice(a, a + w) for a, w in zip(s, window))
       acc[sl] += probs[j] * weights
       norm[sl] += weights
   out = acc / norm
   return out[: shape[0], : shape[1], : shape[2]]
+
+
+def _predict_mirrored(predict: Callable, tiles: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+  """Average of predictions over every subset of flipped spatial ``axes``."""
+  if any(a not in (0, 1, 2) for a in axes):
+    raise ValueError(f"mirror_axes must be spatial axes 0, 1, 2; got {axes}")
+  total = None
+  subsets = list(
+    itertools.chain.from_iterable(itertools.combinations(axes, k) for k in range(len(axes) + 1))
+  )
+  for subset in subsets:
+    flip = tuple(a + 1 for a in subset)  # skip the batch axis
+    x = np.flip(tiles, flip) if flip else tiles
+    y = np.asarray(predict(np.ascontiguousarray(x)))
+    y = np.flip(y, flip) if flip else y
+    total = y.astype(np.float32) if total is None else total + y
+  return total / len(subsets)

@@ -52,3 +52,30 @@ def test_predict_is_always_called_with_a_full_batch():
     predict, np.ones((20, 20, 20, 1), np.float32), (8, 8, 8), 1, batch_size=4
   )
   assert set(seen) == {4}
+
+
+def test_mirroring_tta_of_a_flip_equivariant_function_is_exact():
+  vol = np.random.default_rng(2).normal(size=(12, 10, 9, 2)).astype(np.float32)
+
+  def blur(tiles):  # symmetric 3-tap box along each axis: flip-equivariant
+    out = tiles[..., :1].copy()
+    for axis in (1, 2, 3):
+      out = (np.roll(out, 1, axis) + out + np.roll(out, -1, axis)) / 3
+    return out
+
+  plain = inference.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1)
+  tta = inference.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1, mirror_axes=(0, 1, 2))
+  np.testing.assert_allclose(tta, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_mirroring_tta_averages_a_non_equivariant_function():
+  vol = np.zeros((8, 8, 8, 1), np.float32)
+  ramp = np.arange(8, dtype=np.float32)[None, :, None, None, None]
+
+  def predict(tiles):  # depends on position along axis 0 only: flips average it out
+    return np.broadcast_to(ramp, tiles.shape).copy()
+
+  tta = inference.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(0,))
+  np.testing.assert_allclose(tta[..., 0], np.full((8, 8, 8), 3.5), atol=1e-6)
+  with pytest.raises(ValueError, match="mirror_axes"):
+    inference.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(3,))
