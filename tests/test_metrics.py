@@ -70,3 +70,57 @@ def test_region_metrics_summary():
   assert out["hd95"]["A"] == pytest.approx(metrics.EMPTY_HD95 / 2)
   with pytest.raises(ValueError):
     metrics.RegionMetrics(["A"]).summary()
+
+
+def cube(shape, corner, size):
+  m = np.zeros(shape, bool)
+  m[tuple(slice(c, c + size) for c in corner)] = True
+  return m
+
+
+L = (40, 40, 40)
+
+
+def test_lesion_wise_both_empty_and_false_positive_only():
+  assert metrics.lesion_wise(np.zeros(L), np.zeros(L)) == {
+    "dice": 1.0,
+    "hd95": 0.0,
+    "lesions": 0,
+    "false_positives": 0,
+  }
+  out = metrics.lesion_wise(cube(L, (5, 5, 5), 4), np.zeros(L))
+  assert out["dice"] == 0.0 and out["hd95"] == metrics.EMPTY_HD95 and out["false_positives"] == 1
+
+
+def test_lesion_wise_perfect_and_missed_lesions():
+  ref = cube(L, (5, 5, 5), 4) | cube(L, (25, 25, 25), 4)  # two 64-voxel lesions, far apart
+  assert metrics.lesion_wise(ref, ref)["dice"] == 1.0
+  only_first = metrics.lesion_wise(cube(L, (5, 5, 5), 4), ref)
+  assert only_first["lesions"] == 2 and only_first["dice"] == pytest.approx(0.5)
+  assert only_first["hd95"] == pytest.approx(metrics.EMPTY_HD95 / 2)
+  assert metrics.lesion_wise(np.zeros(L), ref)["dice"] == 0.0
+
+
+def test_lesion_wise_false_positive_component_counts_as_a_lesion():
+  ref = cube(L, (5, 5, 5), 4)
+  pred = ref | cube(L, (30, 30, 30), 2)
+  out = metrics.lesion_wise(pred, ref)
+  assert out["false_positives"] == 1 and out["dice"] == pytest.approx(0.5)
+  assert out["hd95"] == pytest.approx(metrics.EMPTY_HD95 / 2)
+  assert metrics.dice(pred, ref) > 0.8  # voxel Dice barely notices the false positive
+
+
+def test_lesion_wise_dilation_merges_close_lesions():
+  ref = cube(L, (5, 5, 5), 4) | cube(L, (5, 5, 13), 4)  # 4-voxel gap: merged by dilation 3
+  out = metrics.lesion_wise(ref, ref)
+  assert out["lesions"] == 1 and out["dice"] == 1.0
+  far = cube(L, (5, 5, 5), 4) | cube(L, (5, 5, 25), 4)
+  assert metrics.lesion_wise(far, far)["lesions"] == 2
+
+
+def test_lesion_wise_ignores_small_lesions_and_predictions_on_them():
+  ref = cube(L, (5, 5, 5), 4) | cube(L, (30, 30, 30), 3)  # 64 voxels, and 27 < 50 ignored
+  out = metrics.lesion_wise(ref, ref)
+  assert out["lesions"] == 1 and out["false_positives"] == 0 and out["dice"] == 1.0
+  missed_small = metrics.lesion_wise(cube(L, (5, 5, 5), 4), ref)
+  assert missed_small["dice"] == 1.0
