@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
 
 VERSION = 1
 MAX_FG_LOCATIONS = 50_000  # per case and region: plenty to draw patch centres from
+STALE_TMP_S = 3600.0
 
 
 def settings_key(dataset: str, settings: PrepSettings) -> str:
@@ -140,8 +142,9 @@ def build(
   if on_bad_case not in ("error", "skip"):
     raise ValueError(f"data.on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
   out_dir.mkdir(parents=True, exist_ok=True)
-  for leftover in out_dir.glob(".tmp-*"):  # from a killed build: never used, safe to drop
-    shutil.rmtree(leftover, ignore_errors=True)
+  for leftover in out_dir.glob(".tmp-*"):  # a killed build's: never used; an hour old so that
+    if time.time() - leftover.stat().st_mtime > STALE_TMP_S:  # a concurrent build's survives
+      shutil.rmtree(leftover, ignore_errors=True)
   todo = [f for f in files if not is_complete(out_dir / f.case_id, f)]
   bad: list[dict] = []
   if todo:
