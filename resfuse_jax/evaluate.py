@@ -18,18 +18,21 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from resfuse_jax import data, metrics
-from resfuse_jax.predictor import Predictor
+from resfuse_jax import data, metrics, visualize
+from resfuse_jax.predictor import Predictor, probabilities_to_labels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes.")
+flags.DEFINE_bool("figures", True, "Write W/figures/<case>.png for every validation case.")
 
 PAPER_NAMES = {"ET": "EN"}  # the paper's Table 2 calls enhancing tumour "EN"
 
 
-def evaluate_workdir(workdir: str | Path, step: int | None = None, tta: bool = False) -> dict:
+def evaluate_workdir(
+  workdir: str | Path, step: int | None = None, tta: bool = False, figures: bool = True
+) -> dict:
   workdir = Path(workdir)
   predictor = Predictor(workdir, step)
   config = predictor.config
@@ -44,6 +47,18 @@ def evaluate_workdir(workdir: str | Path, step: int | None = None, tta: bool = F
     probs = predictor.probabilities(case, tta)
     ref = np.stack([np.isin(case.label, v) for v in regions], axis=-1)
     row = acc.add(case.case_id, probs > 0.5, ref, case.spacing)
+    if figures:
+      labels = probabilities_to_labels(probs, info.regions)
+      visualize.case_figure(
+        workdir / "figures" / f"{case.case_id}.png",
+        case.case_id,
+        case.pre,
+        case.post,
+        labels,
+        np.asarray(case.label),
+        predictor.fusion_heat(case),
+        brats_colours=brats_like,
+      )
     logging.info(
       "[%d/%d] %s: %s",
       i,
@@ -133,7 +148,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   try:
-    results = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.tta)
+    results = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures)
   except data.DataError as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")

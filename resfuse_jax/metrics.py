@@ -32,7 +32,7 @@ def recall(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-  return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3,) * mask.ndim), border_value=0)
+  return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:

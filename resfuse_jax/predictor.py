@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from resfuse_jax import checkpointing, data, inference, models
+from resfuse_jax import checkpointing, data, inference, models, visualize
 from resfuse_jax.data import geometry
 from resfuse_jax.train import TrainState, make_optimizer
 
@@ -80,9 +80,34 @@ class Predictor:
     self.step = step
     self.params = checkpointing.restore_params(manager, step, abstract).params
     manager.close()
+    self._intermediates = jax.jit(
+      lambda p, t: model.apply({"params": p}, t[..., 0:1], t[..., 1:2], mutable=["intermediates"])[
+        1
+      ]
+    )
     self._forward = jax.jit(
       lambda p, t: jax.nn.sigmoid(model.apply({"params": p}, t[..., 0:1], t[..., 1:2]))
     )
+
+  def fusion_heat(self, case: data.Case) -> np.ndarray | None:
+    """Where the auxiliary branch changes the main one (ResFuse only), on the case's grid."""
+    if self.config.model.name != "resfuse":
+      return None
+    window = tuple(self.config.data.patch_size)
+    volume = np.stack([case.pre, case.post], axis=-1)
+    shape = volume.shape[:3]
+    padded = tuple(max(s, w) for s, w in zip(shape, window))
+    volume = np.pad(volume, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+    mags = None
+    for start in inference.window_starts(padded, window, 0.0):
+      sl = tuple(slice(a, a + w) for a, w in zip(start, window))
+      sown = self._intermediates(self.params, volume[sl][None])["intermediates"]["encoder"]
+      tile = visualize.fusion_magnitudes(jax.device_get(sown), window)
+      if mags is None:
+        mags = np.zeros((len(tile), *padded), np.float32)
+      mags[(slice(None), *sl)] = tile
+    heat = visualize.fusion_heat_map(mags)
+    return heat[: shape[0], : shape[1], : shape[2]]
 
   def window_fn(self) -> Callable[[np.ndarray], np.ndarray]:
     return lambda tiles: np.asarray(self._forward(self.params, tiles))

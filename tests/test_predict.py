@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pytest
@@ -116,3 +117,7 @@ def test_evaluate_writes_per_case_metrics_results_and_report(trained_workdir):
   report = (trained_workdir / "report.md").read_text()
   assert "| Methodology | DSC WT | DSC TC | DSC EN | Mean |" in report
   assert "lesion-wise Dice EN" in report
+  figures = sorted(p.name for p in (trained_workdir / "figures").iterdir())
+  assert figures == [f"{c}.png" for c in splits["val"]]
+  image = plt.imread(trained_workdir / "figures" / figures[0])
+  assert image.ndim == 3 and image.shape[1] > 4 * image.shape[0]  # one row of 6 panels

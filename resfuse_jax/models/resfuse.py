@@ -76,6 +76,7 @@ class ResFuseLevel(nn.Module):
     w_aux = FusionWeight(self.features, self.strides, self.fusion, self.dtype, name="fusion")(
       main, aux, p_aux
     )
+    self.sow("intermediates", "fusion_term", w_aux)  # for the Fig. 4-style heat map
     return f_main + w_aux, f_aux + p_aux
 
 
