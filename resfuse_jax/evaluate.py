@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from resfuse_jax import data, metrics, visualize
+from resfuse_jax import data, metrics, visualize, writers
 from resfuse_jax.predictor import Predictor, probabilities_to_labels
 
 FLAGS = flags.FLAGS
@@ -143,6 +143,7 @@ def report_markdown(all_results: list[dict], regions: list[str]) -> str:
 
 
 def main(argv):
+  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:

@@ -6,14 +6,13 @@ Only parses flags, starts the multi-process runtime when asked, and calls
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resfuse_jax import train
+from resfuse_jax import train, writers
 from resfuse_jax.data import DataError
 
 FLAGS = flags.FLAGS
@@ -30,19 +29,8 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of Orbax and Grain (every save logs ~30 lines); keeps warnings."""
-
-  NOISY = ("/orbax/", "/grain/")
-
-  def filter(self, record) -> bool:
-    if record.levelno >= std_logging.WARNING or logging.get_verbosity() > 0:
-      return True
-    return not any(n in record.pathname for n in self.NOISY)
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.distributed:

@@ -2,7 +2,7 @@
 
 Empty-mask conventions (documented, as BraTS and MONAI users expect):
 - Dice: both masks empty -> 1.0; exactly one empty -> 0.0.
-- Recall: empty reference -> 1.0 (nothing to miss).
+- Recall: empty reference -> 1.0 (nothing to miss); precision: empty prediction -> 1.0.
 - HD95: both empty -> 0.0 mm; exactly one empty -> ``EMPTY_HD95`` (373.13 mm,
   the BraTS convention: the diagonal of the 240x240x155 1 mm grid).
 """
@@ -28,6 +28,12 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 def recall(pred: np.ndarray, ref: np.ndarray) -> float:
   pred, ref = pred.astype(bool), ref.astype(bool)
   n = ref.sum()
+  return 1.0 if n == 0 else float(np.logical_and(pred, ref).sum() / n)
+
+
+def precision(pred: np.ndarray, ref: np.ndarray) -> float:
+  pred, ref = pred.astype(bool), ref.astype(bool)
+  n = pred.sum()
   return 1.0 if n == 0 else float(np.logical_and(pred, ref).sum() / n)
 
 
@@ -117,6 +123,7 @@ class RegionMetrics:
     for r, name in enumerate(self.region_names):
       row[f"dice_{name}"] = dice(pred[..., r], ref[..., r])
       row[f"recall_{name}"] = recall(pred[..., r], ref[..., r])
+      row[f"precision_{name}"] = precision(pred[..., r], ref[..., r])
       row[f"hd95_{name}"] = hd95(pred[..., r], ref[..., r], spacing)
       if self.lesion_wise:
         lw = lesion_wise(pred[..., r], ref[..., r], spacing)
@@ -133,7 +140,7 @@ class RegionMetrics:
     if not self.rows:
       raise ValueError("no cases were evaluated")
     out = {}
-    metrics = ["dice", "recall", "hd95"]
+    metrics = ["dice", "recall", "precision", "hd95"]
     if self.lesion_wise:
       metrics += ["lesion_dice", "lesion_hd95"]
     for metric in metrics:

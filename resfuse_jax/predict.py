@@ -16,7 +16,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from resfuse_jax import data
+from resfuse_jax import data, writers
 from resfuse_jax.data import brats, breast, manifest
 from resfuse_jax.predictor import Predictor
 
@@ -30,6 +30,7 @@ flags.DEFINE_string("input", None, "Folder (dataset layout) or CSV manifest of c
 flags.DEFINE_string("output", None, "Output folder for --input.")
 flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes (8 passes).")
 flags.DEFINE_bool("probabilities", False, "Also write <name>_probabilities.nii.gz [D,H,W,R].")
+flags.DEFINE_bool("figures", False, "Also write <name>.png: scans, subtraction, prediction.")
 
 
 def find_input_cases(path: Path, config: Any) -> list[data.CaseFiles]:
@@ -47,6 +48,7 @@ def find_input_cases(path: Path, config: Any) -> list[data.CaseFiles]:
 
 
 def main(argv):
+  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   pair, folder = FLAGS.pre or FLAGS.post or FLAGS.out, FLAGS.input or FLAGS.output
@@ -61,7 +63,7 @@ def main(argv):
       for p in (files.pre, files.post):
         if not p.is_file():
           raise data.DataError(f"input file {p} not found")
-      predictor.predict_case(files, Path(FLAGS.out), FLAGS.tta, FLAGS.probabilities)
+      predictor.predict_case(files, Path(FLAGS.out), FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
       print(f"wrote {FLAGS.out}")
       return
     if not FLAGS.output:
@@ -69,7 +71,7 @@ def main(argv):
     cases = find_input_cases(Path(FLAGS.input), predictor.config)
     for i, files in enumerate(cases, 1):
       out = Path(FLAGS.output) / f"{files.case_id}.nii.gz"
-      predictor.predict_case(files, out, FLAGS.tta, FLAGS.probabilities)
+      predictor.predict_case(files, out, FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
       logging.info("[%d/%d] %s -> %s", i, len(cases), files.case_id, out)
     print(f"wrote {len(cases)} label maps to {FLAGS.output} (checkpoint step {predictor.step})")
   except data.DataError as e:

@@ -124,7 +124,9 @@ class Predictor:
       mirror_axes=(0, 1, 2) if tta else (),
     )
 
-  def predict_case(self, files: data.CaseFiles, out: Path, tta: bool, write_probs: bool) -> None:
+  def predict_case(
+    self, files: data.CaseFiles, out: Path, tta: bool, write_probs: bool, figure: bool = False
+  ) -> None:
     case = data.preprocess_case(files, self.info.label_values, data.prep_settings(self.config.data))
     probs = self.probabilities(case, tta)
     labels = probabilities_to_labels(
@@ -135,11 +137,21 @@ class Predictor:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     geometry.save_label_map(labels, case, out)
+    name = out.name.removesuffix(".nii.gz")
+    if figure:
+      visualize.case_figure(
+        out.with_name(f"{name}.png"),
+        files.case_id,
+        case.pre,
+        case.post,
+        labels,
+        heat=self.fusion_heat(case),
+        brats_colours=len(self.info.regions) > 1,
+      )
     if write_probs:
       maps = np.stack(
         [geometry.to_original_grid(probs[..., r], case) for r in range(probs.shape[-1])], -1
       )
-      name = out.name.removesuffix(".nii.gz")
       nib.save(
         nib.Nifti1Image(maps.astype(np.float32), case.affine),
         str(out.with_name(f"{name}_probabilities.nii.gz")),

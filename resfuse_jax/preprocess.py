@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resfuse_jax import data
+from resfuse_jax import data, writers
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
+  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cfg = FLAGS.config.data

@@ -8,6 +8,7 @@ here keeps clu's MetricWriter method names so it can be swapped back.
 
 from __future__ import annotations
 
+import logging as std_logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,19 @@ def create(logdir: str | Path, just_logging: bool) -> TensorBoardWriter | NullWr
     return NullWriter()
   logging.info("TensorBoard event files go to %s", logdir)
   return TensorBoardWriter(logdir)
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of Orbax and Grain (every save logs ~30 lines); keeps warnings."""
+
+  NOISY = ("/orbax/", "/grain/")
+
+  def filter(self, record) -> bool:
+    if record.levelno >= std_logging.WARNING or logging.get_verbosity() > 0:
+      return True
+    return not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  """Call from a command's main(), after absl has installed its handler."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -36,6 +36,11 @@ def test_recall_hand_cases():
   assert metrics.recall(mask(S, np.s_[0:2, 0, 0]), mask(S, np.s_[0:4, 0, 0])) == 0.5
 
 
+def test_precision_hand_cases():
+  assert metrics.precision(mask(S), mask(S, np.s_[0, 0, 0])) == 1.0
+  assert metrics.precision(mask(S, np.s_[0:4, 0, 0]), mask(S, np.s_[0:1, 0, 0])) == 0.25
+
+
 def test_hd95_empty_conventions():
   assert metrics.hd95(mask(S), mask(S)) == 0.0
   assert metrics.hd95(mask(S, np.s_[0, 0, 0]), mask(S)) == metrics.EMPTY_HD95

@@ -67,6 +67,7 @@ def test_predict_pair_overlays_a_non_canonical_input(trained_workdir, small_phan
     f"--out={out}",
     "--probabilities",
     "--tta",
+    "--figures",
   )
   src, pred = nib.load(tmp_path / "t1c.nii.gz"), nib.load(out)
   assert pred.shape == src.shape and pred.get_data_dtype() == np.uint8
@@ -80,6 +81,7 @@ def test_predict_pair_overlays_a_non_canonical_input(trained_workdir, small_phan
   assert not labels[outside].any()  # nothing predicted outside the head's box
   probs = nib.load(tmp_path / "pred" / "seg_probabilities.nii.gz")
   assert probs.shape == (*src.shape, 3)
+  assert (tmp_path / "pred" / "seg.png").stat().st_size > 1000
 
 
 def test_predict_folder_names_outputs_like_brats(trained_workdir, small_phantom, tmp_path):
