@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from resfuse_jax import data, metrics, visualize, writers
+from resfuse_jax import cli, data, metrics, visualize
 from resfuse_jax.predictor import Predictor, probabilities_to_labels
 
 FLAGS = flags.FLAGS
@@ -143,23 +142,18 @@ def report_markdown(all_results: list[dict], regions: list[str]) -> str:
 
 
 def main(argv):
-  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  try:
-    results = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures)
-  except data.DataError as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  results = evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures)
   print(Path(FLAGS.workdir, "report.md").read_text())
   print(f"Dice: {results['dice']}")
 
 
 def run():
   """Console-script entry point (``resfuse-evaluate``)."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,11 @@ Only parses flags, starts the multi-process runtime when asked, and calls
 
 from __future__ import annotations
 
-import sys
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resfuse_jax import train, writers
-from resfuse_jax.data import DataError
+from resfuse_jax import cli, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -30,7 +27,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.distributed:
@@ -41,16 +37,12 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except DataError as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def run():
   """Console-script entry point (``resfuse-train``)."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

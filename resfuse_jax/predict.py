@@ -10,13 +10,12 @@ named ``BraTS-GLI-XXXXX-YYY.nii.gz`` as the challenge expects.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 from absl import app, flags, logging
 
-from resfuse_jax import data, writers
+from resfuse_jax import cli, data
 from resfuse_jax.data import brats, breast, manifest
 from resfuse_jax.predictor import Predictor
 
@@ -48,40 +47,35 @@ def find_input_cases(path: Path, config: Any) -> list[data.CaseFiles]:
 
 
 def main(argv):
-  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   pair, folder = FLAGS.pre or FLAGS.post or FLAGS.out, FLAGS.input or FLAGS.output
   if not FLAGS.workdir or bool(pair) == bool(folder):
     raise app.UsageError("give --workdir and either --pre/--post/--out or --input/--output")
-  try:
-    predictor = Predictor(FLAGS.workdir, FLAGS.step)
-    if pair:
-      if not (FLAGS.pre and FLAGS.post and FLAGS.out):
-        raise app.UsageError("--pre, --post and --out go together")
-      files = data.CaseFiles(Path(FLAGS.pre).name, Path(FLAGS.pre), Path(FLAGS.post), None)
-      for p in (files.pre, files.post):
-        if not p.is_file():
-          raise data.DataError(f"input file {p} not found")
-      predictor.predict_case(files, Path(FLAGS.out), FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
-      print(f"wrote {FLAGS.out}")
-      return
-    if not FLAGS.output:
-      raise app.UsageError("--input needs --output")
-    cases = find_input_cases(Path(FLAGS.input), predictor.config)
-    for i, files in enumerate(cases, 1):
-      out = Path(FLAGS.output) / f"{files.case_id}.nii.gz"
-      predictor.predict_case(files, out, FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
-      logging.info("[%d/%d] %s -> %s", i, len(cases), files.case_id, out)
-    print(f"wrote {len(cases)} label maps to {FLAGS.output} (checkpoint step {predictor.step})")
-  except data.DataError as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  predictor = Predictor(FLAGS.workdir, FLAGS.step)
+  if pair:
+    if not (FLAGS.pre and FLAGS.post and FLAGS.out):
+      raise app.UsageError("--pre, --post and --out go together")
+    files = data.CaseFiles(Path(FLAGS.pre).name, Path(FLAGS.pre), Path(FLAGS.post), None)
+    for p in (files.pre, files.post):
+      if not p.is_file():
+        raise data.DataError(f"input file {p} not found")
+    predictor.predict_case(files, Path(FLAGS.out), FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
+    print(f"wrote {FLAGS.out}")
+    return
+  if not FLAGS.output:
+    raise app.UsageError("--input needs --output")
+  cases = find_input_cases(Path(FLAGS.input), predictor.config)
+  for i, files in enumerate(cases, 1):
+    out = Path(FLAGS.output) / f"{files.case_id}.nii.gz"
+    predictor.predict_case(files, out, FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
+    logging.info("[%d/%d] %s -> %s", i, len(cases), files.case_id, out)
+  print(f"wrote {len(cases)} label maps to {FLAGS.output} (checkpoint step {predictor.step})")
 
 
 def run():
   """Console-script entry point (``resfuse-predict``)."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ a cluster job start training at once. Interrupted runs resume.
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from resfuse_jax import data, writers
+from resfuse_jax import cli, data
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
@@ -24,15 +23,10 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
-  writers.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cfg = FLAGS.config.data
-  try:
-    out, good, bad = data.prepare(cfg, workers=FLAGS.workers)
-  except data.DataError as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  out, good, bad = data.prepare(cfg, workers=FLAGS.workers)
   if bad:
     (out / "bad_cases.json").write_text(json.dumps(bad, indent=2))
   print(
@@ -43,7 +37,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (``resfuse-preprocess``)."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":
