@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import ml_collections
 
-MODELS = ("resfuse", "resunet", "resunet_early")
+# Config arg -> (model.name, model overrides). Every model and every ResFuse ablation is one
+# name, so `compare --models=...` changes exactly one thing between runs.
+VARIANTS = {
+  "resfuse": ("resfuse", {}),
+  "resfuse_identity": ("resfuse", {"fusion": "identity"}),  # Fig. 2b: W_l = P_l
+  "resfuse_gate": ("resfuse", {"fusion": "gate"}),
+  "resfuse_single_scale": ("resfuse", {"fuse_levels": (0,)}),  # fusion at full resolution only
+  "resunet": ("resunet", {}),
+  "resunet_early": ("resunet_early", {}),
+  "a2fnet": ("a2fnet", {}),
+  "tsf_seq2seq": ("tsf_seq2seq", {}),
+  "lits": ("lits", {}),
+}
+MODELS = tuple(VARIANTS)
 OPTIONS = ("smoke",)
 
 
 def parse_arg(arg: str | None) -> tuple[str, set[str]]:
+  """'resunet,smoke' -> ('resunet', {'smoke'}); the model (variant) defaults to resfuse."""
   parts = [p for p in (arg or "").split(",") if p]
   model = parts[0] if parts and parts[0] in MODELS else "resfuse"
   options = set(parts[1:] if parts and parts[0] in MODELS else parts)
@@ -25,15 +39,19 @@ def parse_arg(arg: str | None) -> tuple[str, set[str]]:
   return model, options
 
 
-def base_config(model: str) -> ml_collections.ConfigDict:
+def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
+  name, overrides = VARIANTS[variant]
   c.model = ml_collections.ConfigDict()
-  c.model.name = model
+  c.model.name = name
+  c.model.variant = variant  # the label in results.json and comparison tables
   c.model.features = (16, 32, 64, 128, 256)
   c.model.fusion = "conv"  # identity | conv | gate (ResFuse only)
   c.model.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
+  for key, value in overrides.items():
+    c.model[key] = value
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""
@@ -72,6 +90,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.train.warmup_steps = 1000
   c.train.weight_decay = 1e-5
   c.train.grad_clip = 1.0
+  c.train.aux_loss_weight = 1.0  # per auxiliary output (A2FNet, TSF-Seq2Seq, LiTS)
   c.train.log_every = 100
 
   c.eval = ml_collections.ConfigDict()

@@ -9,7 +9,6 @@ contract's keys, plus lesion-wise BraTS metrics and standard deviations) and
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -85,10 +84,7 @@ def evaluate_workdir(
 
 
 def _write(workdir: Path, acc: metrics.RegionMetrics, results: dict, info) -> None:
-  with (workdir / "metrics.csv").open("w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(acc.rows[0]))
-    writer.writeheader()
-    writer.writerows(acc.rows)
+  acc.write_csv(workdir / "metrics.csv")
   (workdir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
   (workdir / "report.md").write_text(report_markdown([results], info.region_names))
 

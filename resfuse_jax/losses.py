@@ -37,3 +37,16 @@ def dice_bce_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, dic
   dice = soft_dice_loss(logits, targets)
   bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
   return dice + bce, {"dice_loss": dice, "bce_loss": bce}
+
+
+def total_loss(
+  logits: jax.Array, aux_logits: Sequence[jax.Array], targets: jax.Array, aux_weight: float
+) -> tuple[jax.Array, dict]:
+  """Main loss + ``aux_weight`` x each auxiliary output's loss (every output on the targets).
+
+  A2FSeg weights each supervised branch about as much as the final output;
+  LiTS supervises its coarse prediction beside the refined one.
+  """
+  loss, parts = dice_bce_loss(logits, targets)
+  aux = sum((dice_bce_loss(a, targets)[0] for a in aux_logits), jnp.zeros(()))
+  return loss + aux_weight * aux, {**parts, "aux_loss": aux}

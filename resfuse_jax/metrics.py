@@ -9,7 +9,9 @@ Empty-mask conventions (documented, as BraTS and MONAI users expect):
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -151,3 +153,21 @@ class RegionMetrics:
       per_region["mean"] = float(np.mean(list(per_region.values())))
       out[metric] = per_region
     return out
+
+  def write_csv(self, path: str | Path) -> None:
+    """One row per case (``case``, ``dice_<region>``, ...), written atomically."""
+    if not self.rows:
+      raise ValueError("no cases were evaluated")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+      writer.writeheader()
+      writer.writerows(self.rows)
+    tmp.replace(path)
+
+
+def read_csv(path: str | Path) -> list[dict]:
+  """Rows written by `RegionMetrics.write_csv`, metric values as floats."""
+  with Path(path).open(newline="") as f:
+    return [{k: v if k == "case" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -35,6 +35,7 @@ class TrainMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output("loss")
   dice_loss: clu_metrics.Average.from_output("dice_loss")
   bce_loss: clu_metrics.Average.from_output("bce_loss")
+  aux_loss: clu_metrics.Average.from_output("aux_loss")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
 
 
@@ -69,13 +70,17 @@ def train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
   regions: tuple[tuple[int, ...], ...],
+  aux_loss_weight: float = 1.0,
 ) -> tuple[TrainState, TrainMetrics]:
   """One optimisation step on a global batch {'pre','post': [B,D,H,W,1], 'label': [B,D,H,W]}."""
   targets = losses.labels_to_regions(batch["label"], regions)
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, batch["pre"], batch["post"])
-    return losses.dice_bce_loss(logits, targets)
+    logits, sown = model.apply(
+      {"params": params}, batch["pre"], batch["post"], mutable=["aux_logits"]
+    )
+    aux = jax.tree.leaves(sown.get("aux_logits", {}))
+    return losses.total_loss(logits, aux, targets, aux_loss_weight)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -85,6 +90,42 @@ def train_step(
     loss=loss, grad_norm=optax.tree.norm(grads), **parts
   )
   return new_state, step_metrics
+
+
+def make_step_fn(config: ml_collections.ConfigDict, model: nn.Module, tx, regions) -> Callable:
+  """`train_step` with the model, optimiser and loss settings of ``config`` bound."""
+  return functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    regions=regions,
+    aux_loss_weight=config.train.aux_loss_weight,
+  )
+
+
+def init_state(model: nn.Module, tx, patch_size, rng: jax.Array) -> TrainState:
+  dummy = jnp.zeros((1, *patch_size, 1), jnp.float32)
+  params = model.init(rng, dummy, dummy)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def train_step_flops(config: ml_collections.ConfigDict) -> float:
+  """FLOPs of one training step on the global batch, from XLA's cost analysis (no data)."""
+  regions = tuple(data.dataset_info(config.data.name).regions.values())
+  model = models.build(config.model, len(regions))
+  tx = make_optimizer(config.train)
+  patch = tuple(config.data.patch_size)
+  state = jax.eval_shape(functools.partial(init_state, model, tx, patch), jax.random.key(0))
+  b = config.train.batch_size
+  batch = {
+    "pre": jax.ShapeDtypeStruct((b, *patch, 1), jnp.float32),
+    "post": jax.ShapeDtypeStruct((b, *patch, 1), jnp.float32),
+    "label": jax.ShapeDtypeStruct((b, *patch), jnp.int32),
+  }
+  compiled = jax.jit(make_step_fn(config, model, tx, regions)).lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per device
+  return float(cost["flops"])
 
 
 def make_predict_fn(model: nn.Module, mesh) -> Callable:
@@ -226,14 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.build(config.model, len(regions))
   tx = make_optimizer(config.train)
   patch = tuple(config.data.patch_size)
-  dummy = jnp.zeros((1, *patch, 1), jnp.float32)
-
-  def init_state(rng):
-    params = model.init(rng, dummy, dummy)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
   state_sharding = sharding.replicated(mesh)
-  state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+  state = jax.jit(
+    functools.partial(init_state, model, tx, patch), out_shardings=state_sharding
+  )(jax.random.key(config.seed))
   num_params = count_params(state.params)
   if is_main:
     logging.info(
@@ -254,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Update ----------------------------------------------------------------
   batch_sharding = sharding.data_sharding(mesh)
   step_fn = jax.jit(
-    functools.partial(train_step, model=model, tx=tx, regions=regions),
+    make_step_fn(config, model, tx, regions),
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
@@ -266,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total = config.train.steps
   progress = Progress(total, start_step)
   pending: TrainMetrics | None = None
-  val_summary = None
+  val_summary = val_metrics = None
 
   for step in range(start_step + 1, total + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -299,7 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_metrics = None
     if is_eval:
       t0 = time.perf_counter()
-      val_summary = evaluate(predict_fn, state.params, val_cases, info, config, mesh).summary()
+      val_metrics = evaluate(predict_fn, state.params, val_cases, info, config, mesh)
+      val_summary = val_metrics.summary()
       ckpt_metrics = {checkpointing.BEST_METRIC: val_summary["dice"]["mean"]}
       writer.write_scalars(
         step, {f"val/{m}_{r}": v for m, d in val_summary.items() for r, v in d.items()}
@@ -319,9 +357,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ----- Results ---------------------------------------------------------------
   if val_summary is None:  # resumed a finished run: evaluate the final state again
-    val_summary = evaluate(predict_fn, state.params, val_cases, info, config, mesh).summary()
+    val_metrics = evaluate(predict_fn, state.params, val_cases, info, config, mesh)
+    val_summary = val_metrics.summary()
   results = {
     "model": config.model.name,
+    "variant": config.model.get("variant", config.model.name),
     "dataset": config.data.name,
     "steps": int(jax.device_get(state.step)),
     "params": num_params,
@@ -329,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "cases": len(val_cases),
   }
   if is_main:
+    val_metrics.write_csv(workdir / "metrics.csv")  # per case, for paired comparisons
     _write_json(workdir / "results.json", results)
     print(
       f"Validation Dice over {len(val_cases)} cases ({config.model.name}, step "

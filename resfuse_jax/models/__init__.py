@@ -1,4 +1,9 @@
-"""Model registry: every network is built by name from ``config.model``."""
+"""Model registry: every network is built by name from ``config.model``.
+
+Every model maps ``(pre, post)`` [B, D, H, W, 1] to region logits
+[B, D, H, W, R]; models trained with auxiliary losses (deep supervision, coarse
+predictions) sow those extra logits into the ``aux_logits`` collection.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resfuse_jax.models.a2fnet import A2FNet
+from resfuse_jax.models.lits import LiTS
 from resfuse_jax.models.resfuse import ResFuse
 from resfuse_jax.models.resunet import ResUNet
+from resfuse_jax.models.tsf_seq2seq import TSFSeq2Seq
 
 
 def _resunet(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
@@ -31,10 +39,17 @@ def _resfuse(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
   )
 
 
+def _baseline(cls: type[nn.Module]) -> Callable[[Any, int, Any], nn.Module]:
+  return lambda cfg, num_outputs, dtype: cls(tuple(cfg.features), num_outputs, dtype=dtype)
+
+
 _REGISTRY: dict[str, Callable[[Any, int, Any], nn.Module]] = {
   "resfuse": _resfuse,
   "resunet": _resunet,
   "resunet_early": _resunet_early,
+  "a2fnet": _baseline(A2FNet),
+  "tsf_seq2seq": _baseline(TSFSeq2Seq),
+  "lits": _baseline(LiTS),
 }
 
 

@@ -9,6 +9,7 @@ keeping the parameter shapes of the textbook layers. All tensors are NDHWC.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -58,10 +59,11 @@ class Conv3(nn.Module):
   strides: int = 1
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  kernel_init: Callable = conv_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", conv_init, (3, 3, 3, x.shape[-1], self.features))
+    kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features))
     dn = ("NDHWC", "DHWIO", "NDHWC")
     if self.strides == 1:
       y = jax.lax.conv_general_dilated(
@@ -174,19 +176,47 @@ class ResidualUnit(nn.Module):
     return f(x) + p(x)
 
 
-class Decoder(nn.Module):
-  """ResUNet decoder: per level, upsample, concatenate the skip, residual unit; conv1 head."""
+def segmentation_head(x: jax.Array, num_outputs: int, dtype: Dtype) -> jax.Array:
+  """norm -> ReLU -> conv1 to float32 logits; call inside a compact method (names its modules)."""
+  x = nn.relu(instance_norm("norm_out", dtype)(x))
+  return Conv1(num_outputs, dtype=jnp.float32, name="head")(x).astype(jnp.float32)
 
-  features: tuple[int, ...]
+
+class SegmentationHead(nn.Module):
+  """`segmentation_head` as a module, for models with several heads."""
+
   num_outputs: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, skips: list[jax.Array]) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return segmentation_head(x, self.num_outputs, self.dtype)
+
+
+class Decoder(nn.Module):
+  """ResUNet decoder: per level, upsample, concatenate the skip, residual unit; conv1 head.
+
+  ``num_outputs=None`` returns the last level's features [B, D, H, W, features[0]]
+  instead of logits, for models that fuse or refine before their own heads.
+  """
+
+  features: tuple[int, ...]
+  num_outputs: int | None
+  dtype: Dtype = jnp.float32
+  return_levels: bool = False
+
+  @nn.compact
+  def __call__(self, skips: list[jax.Array]) -> jax.Array | list[jax.Array]:
+    """``return_levels``: every level's output, full resolution first, bottleneck last."""
     x = skips[-1]
+    levels = [x]
     for level in range(len(skips) - 2, -1, -1):
       x = UpConv(self.features[level], self.dtype, name=f"up{level}")(x)
       x = jnp.concatenate([x, skips[level]], axis=-1)
       x = ResidualUnit(self.features[level], 1, True, self.dtype, name=f"level{level}")(x)
-    x = nn.relu(instance_norm("norm_out", self.dtype)(x))
-    return Conv1(self.num_outputs, dtype=jnp.float32, name="head")(x).astype(jnp.float32)
+      levels.insert(0, x)
+    if self.return_levels:
+      return levels
+    if self.num_outputs is None:
+      return x
+    return segmentation_head(x, self.num_outputs, self.dtype)

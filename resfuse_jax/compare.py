@@ -1,0 +1,230 @@
+"""Trains and compares models on one dataset: ``python -m resfuse_jax.compare``.
+
+  python -m resfuse_jax.compare --config=configs/phantom.py \
+      --models=resfuse,resunet,resunet_early,a2fnet,tsf_seq2seq,lits --workdir=runs/compare
+
+Every model gets the config file's settings with only the model changed (the
+same data, fold, budget, seed and command-line overrides) and trains into
+``W/<model>/``; a model whose run already finished is not retrained, one that
+was interrupted resumes. Writes ``W/comparison.json`` and ``W/comparison.md``:
+per model the parameter count, training FLOPs per step (XLA cost analysis),
+Dice and recall per region (mean ± std over validation cases), and a paired
+Wilcoxon signed-rank test per region against ``resfuse`` across cases.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from scipy import stats
+
+from resfuse_jax import cli, data, metrics, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  "config", None, "Dataset config file, e.g. configs/brats.py (its model arg is ignored)."
+)
+flags.DEFINE_list("models", None, "Models to compare, e.g. resfuse,resunet,a2fnet.")
+flags.DEFINE_string("workdir", None, "Folder for one workdir per model and the comparison.")
+flags.DEFINE_string("reference", "resfuse", "Model the paired tests compare against.")
+flags.mark_flags_as_required(["config", "models", "workdir"])
+
+METRICS = ("dice", "recall")
+PAPER_NAMES = {"ET": "EN"}
+
+
+def load_config(path: str, arg: str | None, model: str, overrides: dict) -> ml_collections.ConfigDict:
+  """``path``'s ``get_config`` for ``model`` with the other args and overrides kept."""
+  spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+  if spec is None or spec.loader is None:
+    raise data.DataError(f"{path}: not a config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  parts = [p for p in (arg or "").split(",") if p]
+  options = [p for p in parts if p not in module.common.MODELS]
+  if model not in module.common.MODELS:
+    raise app.UsageError(
+      f"Unknown model {model!r} in --models; choose from {', '.join(module.common.MODELS)}"
+    )
+  config = module.get_config(",".join([model, *options]))
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[dict, list[dict]]:
+  """Trains (or resumes) one model unless its workdir already holds a finished run."""
+  results_path, rows_path = workdir / "results.json", workdir / "metrics.csv"
+  finished = False
+  if results_path.exists() and rows_path.exists():
+    done = json.loads(results_path.read_text())
+    same_config = json.loads((workdir / "config.json").read_text()) == json.loads(
+      json.dumps(config.to_dict())
+    )
+    finished = done.get("steps") == config.train.steps and same_config
+  if finished:
+    logging.info("%s: finished run found, not retrained", workdir)
+  else:
+    train.train_and_evaluate(config, str(workdir))
+  return json.loads(results_path.read_text()), metrics.read_csv(rows_path)
+
+
+def paired_test(ours: list[float], reference: list[float]) -> dict:
+  """Wilcoxon signed-rank test of per-case differences; p = 1 when no case differs."""
+  diff = np.asarray(ours) - np.asarray(reference)
+  if not np.any(diff):
+    p = 1.0
+  else:
+    p = float(stats.wilcoxon(diff, zero_method="wilcox").pvalue)
+  return {"mean_diff": float(np.mean(diff)), "p_value": p, "test": "wilcoxon signed-rank"}
+
+
+def summarize(name: str, results: dict, rows: list[dict], regions: list[str], flops: float):
+  entry = {"model": name, "params": results["params"], "train_flops_per_step": flops}
+  for m in METRICS:
+    per_case = {r: [row[f"{m}_{r}"] for row in rows] for r in regions}
+    per_case["mean"] = list(np.mean([per_case[r] for r in regions], axis=0))
+    entry[m] = {
+      r: {"mean": float(np.mean(v)), "std": float(np.std(v))} for r, v in per_case.items()
+    }
+  return entry
+
+
+def compare(
+  config_path: str, arg: str | None, names: list[str], workdir: Path, overrides: dict, reference: str
+) -> dict:
+  runs = {}
+  for name in names:
+    config = load_config(config_path, arg, name, overrides)
+    logging.info("=== %s ===", name)
+    results, rows = run_model(config, workdir / name)
+    runs[name] = (config, results, {row["case"]: row for row in rows})
+  first = next(iter(runs.values()))[0]
+  regions = data.dataset_info(first.data.name).region_names
+  cases = sorted(next(iter(runs.values()))[2])
+  for name, (_, _, rows) in runs.items():
+    if sorted(rows) != cases:
+      raise data.DataError(f"{workdir / name} was validated on other cases than {names[0]}")
+  ref = reference if reference in runs else names[0]
+  entries = []
+  for name, (config, results, rows) in runs.items():
+    ordered = [rows[c] for c in cases]
+    entry = summarize(name, results, ordered, regions, train.train_step_flops(config))
+    ref_rows = [runs[ref][2][c] for c in cases]
+    entry["paired_vs_reference"] = {
+      m: {
+        r: paired_test([x[f"{m}_{r}"] for x in ordered], [x[f"{m}_{r}"] for x in ref_rows])
+        for r in regions
+      }
+      for m in METRICS
+    }
+    entries.append(entry)
+  out = {
+    "dataset": first.data.name,
+    "fold": first.data.fold,
+    "seed": first.seed,
+    "steps": first.train.steps,
+    "batch_size": first.train.batch_size,
+    "patch_size": list(first.data.patch_size),
+    "cases": len(cases),
+    "regions": regions,
+    "reference": ref,
+    "models": entries,
+  }
+  _write_atomic(workdir / "comparison.json", json.dumps(out, indent=2))
+  _write_atomic(workdir / "comparison.md", comparison_markdown(out))
+  return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _pm(stat: dict) -> str:
+  return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+
+
+def comparison_markdown(c: dict) -> str:
+  """The paper's Table 1 (DSC, recall) / Table 2 (DSC per region + mean) layout, plus cost."""
+  regions, ref = c["regions"], c["reference"]
+  cols = regions + ["mean"] if len(regions) > 1 else regions
+  label = {r: PAPER_NAMES.get(r, r) for r in regions} | {"mean": "Mean"}
+  lines = [
+    "| Methodology | Params | GFLOP/step | "
+    + " | ".join(f"DSC {label[r]} (%)" for r in cols)
+    + " | "
+    + " | ".join(f"Recall {label[r]} (%)" for r in cols)
+    + " |",
+    "|---" * (3 + 2 * len(cols)) + "|",
+  ]
+  for e in c["models"]:
+    lines.append(
+      f"| {e['model']} | {e['params']:,} | {e['train_flops_per_step'] / 1e9:.2f} | "
+      + " | ".join(_pm(e["dice"][r]) for r in cols)
+      + " | "
+      + " | ".join(_pm(e["recall"][r]) for r in cols)
+      + " |"
+    )
+  lines += [
+    "",
+    f"{c['dataset']}, fold {c['fold']}, {c['cases']} validation cases, {c['steps']} steps of "
+    f"batch {c['batch_size']} at patch {'×'.join(map(str, c['patch_size']))}, seed {c['seed']}. "
+    "Mean ± std over cases (population std); GFLOP/step: one training step (forward, backward, "
+    "update) by XLA's cost analysis.",
+    "",
+    f"Paired Wilcoxon signed-rank test against {ref} across cases: mean difference in points "
+    "(p-value).",
+    "",
+    "| Methodology | "
+    + " | ".join(f"ΔDSC {label[r]}" for r in regions)
+    + " | "
+    + " | ".join(f"ΔRecall {label[r]}" for r in regions)
+    + " |",
+    "|---" * (1 + 2 * len(regions)) + "|",
+  ]
+  for e in c["models"]:
+    if e["model"] == ref:
+      continue
+    t = e["paired_vs_reference"]
+    lines.append(
+      f"| {e['model']} | "
+      + " | ".join(
+        f"{100 * t[m][r]['mean_diff']:+.2f} ({t[m][r]['p_value']:.3g})"
+        for m in METRICS
+        for r in regions
+      )
+      + " |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  path, _, arg = config_flags.get_config_filename(FLAGS["config"]).partition(":")
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  workdir = Path(FLAGS.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  compare(path, arg or None, FLAGS.models, workdir, overrides, FLAGS.reference)
+  print((workdir / "comparison.md").read_text())
+
+
+def run():
+  """Console-script entry point (``resfuse-compare``)."""
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()
