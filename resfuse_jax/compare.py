@@ -10,6 +10,8 @@ was interrupted resumes. Writes ``W/comparison.json`` and ``W/comparison.md``:
 per model the parameter count, training FLOPs per step (XLA cost analysis),
 Dice and recall per region (mean ± std over validation cases), and a paired
 Wilcoxon signed-rank test per region against ``resfuse`` across cases.
+``--seeds=0,1,2`` trains each model once per seed and averages every case's
+metrics over the seeds before the statistics (reporting the seed spread too).
 """
 
 from __future__ import annotations
@@ -33,13 +35,21 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_list("models", None, "Models to compare, e.g. resfuse,resunet,a2fnet.")
 flags.DEFINE_string("workdir", None, "Folder for one workdir per model and the comparison.")
 flags.DEFINE_string("reference", "resfuse", "Model the paired tests compare against.")
+flags.DEFINE_list(
+  "seeds",
+  None,
+  "Train every model once per seed (W/<model>/seed<k>/) and average each case's metrics "
+  "over seeds; default: the config's seed, in W/<model>/.",
+)
 flags.mark_flags_as_required(["config", "models", "workdir"])
 
 METRICS = ("dice", "recall")
 PAPER_NAMES = {"ET": "EN"}
 
 
-def load_config(path: str, arg: str | None, model: str, overrides: dict) -> ml_collections.ConfigDict:
+def load_config(
+  path: str, arg: str | None, model: str, overrides: dict
+) -> ml_collections.ConfigDict:
   """``path``'s ``get_config`` for ``model`` with the other args and overrides kept."""
   spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
   if spec is None or spec.loader is None:
@@ -89,41 +99,73 @@ def paired_test(ours: list[float], reference: list[float]) -> dict:
   return {"mean_diff": float(np.mean(diff)), "p_value": p, "test": "wilcoxon signed-rank"}
 
 
-def summarize(name: str, results: dict, rows: list[dict], regions: list[str], flops: float):
+def summarize(
+  name: str, results: dict, per_seed: list[list[dict]], regions: list[str], flops: float
+) -> dict:
+  """Per metric and region: mean ± std over cases of the seed-averaged per-case value."""
   entry = {"model": name, "params": results["params"], "train_flops_per_step": flops}
   for m in METRICS:
-    per_case = {r: [row[f"{m}_{r}"] for row in rows] for r in regions}
-    per_case["mean"] = list(np.mean([per_case[r] for r in regions], axis=0))
+    # [seeds, cases] per region, plus the per-case mean over regions
+    values = {
+      r: np.array([[row[f"{m}_{r}"] for row in rows] for rows in per_seed]) for r in regions
+    }
+    values["mean"] = np.mean([values[r] for r in regions], axis=0)
     entry[m] = {
-      r: {"mean": float(np.mean(v)), "std": float(np.std(v))} for r, v in per_case.items()
+      r: {
+        "mean": float(v.mean()),
+        "std": float(np.std(v.mean(axis=0))),
+        "seed_std": float(np.std(v.mean(axis=1))),
+      }
+      for r, v in values.items()
     }
   return entry
 
 
+def seed_averaged(per_seed: list[list[dict]], key: str) -> list[float]:
+  return list(np.mean([[row[key] for row in rows] for rows in per_seed], axis=0))
+
+
 def compare(
-  config_path: str, arg: str | None, names: list[str], workdir: Path, overrides: dict, reference: str
+  config_path: str,
+  arg: str | None,
+  names: list[str],
+  workdir: Path,
+  overrides: dict,
+  reference: str,
+  seeds: list[int] | None = None,
 ) -> dict:
   runs = {}
   for name in names:
     config = load_config(config_path, arg, name, overrides)
-    logging.info("=== %s ===", name)
-    results, rows = run_model(config, workdir / name)
-    runs[name] = (config, results, {row["case"]: row for row in rows})
+    per_seed = []
+    for seed in seeds or [None]:
+      run_config, run_dir = config, workdir / name
+      if seed is not None:
+        run_config = ml_collections.ConfigDict(config.to_dict())
+        run_config.seed = seed
+        run_dir = run_dir / f"seed{seed}"
+      logging.info("=== %s%s ===", name, "" if seed is None else f", seed {seed}")
+      results, rows = run_model(run_config, run_dir)
+      per_seed.append({row["case"]: row for row in rows})
+    runs[name] = (config, results, per_seed)
   first = next(iter(runs.values()))[0]
   regions = data.dataset_info(first.data.name).region_names
-  cases = sorted(next(iter(runs.values()))[2])
-  for name, (_, _, rows) in runs.items():
-    if sorted(rows) != cases:
+  cases = sorted(next(iter(runs.values()))[2][0])
+  for name, (_, _, per_seed) in runs.items():
+    if any(sorted(rows) != cases for rows in per_seed):
       raise data.DataError(f"{workdir / name} was validated on other cases than {names[0]}")
+  ordered = {
+    n: [[rows[c] for c in cases] for rows in per_seed] for n, (_, _, per_seed) in runs.items()
+  }
   ref = reference if reference in runs else names[0]
   entries = []
-  for name, (config, results, rows) in runs.items():
-    ordered = [rows[c] for c in cases]
-    entry = summarize(name, results, ordered, regions, train.train_step_flops(config))
-    ref_rows = [runs[ref][2][c] for c in cases]
+  for name, (config, results, _) in runs.items():
+    entry = summarize(name, results, ordered[name], regions, train.train_step_flops(config))
     entry["paired_vs_reference"] = {
       m: {
-        r: paired_test([x[f"{m}_{r}"] for x in ordered], [x[f"{m}_{r}"] for x in ref_rows])
+        r: paired_test(
+          seed_averaged(ordered[name], f"{m}_{r}"), seed_averaged(ordered[ref], f"{m}_{r}")
+        )
         for r in regions
       }
       for m in METRICS
@@ -132,7 +174,7 @@ def compare(
   out = {
     "dataset": first.data.name,
     "fold": first.data.fold,
-    "seed": first.seed,
+    "seeds": list(seeds) if seeds else [first.seed],
     "steps": first.train.steps,
     "batch_size": first.train.batch_size,
     "patch_size": list(first.data.patch_size),
@@ -180,9 +222,19 @@ def comparison_markdown(c: dict) -> str:
   lines += [
     "",
     f"{c['dataset']}, fold {c['fold']}, {c['cases']} validation cases, {c['steps']} steps of "
-    f"batch {c['batch_size']} at patch {'×'.join(map(str, c['patch_size']))}, seed {c['seed']}. "
-    "Mean ± std over cases (population std); GFLOP/step: one training step (forward, backward, "
-    "update) by XLA's cost analysis.",
+    f"batch {c['batch_size']} at patch {'×'.join(map(str, c['patch_size']))}, "
+    f"seed{'s' if len(c['seeds']) > 1 else ''} {', '.join(map(str, c['seeds']))}. "
+    "Mean ± std over cases (population std"
+    + ("; each case's metric averaged over the seeds first" if len(c["seeds"]) > 1 else "")
+    + "); GFLOP/step: one training step (forward, backward, update) by XLA's cost analysis.",
+  ]
+  if len(c["seeds"]) > 1:
+    spread = "; ".join(
+      f"{e['model']} " + ", ".join(f"{label[r]} {100 * e['dice'][r]['seed_std']:.2f}" for r in cols)
+      for e in c["models"]
+    )
+    lines += ["", f"Spread over seeds (std of the case-mean DSC, points): {spread}."]
+  lines += [
     "",
     f"Paired Wilcoxon signed-rank test against {ref} across cases: mean difference in points "
     "(p-value).",
@@ -217,7 +269,8 @@ def main(argv):
   overrides = config_flags.get_override_values(FLAGS["config"])
   workdir = Path(FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  compare(path, arg or None, FLAGS.models, workdir, overrides, FLAGS.reference)
+  seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+  compare(path, arg or None, FLAGS.models, workdir, overrides, FLAGS.reference, seeds)
   print((workdir / "comparison.md").read_text())
 
 

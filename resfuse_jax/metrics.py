@@ -170,4 +170,6 @@ class RegionMetrics:
 def read_csv(path: str | Path) -> list[dict]:
   """Rows written by `RegionMetrics.write_csv`, metric values as floats."""
   with Path(path).open(newline="") as f:
-    return [{k: v if k == "case" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return [
+      {k: v if k == "case" else float(v) for k, v in row.items()} for row in csv.DictReader(f)
+    ]

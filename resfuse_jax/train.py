@@ -268,9 +268,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = make_optimizer(config.train)
   patch = tuple(config.data.patch_size)
   state_sharding = sharding.replicated(mesh)
-  state = jax.jit(
-    functools.partial(init_state, model, tx, patch), out_shardings=state_sharding
-  )(jax.random.key(config.seed))
+  state = jax.jit(functools.partial(init_state, model, tx, patch), out_shardings=state_sharding)(
+    jax.random.key(config.seed)
+  )
   num_params = count_params(state.params)
   if is_main:
     logging.info(

@@ -1,5 +1,6 @@
 import brats as brats_config  # configs/brats.py
 import breast as breast_config  # configs/breast.py
+import common  # configs/common.py
 import manifest as manifest_config  # configs/manifest.py
 import phantom as phantom_config  # configs/phantom.py
 import pytest
@@ -30,19 +31,39 @@ def get(c, dotted):
   return c
 
 
-@pytest.mark.parametrize("module", [phantom_config, brats_config, breast_config, manifest_config])
-@pytest.mark.parametrize(
-  "arg", [None, "resfuse", "resunet", "resunet_early", "resunet,smoke", "smoke"]
-)
+DATASETS = [phantom_config, brats_config, breast_config, manifest_config]
+
+
+@pytest.mark.parametrize("module", DATASETS)
+@pytest.mark.parametrize("arg", [None, *common.MODELS, "resunet,smoke", "a2fnet,smoke", "smoke"])
 def test_configs_load_with_the_contract_keys(module, arg):
   c = module.get_config(arg)
   for key in REQUIRED:
     get(c, key)
-  expected = (arg or "resfuse").split(",")[0]
-  assert c.model.name == (expected if expected != "smoke" else "resfuse")
+  variant = (arg or "resfuse").split(",")[0]
+  variant = "resfuse" if variant == "smoke" else variant
+  assert c.model.variant == variant
+  assert c.model.name == common.VARIANTS[variant][0]
   assert c.model.name in models.names()
   levels = len(c.model.features)
   assert all(p % 2 ** (levels - 1) == 0 for p in c.data.patch_size)
+
+
+def test_every_registered_model_has_a_config():
+  assert set(models.names()) <= set(common.MODELS)
+
+
+@pytest.mark.parametrize("module", DATASETS)
+@pytest.mark.parametrize("options", ["", ",smoke"])
+def test_model_configs_differ_in_the_model_only(module, options):
+  """A comparison changes one thing: data, training, evaluation and seed are shared."""
+  reference = module.get_config(f"resfuse{options}").to_dict()
+  for variant in common.MODELS:
+    c = module.get_config(f"{variant}{options}").to_dict()
+    assert {k: v for k, v in c.items() if k != "model"} == {
+      k: v for k, v in reference.items() if k != "model"
+    }
+    assert c["model"]["features"] == reference["model"]["features"]
 
 
 def test_unknown_config_arg_is_an_error():

@@ -66,7 +66,7 @@ class DeformableAggregation(nn.Module):
       3, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="offsets"
     )(both)
     aligned = trilinear_warp(aux, offsets)
-    self.sow("intermediates", "offsets", offsets)
+    self.sow("intermediates", "offset_field", offsets)
     weights = jax.nn.softmax(
       layers.Conv1(2, dtype=self.dtype, name="weights")(jnp.concatenate([main, aligned], -1)),
       axis=-1,

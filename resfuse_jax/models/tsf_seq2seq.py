@@ -66,7 +66,7 @@ class TSFSeq2Seq(nn.Module):
     encoded = ResUNetEncoder(self.features, self.dtype, name="encoder")(both)
     task_code = self.param("task_code", nn.initializers.normal(1.0), (TASK_CODE_DIM,))
     weights = jax.nn.softmax(nn.Dense(NUM_SEQUENCES, name="sequence_weights")(task_code))
-    self.sow("intermediates", "sequence_weights", weights)  # [pre, post] contributions
+    self.sow("intermediates", "sequence_contributions", weights)  # [pre, post] contributions
     plain, refined = [], []
     for level, (feats, e) in enumerate(zip(self.features, encoded)):
       e_pre, e_post = e[:n], e[n:]
