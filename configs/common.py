@@ -50,6 +50,7 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.model.features = (16, 32, 64, 128, 256)
   c.model.fusion = "conv"  # identity | conv | gate (ResFuse only)
   c.model.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
+  c.model.remat = False  # recompute encoder levels in the backward pass (less memory)
   for key, value in overrides.items():
     c.model[key] = value
 
@@ -91,6 +92,8 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.train.weight_decay = 1e-5
   c.train.grad_clip = 1.0
   c.train.aux_loss_weight = 1.0  # per auxiliary output (A2FNet, TSF-Seq2Seq, LiTS)
+  c.train.compute_dtype = "float32"  # or bfloat16 (GPU); parameters and Adam state stay float32
+  c.train.grad_accum = 1  # microbatches per step: the global batch is split this many ways
   c.train.log_every = 100
 
   c.eval = ml_collections.ConfigDict()
@@ -106,7 +109,8 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: every device
+  c.mesh.data = -1  # -1: every device the spatial axis leaves
+  c.mesh.spatial = 1  # devices splitting the depth axis of each patch (for very large patches)
   return c
 
 

@@ -16,9 +16,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from resfuse_jax import checkpointing, data, inference, models, visualize
+from resfuse_jax import checkpointing, data, inference, visualize
 from resfuse_jax.data import geometry
-from resfuse_jax.train import TrainState, make_optimizer
+from resfuse_jax.train import TrainState, build_model, make_optimizer
 
 
 def region_label_values(regions: dict[str, tuple[int, ...]]) -> list[int]:
@@ -63,7 +63,7 @@ class Predictor:
       raise data.DataError(f"{workdir} is not a training workdir: {config_path} is missing")
     self.config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     self.info = data.dataset_info(self.config.data.name)
-    model = models.build(self.config.model, len(self.info.regions))
+    model = build_model(self.config, len(self.info.regions))
     tx = make_optimizer(self.config.train)
     patch = tuple(self.config.data.patch_size)
 

@@ -1,4 +1,9 @@
-"""Device mesh from config, and placing host batches on it."""
+"""Device mesh from config, and placing host batches on it.
+
+The mesh has two axes: ``data`` splits the batch, ``spatial`` splits the depth
+axis of every 3D activation (for patches too large for one device; XLA's SPMD
+partitioner exchanges the convolution halos). Parameters are replicated.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +15,33 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
+SPATIAL = "spatial"
 
 
-def make_mesh(mesh_config: Any) -> jax.sharding.Mesh:
-  """A 1-D ('data',) mesh; ``mesh.data = -1`` takes every device of every process."""
-  n_devices = jax.device_count()
+def make_mesh(mesh_config: Any, devices: list | None = None) -> jax.sharding.Mesh:
+  """('data', 'spatial') mesh; ``mesh.data = -1`` takes every device ``mesh.spatial`` leaves."""
+  devices = jax.devices() if devices is None else devices
+  spatial = mesh_config.get("spatial", 1)
   n = mesh_config.data
+  if spatial < 1 or len(devices) % spatial:
+    raise ValueError(f"mesh.spatial={spatial} does not divide the {len(devices)} devices")
   if n == -1:
-    n = n_devices
-  if n < 1 or n > n_devices or n_devices % n:
-    raise ValueError(f"mesh.data={mesh_config.data} does not fit {n_devices} devices")
+    n = len(devices) // spatial
+  if n < 1 or n * spatial > len(devices) or len(devices) % (n * spatial):
+    raise ValueError(
+      f"mesh.data={mesh_config.data} x mesh.spatial={spatial} does not fit {len(devices)} devices"
+    )
   return jax.make_mesh(
-    (n,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+    (n, spatial),
+    (DATA, SPATIAL),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    devices=devices[: n * spatial],
   )
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) axis split over 'data', everything else whole."""
-  return NamedSharding(mesh, P(DATA))
+  """Batch axis over 'data', depth (axis 1) over 'spatial', everything else whole."""
+  return NamedSharding(mesh, P(DATA, SPATIAL))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -43,6 +57,16 @@ def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> int:
       f"and the {jax.process_count()} processes"
     )
   return global_batch // jax.process_count()
+
+
+def check_patch_size(patch_size: tuple[int, ...], levels: int, mesh: jax.sharding.Mesh) -> None:
+  """Depth must split evenly over 'spatial' at every encoder level."""
+  need = mesh.shape[SPATIAL] * 2 ** (levels - 1)
+  if patch_size[0] % need:
+    raise ValueError(
+      f"data.patch_size depth {patch_size[0]} must be divisible by mesh.spatial x 2^(levels-1) "
+      f"= {need}"
+    )
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -2,6 +2,8 @@
 
 import functools
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +32,29 @@ class TrainState:
   opt_state: Any
 
 
+NO_NONFINITE_STEP = np.iinfo(np.int32).max
+
+
+@flax.struct.dataclass
+class FirstNonFiniteStep(clu_metrics.Metric):
+  """The first step whose loss or gradient was not finite (``NO_NONFINITE_STEP`` if none)."""
+
+  value: jax.Array
+
+  @classmethod
+  def from_model_output(cls, nonfinite_step: jax.Array, **_) -> "FirstNonFiniteStep":
+    return cls(value=nonfinite_step)
+
+  def merge(self, other: "FirstNonFiniteStep") -> "FirstNonFiniteStep":
+    return type(self)(value=jnp.minimum(self.value, other.value))
+
+  def compute(self) -> jax.Array:
+    return self.value
+
+
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
+  nonfinite_step: FirstNonFiniteStep
   loss: clu_metrics.Average.from_output("loss")
   dice_loss: clu_metrics.Average.from_output("dice_loss")
   bce_loss: clu_metrics.Average.from_output("bce_loss")
@@ -63,6 +86,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
 
 
+def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [n, B/n, ...], microbatch j = rows j, j+n, ...: each device keeps its rows."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -71,23 +99,51 @@ def train_step(
   tx: optax.GradientTransformation,
   regions: tuple[tuple[int, ...], ...],
   aux_loss_weight: float = 1.0,
+  grad_accum: int = 1,
 ) -> tuple[TrainState, TrainMetrics]:
-  """One optimisation step on a global batch {'pre','post': [B,D,H,W,1], 'label': [B,D,H,W]}."""
-  targets = losses.labels_to_regions(batch["label"], regions)
+  """One optimisation step on a global batch {'pre','post': [B,D,H,W,1], 'label': [B,D,H,W]}.
 
-  def loss_fn(params):
+  ``grad_accum`` > 1 averages the gradients of that many microbatches (a scan, so
+  activations of one microbatch are alive at a time). A step whose loss or
+  gradient is not finite leaves params and optimiser state unchanged and is
+  reported in ``nonfinite_step``, so no NaN ever reaches a checkpoint.
+  """
+
+  def loss_fn(params, micro):
+    targets = losses.labels_to_regions(micro["label"], regions)
     logits, sown = model.apply(
-      {"params": params}, batch["pre"], batch["post"], mutable=["aux_logits"]
+      {"params": params}, micro["pre"], micro["post"], mutable=["aux_logits"]
     )
     aux = jax.tree.leaves(sown.get("aux_logits", {}))
     return losses.total_loss(logits, aux, targets, aux_loss_weight)
 
-  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum == 1:
+    (loss, parts), grads = grad_fn(state.params, batch)
+  else:
+
+    def accumulate(total, micro):
+      return jax.tree.map(jnp.add, total, grad_fn(state.params, micro)), None
+
+    first = jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first))
+    total, _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, grad_accum))
+    (loss, parts), grads = jax.tree.map(lambda x: x / grad_accum, total)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  keep_if_bad = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep_if_bad(params, state.params),
+    opt_state=keep_if_bad(opt_state, state.opt_state),
+  )
   step_metrics = TrainMetrics.single_from_model_output(
-    loss=loss, grad_norm=optax.tree.norm(grads), **parts
+    loss=loss,
+    grad_norm=grad_norm,
+    nonfinite_step=jnp.where(finite, NO_NONFINITE_STEP, state.step + 1).astype(jnp.int32),
+    **parts,
   )
   return new_state, step_metrics
 
@@ -100,7 +156,31 @@ def make_step_fn(config: ml_collections.ConfigDict, model: nn.Module, tx, region
     tx=tx,
     regions=regions,
     aux_loss_weight=config.train.aux_loss_weight,
+    grad_accum=config.train.get("grad_accum", 1),
   )
+
+
+def compile_train_step(config, model, tx, regions, mesh) -> Callable:
+  """The jitted step on ``mesh``: replicated state (donated), batch over data x spatial."""
+  state_sharding = sharding.replicated(mesh)
+  return jax.jit(
+    make_step_fn(config, model, tx, regions),
+    in_shardings=(state_sharding, sharding.data_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """``train.compute_dtype``: activations and matmuls; parameters stay float32."""
+  name = config.train.get("compute_dtype", "float32")
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
+  return jnp.dtype(name)
+
+
+def build_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:
+  return models.build(config.model, num_outputs, compute_dtype(config))
 
 
 def init_state(model: nn.Module, tx, patch_size, rng: jax.Array) -> TrainState:
@@ -112,7 +192,7 @@ def init_state(model: nn.Module, tx, patch_size, rng: jax.Array) -> TrainState:
 def train_step_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs of one training step on the global batch, from XLA's cost analysis (no data)."""
   regions = tuple(data.dataset_info(config.data.name).regions.values())
-  model = models.build(config.model, len(regions))
+  model = build_model(config, len(regions))
   tx = make_optimizer(config.train)
   patch = tuple(config.data.patch_size)
   state = jax.eval_shape(functools.partial(init_state, model, tx, patch), jax.random.key(0))
@@ -187,6 +267,49 @@ class Progress:
     self.last_step, self.last_time = step, now
     eta = (self.total - step) / max(rate, 1e-9)
     return {"steps_per_sec": rate, "eta_sec": eta}
+
+
+class Preempted(Exception):
+  """Training stopped at a step boundary on request; the workdir resumes from there."""
+
+
+class StopRequest:
+  """SIGTERM/SIGINT -> save at the next step boundary and stop.
+
+  One process: Python signal handlers set a flag. Several processes: JAX's
+  preemption sync point (installed by ``jax.distributed.initialize``, on
+  SIGTERM) makes every process stop at the same step; Python handlers are not
+  installed there, so they cannot shadow JAX's.
+  """
+
+  def __init__(self):
+    self.reason: str | None = None
+    self._previous = {}
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    self.reason = signal.Signals(signum).name
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+      self.reason = "the preemption notice (SIGTERM)"
+    return self.reason is not None
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
+def _raise_if_nonfinite(first_bad_step: int, manager) -> None:
+  if first_bad_step != NO_NONFINITE_STEP:
+    raise FloatingPointError(
+      f"non-finite training loss or gradient at step {first_bad_step} (that update was not "
+      f"applied); stopping. The last good checkpoint is kept: step {manager.latest_step()} in "
+      f"{manager.directory}"
+    )
 
 
 def _format_eta(seconds: float) -> str:
@@ -264,9 +387,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   # ----- Model and state, created already placed on the mesh --------------------
-  model = models.build(config.model, len(regions))
+  model = build_model(config, len(regions))
   tx = make_optimizer(config.train)
   patch = tuple(config.data.patch_size)
+  sharding.check_patch_size(patch, len(config.model.features), mesh)
   state_sharding = sharding.replicated(mesh)
   state = jax.jit(functools.partial(init_state, model, tx, patch), out_shardings=state_sharding)(
     jax.random.key(config.seed)
@@ -290,12 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ----- Update ----------------------------------------------------------------
   batch_sharding = sharding.data_sharding(mesh)
-  step_fn = jax.jit(
-    make_step_fn(config, model, tx, regions),
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=(state_sharding, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
+  step_fn = compile_train_step(config, model, tx, regions, mesh)
   predict_fn = make_predict_fn(model, mesh)
   writer = writers.create(workdir, just_logging=not is_main)
   if start_step == 0:
@@ -305,54 +424,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending: TrainMetrics | None = None
   val_summary = val_metrics = None
 
-  for step in range(start_step + 1, total + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = sharding.put_batch(next(train_iter), batch_sharding)
-      state, step_metrics = step_fn(state, batch)
-    pending = step_metrics if pending is None else pending.merge(step_metrics)
+  stop = StopRequest()
+  try:
+    for step in range(start_step + 1, total + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.put_batch(next(train_iter), batch_sharding)
+        state, step_metrics = step_fn(state, batch)
+      pending = step_metrics if pending is None else pending.merge(step_metrics)
+      is_log = step % config.train.log_every == 0 or step == total
+      is_eval = step % config.eval.every_steps == 0 or step == total
+      preempted = stop.requested(step)
+      is_save = is_eval or preempted or step % config.checkpoint.every_steps == 0
 
-    # ----- Logging (the only host sync in the loop) -----------------------------
-    if step % config.train.log_every == 0 or step == total:
-      scalars = {f"train/{k}": float(v) for k, v in pending.compute().items()}
-      pending = None
-      if not np.isfinite(scalars["train/loss"]):
-        raise FloatingPointError(
-          f"non-finite training loss at step {step}; the last good checkpoint is kept in "
-          f"{manager.directory}"
+      # ----- Logging and the finiteness check (the only host syncs in the loop) ------
+      if is_log or is_save:
+        computed = {k: np.asarray(v) for k, v in pending.compute().items()}
+        _raise_if_nonfinite(int(computed.pop("nonfinite_step")), manager)
+      if is_log:
+        pending = None
+        scalars = {f"train/{k}": float(v) for k, v in computed.items()}
+        speed = progress.report(step)
+        writer.write_scalars(step, {**scalars, "train/steps_per_sec": speed["steps_per_sec"]})
+        logging.info(
+          "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
+          step,
+          total,
+          scalars["train/loss"],
+          speed["steps_per_sec"],
+          _format_eta(speed["eta_sec"]),
         )
-      speed = progress.report(step)
-      writer.write_scalars(step, {**scalars, "train/steps_per_sec": speed["steps_per_sec"]})
-      logging.info(
-        "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
-        step,
-        total,
-        scalars["train/loss"],
-        speed["steps_per_sec"],
-        _format_eta(speed["eta_sec"]),
-      )
 
-    # ----- Evaluation and checkpoints ----------------------------------------
-    is_eval = step % config.eval.every_steps == 0 or step == total
-    ckpt_metrics = None
-    if is_eval:
-      t0 = time.perf_counter()
-      val_metrics = evaluate(predict_fn, state.params, val_cases, info, config, mesh)
-      val_summary = val_metrics.summary()
-      ckpt_metrics = {checkpointing.BEST_METRIC: val_summary["dice"]["mean"]}
-      writer.write_scalars(
-        step, {f"val/{m}_{r}": v for m, d in val_summary.items() for r, v in d.items()}
-      )
-      logging.info(
-        "step %d validation (%d cases, %.1fs): Dice %s",
-        step,
-        len(val_cases),
-        time.perf_counter() - t0,
-        ", ".join(f"{r} {v:.4f}" for r, v in val_summary["dice"].items()),
-      )
-      progress.last_time = time.perf_counter()  # keep evaluation out of steps/s
-    if is_eval or step % config.checkpoint.every_steps == 0:
-      checkpointing.save(manager, step, state, train_iter, ckpt_metrics)
-  manager.wait_until_finished()
+      # ----- Evaluation and checkpoints --------------------------------------
+      ckpt_metrics = None
+      if is_eval and not preempted:
+        t0 = time.perf_counter()
+        val_metrics = evaluate(predict_fn, state.params, val_cases, info, config, mesh)
+        val_summary = val_metrics.summary()
+        ckpt_metrics = {checkpointing.BEST_METRIC: val_summary["dice"]["mean"]}
+        writer.write_scalars(
+          step, {f"val/{m}_{r}": v for m, d in val_summary.items() for r, v in d.items()}
+        )
+        logging.info(
+          "step %d validation (%d cases, %.1fs): Dice %s",
+          step,
+          len(val_cases),
+          time.perf_counter() - t0,
+          ", ".join(f"{r} {v:.4f}" for r, v in val_summary["dice"].items()),
+        )
+        progress.last_time = time.perf_counter()  # keep evaluation out of steps/s
+      if is_save:
+        checkpointing.save(manager, step, state, train_iter, ckpt_metrics)
+      if preempted:
+        manager.wait_until_finished()
+        raise Preempted(
+          f"stopped by {stop.reason} at step {step}/{total}; checkpoint saved in "
+          f"{manager.directory}: rerun the same command to resume"
+        )
+  finally:
+    stop.restore()
+    manager.wait_until_finished()  # a good save in flight completes before any exit
   writer.flush()
 
   # ----- Results ---------------------------------------------------------------

@@ -21,11 +21,11 @@ from resfuse_jax.models.tsf_seq2seq import TSFSeq2Seq
 
 
 def _resunet(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
-  return ResUNet(tuple(cfg.features), num_outputs, inputs="post", dtype=dtype)
+  return ResUNet(tuple(cfg.features), num_outputs, "post", dtype, cfg.get("remat", False))
 
 
 def _resunet_early(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
-  return ResUNet(tuple(cfg.features), num_outputs, inputs="pre+post", dtype=dtype)
+  return ResUNet(tuple(cfg.features), num_outputs, "pre+post", dtype, cfg.get("remat", False))
 
 
 def _resfuse(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
@@ -36,11 +36,14 @@ def _resfuse(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
     fusion=cfg.get("fusion", "conv"),
     fuse_levels=None if levels is None else tuple(levels),
     dtype=dtype,
+    remat=cfg.get("remat", False),
   )
 
 
 def _baseline(cls: type[nn.Module]) -> Callable[[Any, int, Any], nn.Module]:
-  return lambda cfg, num_outputs, dtype: cls(tuple(cfg.features), num_outputs, dtype=dtype)
+  return lambda cfg, num_outputs, dtype: cls(
+    tuple(cfg.features), num_outputs, dtype=dtype, remat=cfg.get("remat", False)
+  )
 
 
 _REGISTRY: dict[str, Callable[[Any, int, Any], nn.Module]] = {

@@ -47,13 +47,14 @@ class A2FNet(nn.Module):
   features: tuple[int, ...]
   num_outputs: int
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
     """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
     levels = []  # per sequence: decoder outputs, full resolution first, bottleneck last
     for name, x in zip(SEQUENCES, (pre, post)):
-      skips = ResUNetEncoder(self.features, self.dtype, name=f"{name}_encoder")(
+      skips = ResUNetEncoder(self.features, self.dtype, self.remat, name=f"{name}_encoder")(
         x.astype(self.dtype)
       )
       out = layers.Decoder(self.features, None, self.dtype, True, name=f"{name}_decoder")(skips)

@@ -101,12 +101,17 @@ class LiTS(nn.Module):
   features: tuple[int, ...]
   num_outputs: int
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
     """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
-    main = ResUNetEncoder(self.features, self.dtype, name="post_encoder")(post.astype(self.dtype))
-    aux = ResUNetEncoder(self.features, self.dtype, name="pre_encoder")(pre.astype(self.dtype))
+    main = ResUNetEncoder(self.features, self.dtype, self.remat, name="post_encoder")(
+      post.astype(self.dtype)
+    )
+    aux = ResUNetEncoder(self.features, self.dtype, self.remat, name="pre_encoder")(
+      pre.astype(self.dtype)
+    )
     skips = [
       DeformableAggregation(f, self.dtype, name=f"aggregate{level}")(m, a)
       for level, (f, m, a) in enumerate(zip(self.features, main, aux))

@@ -87,13 +87,15 @@ class ResFuseEncoder(nn.Module):
   fusion: str = "conv"
   fuse_levels: Sequence[int] | None = None
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each level in the backward pass instead of storing it
 
   @nn.compact
   def __call__(self, main: jax.Array, aux: jax.Array) -> list[jax.Array]:
+    level_cls = nn.remat(ResFuseLevel) if self.remat else ResFuseLevel
     skips = []
     for level, feats in enumerate(self.features):
       fuse = self.fuse_levels is None or level in self.fuse_levels
-      main, aux = ResFuseLevel(
+      main, aux = level_cls(
         feats,
         strides=1 if level == 0 else 2,
         preactivate=level > 0,
@@ -114,6 +116,7 @@ class ResFuse(nn.Module):
   fusion: str = "conv"
   fuse_levels: Sequence[int] | None = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
@@ -121,6 +124,6 @@ class ResFuse(nn.Module):
     if self.fusion not in FUSIONS:
       raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
     skips = ResFuseEncoder(
-      self.features, self.fusion, self.fuse_levels, self.dtype, name="encoder"
+      self.features, self.fusion, self.fuse_levels, self.dtype, self.remat, name="encoder"
     )(post.astype(self.dtype), pre.astype(self.dtype))
     return layers.Decoder(self.features, self.num_outputs, self.dtype, name="decoder")(skips)

@@ -16,12 +16,14 @@ class ResUNetEncoder(nn.Module):
 
   features: tuple[int, ...]
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each level in the backward pass instead of storing it
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
+    unit = nn.remat(layers.ResidualUnit) if self.remat else layers.ResidualUnit
     skips = []
     for level, feats in enumerate(self.features):
-      x = layers.ResidualUnit(
+      x = unit(
         feats,
         strides=1 if level == 0 else 2,
         preactivate=level > 0,
@@ -43,6 +45,7 @@ class ResUNet(nn.Module):
   num_outputs: int
   inputs: str = "post"
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
@@ -53,5 +56,7 @@ class ResUNet(nn.Module):
       x = jnp.concatenate([pre, post], axis=-1)
     else:
       raise ValueError(f"ResUNet.inputs must be 'post' or 'pre+post', got {self.inputs!r}")
-    skips = ResUNetEncoder(self.features, self.dtype, name="encoder")(x.astype(self.dtype))
+    skips = ResUNetEncoder(self.features, self.dtype, self.remat, name="encoder")(
+      x.astype(self.dtype)
+    )
     return layers.Decoder(self.features, self.num_outputs, self.dtype, name="decoder")(skips)

@@ -57,13 +57,14 @@ class TSFSeq2Seq(nn.Module):
   features: tuple[int, ...]
   num_outputs: int
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
     """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
     n = pre.shape[0]
     both = jnp.concatenate([pre, post], axis=0).astype(self.dtype)  # [2B, ...]: one shared call
-    encoded = ResUNetEncoder(self.features, self.dtype, name="encoder")(both)
+    encoded = ResUNetEncoder(self.features, self.dtype, self.remat, name="encoder")(both)
     task_code = self.param("task_code", nn.initializers.normal(1.0), (TASK_CODE_DIM,))
     weights = jax.nn.softmax(nn.Dense(NUM_SEQUENCES, name="sequence_weights")(task_code))
     self.sow("intermediates", "sequence_contributions", weights)  # [pre, post] contributions

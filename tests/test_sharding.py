@@ -1,0 +1,66 @@
+"""Sharding from config: 8 simulated CPU devices give the 1-device result."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from resfuse_jax import sharding
+
+
+@pytest.fixture(scope="module")
+def sharded_runs():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
+  proc = subprocess.run(
+    [sys.executable, "tests/scripts/sharded_equivalence.py"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+  return json.loads(line.removeprefix("RESULT "))
+
+
+@pytest.mark.parametrize("mesh", ["data8", "data4_spatial2"])
+def test_sharded_training_matches_one_device(sharded_runs, mesh):
+  assert sharded_runs["devices"] == 8
+  run = sharded_runs[mesh]
+  np.testing.assert_allclose(run["losses"], run["ref_losses"], rtol=1e-5)
+  assert run["max_param_diff"] < 1e-5 * run["param_scale"]
+
+
+def test_each_device_holds_its_share_of_the_activations(sharded_runs):
+  """Batch 8 over 'data' (and depth 16 over 'spatial'): the per-device conv operands."""
+  assert any(s.startswith("f32[1,16,16,16,") for s in sharded_runs["data8"]["conv_shapes"])
+  spatial = sharded_runs["data4_spatial2"]["conv_shapes"]
+  assert any(s.startswith("f32[2,8,16,16,") for s in spatial), spatial
+  assert not any(s.startswith("f32[2,16,16,16,") for s in spatial)
+
+
+def mesh_config(data, spatial=1):
+  return ml_collections.ConfigDict({"data": data, "spatial": spatial})
+
+
+def test_mesh_fills_the_devices_and_rejects_what_does_not_fit():
+  mesh = sharding.make_mesh(mesh_config(-1))
+  assert mesh.shape == {"data": jax.device_count(), "spatial": 1}
+  with pytest.raises(ValueError, match="mesh.data=3"):
+    sharding.make_mesh(mesh_config(3), devices=jax.devices() * 2)
+  with pytest.raises(ValueError, match="mesh.spatial=3"):
+    sharding.make_mesh(mesh_config(-1, 3), devices=jax.devices() * 2)
+
+
+def test_patch_depth_must_split_over_the_spatial_axis():
+  mesh = sharding.make_mesh(mesh_config(1))
+  sharding.check_patch_size((16, 16, 16), 3, mesh)
+  with pytest.raises(ValueError, match="divisible by mesh.spatial"):
+    sharding.check_patch_size((18, 16, 16), 3, mesh)
