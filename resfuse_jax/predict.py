@@ -2,6 +2,7 @@
 
   python -m resfuse_jax.predict --workdir=W --pre=t1n.nii.gz --post=t1c.nii.gz --out=seg.nii.gz
   python -m resfuse_jax.predict --workdir=W --input=DIR --output=OUT [--tta] [--probabilities]
+  python -m resfuse_jax.predict --model=E ...   (an export: python -m resfuse_jax.export)
 
 ``--input`` is a folder in the layout of the training dataset (BraTS 2023 case folders, or the
 MAMA-MIA ``images/`` tree) or a CSV manifest; segmentations are not needed. BraTS outputs are
@@ -15,12 +16,13 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from resfuse_jax import cli, data
+from resfuse_jax import cli, data, exported
 from resfuse_jax.data import brats, breast, manifest
 from resfuse_jax.predictor import Predictor
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+flags.DEFINE_string("model", None, "Exported model folder (python -m resfuse_jax.export).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("pre", None, "Pre-contrast NIfTI of one case.")
 flags.DEFINE_string("post", None, "Post-contrast NIfTI of one case.")
@@ -50,9 +52,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   pair, folder = FLAGS.pre or FLAGS.post or FLAGS.out, FLAGS.input or FLAGS.output
-  if not FLAGS.workdir or bool(pair) == bool(folder):
-    raise app.UsageError("give --workdir and either --pre/--post/--out or --input/--output")
-  predictor = Predictor(FLAGS.workdir, FLAGS.step)
+  if bool(FLAGS.workdir) == bool(FLAGS.model) or bool(pair) == bool(folder):
+    raise app.UsageError(
+      "give --workdir (or --model) and either --pre/--post/--out or --input/--output"
+    )
+  if FLAGS.model and not exported.is_export(FLAGS.model):
+    raise data.DataError(f"--model={FLAGS.model} is not an export: export.json is missing")
+  predictor = Predictor(FLAGS.workdir or FLAGS.model, FLAGS.step)
   if pair:
     if not (FLAGS.pre and FLAGS.post and FLAGS.out):
       raise app.UsageError("--pre, --post and --out go together")

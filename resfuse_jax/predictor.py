@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from resfuse_jax import checkpointing, data, inference, visualize
+from resfuse_jax import checkpointing, data, exported, inference, visualize
 from resfuse_jax.data import geometry
 from resfuse_jax.train import TrainState, build_model, make_optimizer
 
@@ -57,11 +57,18 @@ class Predictor:
   """A trained model from a workdir, with one compiled window function for all cases."""
 
   def __init__(self, workdir: str | Path, step: int | None = None):
+    """``workdir``: a training workdir, or an export folder (``python -m resfuse_jax.export``)."""
     workdir = Path(workdir)
+    is_export = exported.is_export(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
-      raise data.DataError(f"{workdir} is not a training workdir: {config_path} is missing")
-    self.config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+      raise data.DataError(
+        f"{workdir} is neither a training workdir nor an export: {config_path} is missing"
+      )
+    if is_export:
+      self.config = exported.load_config(workdir)
+    else:
+      self.config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     self.info = data.dataset_info(self.config.data.name)
     model = build_model(self.config, len(self.info.regions))
     tx = make_optimizer(self.config.train)
@@ -73,21 +80,30 @@ class Predictor:
       return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
     abstract = jax.eval_shape(init, jax.random.key(0))
-    manager = checkpointing.make_manager(workdir / "checkpoints", keep=1)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise data.DataError(f"no checkpoint under {workdir / 'checkpoints'}")
-    self.step = step
-    self.params = checkpointing.restore_params(manager, step, abstract).params
-    manager.close()
+    if is_export:
+      self.step = int(exported.metadata(workdir)["step"])
+      if step is not None and step != self.step:
+        raise data.DataError(f"{workdir} is an export of step {self.step}, not {step}")
+      self.params = exported.load_params(workdir, abstract.params)
+    else:
+      manager = checkpointing.make_manager(workdir / "checkpoints", keep=1)
+      step = manager.latest_step() if step is None else step
+      if step is None:
+        raise data.DataError(f"no checkpoint under {workdir / 'checkpoints'}")
+      self.step = step
+      self.params = checkpointing.restore_params(manager, step, abstract).params
+      manager.close()
+    self.model = model
     self._intermediates = jax.jit(
       lambda p, t: model.apply({"params": p}, t[..., 0:1], t[..., 1:2], mutable=["intermediates"])[
         1
       ]
     )
-    self._forward = jax.jit(
-      lambda p, t: jax.nn.sigmoid(model.apply({"params": p}, t[..., 0:1], t[..., 1:2]))
-    )
+    self._forward = jax.jit(self.forward)
+
+  def forward(self, params, tiles: jax.Array) -> jax.Array:
+    """tiles [N, d, h, w, 2] (pre, post) -> region probabilities [N, d, h, w, R]."""
+    return jax.nn.sigmoid(self.model.apply({"params": params}, tiles[..., 0:1], tiles[..., 1:2]))
 
   def fusion_heat(self, case: data.Case) -> np.ndarray | None:
     """Where the auxiliary branch changes the main one (ResFuse only), on the case's grid."""
