@@ -6,6 +6,8 @@ Only parses flags, starts the multi-process runtime when asked, and calls
 
 from __future__ import annotations
 
+import os
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,17 +22,48 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
 flags.DEFINE_bool(
   "distributed",
   False,
-  "Call jax.distributed.initialize() (SLURM, Kubernetes or the "
-  "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment).",
+  "Start JAX's multi-controller runtime, detecting the cluster (SLURM, Open MPI, Kubernetes "
+  "JobSet) or reading JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.",
 )
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+ENV_KEYS = {
+  "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+  "num_processes": "JAX_NUM_PROCESSES",
+  "process_id": "JAX_PROCESS_ID",
+}
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize`` from explicit flags, the JAX_* environment, or the cluster."""
+  explicit = {k: FLAGS[k].value for k in ENV_KEYS if FLAGS[k].value is not None}
+  if not explicit and not FLAGS.distributed:
+    return
+  if not explicit:
+    explicit = {k: os.environ[v] for k, v in ENV_KEYS.items() if v in os.environ}
+  if explicit and set(explicit) != set(ENV_KEYS):
+    missing = sorted(ENV_KEYS[k] for k in set(ENV_KEYS) - set(explicit))
+    raise app.UsageError(
+      f"a multi-process run needs a coordinator address, process count and process id; "
+      f"missing {missing} (or the matching --flags)"
+    )
+  if explicit:
+    jax.distributed.initialize(
+      coordinator_address=explicit["coordinator_address"],
+      num_processes=int(explicit["num_processes"]),
+      process_id=int(explicit["process_id"]),
+    )
+  else:  # SLURM, Open MPI or a Kubernetes JobSet: JAX reads the cluster's own environment
+    jax.distributed.initialize()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  initialize_distributed()
   logging.info(
     "JAX process %d/%d, local devices: %s",
     jax.process_index(),

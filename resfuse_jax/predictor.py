@@ -79,7 +79,12 @@ class Predictor:
       params = model.init(rng, x, x)["params"]
       return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    # Restore onto this machine's first device, whatever topology trained the model.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(init, jax.random.key(0)),
+    )
     if is_export:
       self.step = int(exported.metadata(workdir)["step"])
       if step is not None and step != self.step:

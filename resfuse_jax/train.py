@@ -335,6 +335,13 @@ def _write_json(path: Path, obj: Any) -> None:
   tmp.replace(path)
 
 
+def parameter_checksum(params: Any) -> float:
+  """Sum of this process's copy of the (replicated) parameters, in float64."""
+  return float(
+    sum(np.sum(np.asarray(x.addressable_data(0), np.float64)) for x in jax.tree.leaves(params))
+  )
+
+
 def count_params(params: Any) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
@@ -484,6 +491,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stop.restore()
     manager.wait_until_finished()  # a good save in flight completes before any exit
   writer.flush()
+  logging.info(  # equal on every process of a multi-host run: the replicas agree
+    "process %d/%d: final parameter checksum %.12e",
+    jax.process_index(),
+    jax.process_count(),
+    parameter_checksum(state.params),
+  )
 
   # ----- Results ---------------------------------------------------------------
   if val_summary is None:  # resumed a finished run: evaluate the final state again

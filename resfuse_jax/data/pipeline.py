@@ -185,14 +185,17 @@ def train_dataset(
   """Infinite, deterministic stream of batches {'pre','post': [B,D,H,W,1], 'label': [B,D,H,W]}.
 
   ``batch_size`` is this process's share; ``shard_index/count`` give each
-  process its own slice of the shuffled case stream.
+  process its own slice of the shuffled case stream. With a local batch of 1,
+  process p's k-th batch is row p of the single-process run's k-th batch.
   """
   sampler = PairedPatchSampler(
     cases, patch_size, regions, fg_fraction, augment=augment or Augment()
   )
-  ds = grain.MapDataset.range(len(cases)).seed(seed).shuffle().repeat()
-  ds = ds[shard_index::shard_count]
-  ds = ds.random_map(sampler).batch(batch_size, drop_remainder=True)
+  ds = grain.MapDataset.range(len(cases)).seed(seed).shuffle().repeat().random_map(sampler)
+  # Slice after random_map: each element's augmentation is drawn from its index in the global
+  # stream, so N processes together see exactly the batches one process would (MapDataset is
+  # lazy: a process only computes its own elements).
+  ds = ds[shard_index::shard_count].batch(batch_size, drop_remainder=True)
   it = ds.to_iter_dataset()
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
