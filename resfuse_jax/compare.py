@@ -198,37 +198,39 @@ def _pm(stat: dict) -> str:
   return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
 
 
+def _row(cells: list[str]) -> str:
+  return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  return [_row(header), "|---" * len(header) + "|", *map(_row, rows)]
+
+
 def comparison_markdown(c: dict) -> str:
   """The paper's Table 1 (DSC, recall) / Table 2 (DSC per region + mean) layout, plus cost."""
-  regions, ref = c["regions"], c["reference"]
+  regions, ref, multi_seed = c["regions"], c["reference"], len(c["seeds"]) > 1
   cols = regions + ["mean"] if len(regions) > 1 else regions
   label = {r: PAPER_NAMES.get(r, r) for r in regions} | {"mean": "Mean"}
-  lines = [
-    "| Methodology | Params | GFLOP/step | "
-    + " | ".join(f"DSC {label[r]} (%)" for r in cols)
-    + " | "
-    + " | ".join(f"Recall {label[r]} (%)" for r in cols)
-    + " |",
-    "|---" * (3 + 2 * len(cols)) + "|",
-  ]
-  for e in c["models"]:
-    lines.append(
-      f"| {e['model']} | {e['params']:,} | {e['train_flops_per_step'] / 1e9:.2f} | "
-      + " | ".join(_pm(e["dice"][r]) for r in cols)
-      + " | "
-      + " | ".join(_pm(e["recall"][r]) for r in cols)
-      + " |"
-    )
+  lines = _table(
+    ["Methodology", "Params", "GFLOP/step"]
+    + [f"DSC {label[r]} (%)" for r in cols]
+    + [f"Recall {label[r]} (%)" for r in cols],
+    [
+      [e["model"], f"{e['params']:,}", f"{e['train_flops_per_step'] / 1e9:.2f}"]
+      + [_pm(e[m][r]) for m in METRICS for r in cols]
+      for e in c["models"]
+    ],
+  )
   lines += [
     "",
     f"{c['dataset']}, fold {c['fold']}, {c['cases']} validation cases, {c['steps']} steps of "
     f"batch {c['batch_size']} at patch {'×'.join(map(str, c['patch_size']))}, "
-    f"seed{'s' if len(c['seeds']) > 1 else ''} {', '.join(map(str, c['seeds']))}. "
+    f"seed{'s' if multi_seed else ''} {', '.join(map(str, c['seeds']))}. "
     "Mean ± std over cases (population std"
-    + ("; each case's metric averaged over the seeds first" if len(c["seeds"]) > 1 else "")
+    + ("; each case's metric averaged over the seeds first" if multi_seed else "")
     + "); GFLOP/step: one training step (forward, backward, update) by XLA's cost analysis.",
   ]
-  if len(c["seeds"]) > 1:
+  if multi_seed:
     spread = "; ".join(
       f"{e['model']} " + ", ".join(f"{label[r]} {100 * e['dice'][r]['seed_std']:.2f}" for r in cols)
       for e in c["models"]
@@ -239,26 +241,22 @@ def comparison_markdown(c: dict) -> str:
     f"Paired Wilcoxon signed-rank test against {ref} across cases: mean difference in points "
     "(p-value).",
     "",
-    "| Methodology | "
-    + " | ".join(f"ΔDSC {label[r]}" for r in regions)
-    + " | "
-    + " | ".join(f"ΔRecall {label[r]}" for r in regions)
-    + " |",
-    "|---" * (1 + 2 * len(regions)) + "|",
   ]
-  for e in c["models"]:
-    if e["model"] == ref:
-      continue
-    t = e["paired_vs_reference"]
-    lines.append(
-      f"| {e['model']} | "
-      + " | ".join(
+  lines += _table(
+    ["Methodology"]
+    + [f"Δ{'DSC' if m == 'dice' else 'Recall'} {label[r]}" for m in METRICS for r in regions],
+    [
+      [e["model"]]
+      + [
         f"{100 * t[m][r]['mean_diff']:+.2f} ({t[m][r]['p_value']:.3g})"
         for m in METRICS
         for r in regions
-      )
-      + " |"
-    )
+      ]
+      for e in c["models"]
+      if e["model"] != ref
+      for t in [e["paired_vs_reference"]]
+    ],
+  )
   return "\n".join(lines) + "\n"
 
 
