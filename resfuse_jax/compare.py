@@ -29,20 +29,6 @@ from scipy import stats
 from resfuse_jax import cli, data, metrics, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", None, "Dataset config file, e.g. configs/brats.py (its model arg is ignored)."
-)
-flags.DEFINE_list("models", None, "Models to compare, e.g. resfuse,resunet,a2fnet.")
-flags.DEFINE_string("workdir", None, "Folder for one workdir per model and the comparison.")
-flags.DEFINE_string("reference", "resfuse", "Model the paired tests compare against.")
-flags.DEFINE_list(
-  "seeds",
-  None,
-  "Train every model once per seed (W/<model>/seed<k>/) and average each case's metrics "
-  "over seeds; default: the config's seed, in W/<model>/.",
-)
-flags.mark_flags_as_required(["config", "models", "workdir"])
-
 METRICS = ("dice", "recall")
 PAPER_NAMES = {"ET": "EN"}
 
@@ -260,6 +246,23 @@ def comparison_markdown(c: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def define_flags() -> None:
+  """Called by `run`: importing this module for its functions defines no flags."""
+  config_flags.DEFINE_config_file(
+    "config", None, "Dataset config file, e.g. configs/brats.py (its model arg is ignored)."
+  )
+  flags.DEFINE_list("models", None, "Models to compare, e.g. resfuse,resunet,a2fnet.")
+  flags.DEFINE_string("workdir", None, "Folder for one workdir per model and the comparison.")
+  flags.DEFINE_string("reference", "resfuse", "Model the paired tests compare against.")
+  flags.DEFINE_list(
+    "seeds",
+    None,
+    "Train every model once per seed (W/<model>/seed<k>/) and average each case's metrics "
+    "over seeds; default: the config's seed, in W/<model>/.",
+  )
+  flags.mark_flags_as_required(["config", "models", "workdir"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -274,6 +277,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (``resfuse-compare``)."""
+  define_flags()
   cli.run(main)
 
 

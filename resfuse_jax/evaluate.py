@@ -20,11 +20,6 @@ from resfuse_jax import cli, data, metrics, visualize
 from resfuse_jax.predictor import Predictor, probabilities_to_labels
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes.")
-flags.DEFINE_bool("figures", True, "Write W/figures/<case>.png for every validation case.")
-
 PAPER_NAMES = {"ET": "EN"}  # the paper's Table 2 calls enhancing tumour "EN"
 
 
@@ -137,6 +132,14 @@ def report_markdown(all_results: list[dict], regions: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def define_flags() -> None:
+  """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
+  flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes.")
+  flags.DEFINE_bool("figures", True, "Write W/figures/<case>.png for every validation case.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -149,6 +152,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (``resfuse-evaluate``)."""
+  define_flags()
   cli.run(main)
 
 

@@ -38,10 +38,6 @@ from resfuse_jax.exported import FORMAT, SERVING_FILE
 from resfuse_jax.predictor import Predictor, region_label_values
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir to export.")
-flags.DEFINE_string("output", None, "Export folder to create (must not exist).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-
 PLATFORMS = ("cpu", "cuda")
 
 
@@ -99,6 +95,13 @@ def export_model(workdir: str | Path, output: str | Path, step: int | None = Non
   return output
 
 
+def define_flags() -> None:
+  """Called by `run`: importing this module for its functions defines no flags."""
+  flags.DEFINE_string("workdir", None, "Training workdir to export.")
+  flags.DEFINE_string("output", None, "Export folder to create (must not exist).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -110,6 +113,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (``resfuse-export``)."""
+  define_flags()
   cli.run(main)
 
 

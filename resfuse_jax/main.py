@@ -15,21 +15,6 @@ from ml_collections import config_flags
 from resfuse_jax import cli, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/brats.py:resfuse", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
-flags.DEFINE_bool(
-  "distributed",
-  False,
-  "Start JAX's multi-controller runtime, detecting the cluster (SLURM, Open MPI, Kubernetes "
-  "JobSet) or reading JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.",
-)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-flags.mark_flags_as_required(["config", "workdir"])
-
 ENV_KEYS = {
   "coordinator_address": "JAX_COORDINATOR_ADDRESS",
   "num_processes": "JAX_NUM_PROCESSES",
@@ -60,6 +45,26 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def define_flags() -> None:
+  """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/brats.py:resfuse", lock_config=True
+  )
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Start JAX's multi-controller runtime, detecting the cluster (SLURM, Open MPI, Kubernetes "
+    "JobSet) or reading JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.",
+  )
+  flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (implies --distributed)."
+  )
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -75,6 +80,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (``resfuse-train``)."""
+  define_flags()
   cli.run(main)
 
 

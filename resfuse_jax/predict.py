@@ -21,17 +21,6 @@ from resfuse_jax.data import brats, breast, manifest
 from resfuse_jax.predictor import Predictor
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
-flags.DEFINE_string("model", None, "Exported model folder (python -m resfuse_jax.export).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("pre", None, "Pre-contrast NIfTI of one case.")
-flags.DEFINE_string("post", None, "Post-contrast NIfTI of one case.")
-flags.DEFINE_string("out", None, "Output label map for --pre/--post.")
-flags.DEFINE_string("input", None, "Folder (dataset layout) or CSV manifest of cases.")
-flags.DEFINE_string("output", None, "Output folder for --input.")
-flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes (8 passes).")
-flags.DEFINE_bool("probabilities", False, "Also write <name>_probabilities.nii.gz [D,H,W,R].")
-flags.DEFINE_bool("figures", False, "Also write <name>.png: scans, subtraction, prediction.")
 
 
 def find_input_cases(path: Path, config: Any) -> list[data.CaseFiles]:
@@ -46,6 +35,21 @@ def find_input_cases(path: Path, config: Any) -> list[data.CaseFiles]:
     f"--input={path}: a model trained on {config.data.name!r} data predicts folders of a CSV "
     "manifest (case_id,pre,post,label with an empty label column)"
   )
+
+
+def define_flags() -> None:
+  """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+  flags.DEFINE_string("model", None, "Exported model folder (python -m resfuse_jax.export).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("pre", None, "Pre-contrast NIfTI of one case.")
+  flags.DEFINE_string("post", None, "Post-contrast NIfTI of one case.")
+  flags.DEFINE_string("out", None, "Output label map for --pre/--post.")
+  flags.DEFINE_string("input", None, "Folder (dataset layout) or CSV manifest of cases.")
+  flags.DEFINE_string("output", None, "Output folder for --input.")
+  flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes (8 passes).")
+  flags.DEFINE_bool("probabilities", False, "Also write <name>_probabilities.nii.gz [D,H,W,R].")
+  flags.DEFINE_bool("figures", False, "Also write <name>.png: scans, subtraction, prediction.")
 
 
 def main(argv):
@@ -81,6 +85,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (``resfuse-predict``)."""
+  define_flags()
   cli.run(main)
 
 

@@ -17,9 +17,13 @@ from ml_collections import config_flags
 from resfuse_jax import cli, data
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
-flags.DEFINE_integer("workers", None, "Parallel processes (default: data.preprocess_workers).")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+  """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
+  flags.DEFINE_integer("workers", None, "Parallel processes (default: data.preprocess_workers).")
+  flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -37,6 +41,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (``resfuse-preprocess``)."""
+  define_flags()
   cli.run(main)
 
 
