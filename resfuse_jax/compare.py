@@ -270,7 +270,10 @@ def main(argv):
   overrides = config_flags.get_override_values(FLAGS["config"])
   workdir = Path(FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+  try:
+    seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+  except ValueError:
+    raise app.UsageError(f"--seeds must be integers, e.g. 0,1,2; got {FLAGS.seeds}") from None
   compare(path, arg or None, FLAGS.models, workdir, overrides, FLAGS.reference, seeds)
   print((workdir / "comparison.md").read_text())
 
