@@ -131,3 +131,14 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.eval.every_steps = 4
   c.eval.max_cases = 2
   c.checkpoint.every_steps = 2
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """{'train.steps': 50, ...} -> set in place (what `--config.train.steps=50` does)."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -48,14 +48,7 @@ def load_config(
     raise app.UsageError(
       f"Unknown model {model!r} in --models; choose from {', '.join(module.common.MODELS)}"
     )
-  config = module.get_config(",".join([model, *options]))
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return module.common.apply_overrides(module.get_config(",".join([model, *options])), overrides)
 
 
 def run_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[dict, list[dict]]:

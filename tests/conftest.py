@@ -38,13 +38,7 @@ def small_cases(small_phantom):
 
 
 def smoke_config(model="resfuse", **overrides):
+  import common  # configs/common.py
   import phantom as phantom_config  # configs/phantom.py
 
-  c = phantom_config.get_config(f"{model},smoke")
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return common.apply_overrides(phantom_config.get_config(f"{model},smoke"), overrides)

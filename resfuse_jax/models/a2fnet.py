@@ -43,15 +43,9 @@ def adaptive_fusion_weights(attention_logits: list[jax.Array]) -> jax.Array:
   return jax.nn.softmax(jnp.stack(attention_logits), axis=0)
 
 
-class A2FNet(nn.Module):
-  features: tuple[int, ...]
-  num_outputs: int
-  dtype: Any = jnp.float32
-  remat: bool = False
-
+class A2FNet(layers.TwoSequenceModel):
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
-    """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
     levels = []  # per sequence: decoder outputs, full resolution first, bottleneck last
     for name, x in zip(SEQUENCES, (pre, post)):
       skips = ResUNetEncoder(self.features, self.dtype, self.remat, name=f"{name}_encoder")(

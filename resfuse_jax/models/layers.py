@@ -220,3 +220,13 @@ class Decoder(nn.Module):
     if self.num_outputs is None:
       return x
     return segmentation_head(x, self.num_outputs, self.dtype)
+
+
+class TwoSequenceModel(nn.Module):
+  """The fields every fusion baseline shares; subclasses define ``__call__(pre, post)``:
+  [B, D, H, W, 1] twice -> region logits [B, D, H, W, num_outputs] (float32)."""
+
+  features: tuple[int, ...]
+  num_outputs: int
+  dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute encoder levels in the backward pass

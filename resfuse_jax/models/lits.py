@@ -97,15 +97,9 @@ class UncertainRegionInpainting(nn.Module):
     return uncertain * refined + (1.0 - uncertain) * coarse_logits
 
 
-class LiTS(nn.Module):
-  features: tuple[int, ...]
-  num_outputs: int
-  dtype: Any = jnp.float32
-  remat: bool = False
-
+class LiTS(layers.TwoSequenceModel):
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
-    """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
     main = ResUNetEncoder(self.features, self.dtype, self.remat, name="post_encoder")(
       post.astype(self.dtype)
     )

@@ -53,15 +53,9 @@ class TaskAttention(nn.Module):
     return x * nn.sigmoid(layers.Conv3(1, use_bias=False, dtype=self.dtype, name="spatial")(maps))
 
 
-class TSFSeq2Seq(nn.Module):
-  features: tuple[int, ...]
-  num_outputs: int
-  dtype: Any = jnp.float32
-  remat: bool = False
-
+class TSFSeq2Seq(layers.TwoSequenceModel):
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
-    """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
     n = pre.shape[0]
     both = jnp.concatenate([pre, post], axis=0).astype(self.dtype)  # [2B, ...]: one shared call
     encoded = ResUNetEncoder(self.features, self.dtype, self.remat, name="encoder")(both)
