@@ -42,3 +42,12 @@ def smoke_config(model="resfuse", **overrides):
   import phantom as phantom_config  # configs/phantom.py
 
   return common.apply_overrides(phantom_config.get_config(f"{model},smoke"), overrides)
+
+
+@pytest.fixture
+def xla_conv(monkeypatch):
+  """For tests that read a model's layers off its jaxpr: one 3D conv primitive per layer.
+
+  (The CPU default, ``planes``, spreads each over three 2D convs inside a checkpoint.)
+  """
+  monkeypatch.setenv("RESFUSE_CONV_IMPL", "xla")

@@ -217,6 +217,7 @@ def test_a2fnet_supervises_every_branch():
   assert set(sown["aux_logits"]) == {"pre", "post", "average"}
 
 
+@pytest.mark.usefixtures("xla_conv")
 def test_tsf_seq2seq_shares_one_encoder_and_its_sequence_weights_sum_to_one():
   model = build("tsf_seq2seq")
   params = init(model)

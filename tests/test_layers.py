@@ -50,10 +50,12 @@ def test_upconv_equals_transposed_conv():
   x = jax.random.normal(jax.random.key(5), (1, 3, 2, 4, 2))
   up = layers.UpConv(3)
   params = up.init(jax.random.key(6), x)
+  assert jax.tree.map(jnp.shape, params["params"]) == {"bias": (3,), "dense": {"kernel": (2, 24)}}
+  b = jax.random.normal(jax.random.key(7), (3,))  # one bias per channel, as ConvTranspose3d
+  params = {"params": {**params["params"], "bias": b}}
   y = up.apply(params, x)
   assert y.shape == (1, 6, 4, 8, 3)
   k = params["params"]["dense"]["kernel"].reshape(2, 2, 2, 2, 3)  # (I, kd, kh, kw, O)
-  b = params["params"]["dense"]["bias"].reshape(2, 2, 2, 3)
   for d, h, w in [(0, 0, 0), (2, 1, 3), (1, 0, 2)]:
     block = jnp.einsum("i,ipqro->pqro", x[0, d, h, w], k) + b
     np.testing.assert_allclose(
@@ -64,3 +66,36 @@ def test_upconv_equals_transposed_conv():
 def test_conv3_rejects_other_strides():
   with pytest.raises(ValueError, match="strides"):
     layers.Conv3(2, strides=3).init(jax.random.key(0), jnp.zeros((1, 6, 6, 6, 1)))
+
+
+@pytest.mark.parametrize(
+  "shape,kernel,padding",
+  [
+    ((2, 6, 5, 7, 3), (3, 3, 3), ((1, 1),) * 3),  # Conv3, stride 1
+    ((1, 4, 3, 5, 16), (2, 2, 2), ((0, 1),) * 3),  # Conv3 stride 2 after space-to-depth
+    ((1, 5, 4, 4, 2), (3, 1, 2), ((1, 1), (0, 0), (1, 0))),  # any kernel and padding
+  ],
+)
+def test_conv3d_planes_is_the_3d_conv_with_its_gradients(monkeypatch, shape, kernel, padding):
+  """The CPU rewrite (sum of 2D convs over depth taps) against XLA's 3D conv, both grads."""
+  x = jax.random.normal(jax.random.key(8), shape)
+  w = jax.random.normal(jax.random.key(9), (*kernel, shape[-1], 4))
+
+  def run(impl):
+    monkeypatch.setenv("RESFUSE_CONV_IMPL", impl)
+    y, vjp = jax.vjp(lambda x, w: layers.conv3d(x, w, padding), x, w)
+    return (y, *vjp(jnp.cos(y)))
+
+  ref = run("xla")
+  ours = run("planes")
+  assert ours[0].shape == ref[0].shape
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_auto_and_unknown(monkeypatch):
+  monkeypatch.delenv("RESFUSE_CONV_IMPL", raising=False)
+  assert layers.conv_impl() == ("planes" if jax.default_backend() == "cpu" else "xla")
+  monkeypatch.setenv("RESFUSE_CONV_IMPL", "fast")
+  with pytest.raises(ValueError, match="RESFUSE_CONV_IMPL"):
+    layers.conv_impl()

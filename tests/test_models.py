@@ -121,6 +121,7 @@ def test_aux_branch_is_an_ordinary_residual_unit_with_the_shared_weights():
   np.testing.assert_allclose(aux_out, unit.apply({"params": shared}, a), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("xla_conv")
 def test_both_branches_share_one_batched_convolution_call():
   enc, params, m, a = one_level("conv")
   jaxpr = jax.make_jaxpr(lambda p: enc.apply({"params": p}, m, a))(params)

@@ -65,6 +65,7 @@ def train_losses(step, state, batch, n):
   return state, np.array(out)
 
 
+@pytest.mark.usefixtures("xla_conv")
 def test_bfloat16_training_tracks_float32():
   batch = make_batch(n=2)
   _, _, _, state32, step32 = setup()
@@ -81,6 +82,7 @@ def test_bfloat16_training_tracks_float32():
   np.testing.assert_allclose(l16, l32, rtol=0.05)  # and bf16 follows float32
 
 
+@pytest.mark.usefixtures("xla_conv")
 @pytest.mark.parametrize("name", ["resfuse", "a2fnet"])
 def test_remat_gives_the_same_gradients_and_recomputes(name):
   batch = make_batch(n=2)

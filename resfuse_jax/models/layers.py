@@ -9,6 +9,8 @@ keeping the parameter shapes of the textbook layers. All tensors are NDHWC.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,58 @@ def stride2_kernel_as_s2d(kernel: jax.Array) -> jax.Array:
   return k.reshape(2, 2, 2, 8 * i, o)
 
 
+CONV_IMPLS = ("auto", "xla", "planes")
+
+
+def conv_impl() -> str:
+  """The 3D convolution implementation for the backend being traced for.
+
+  ``RESFUSE_CONV_IMPL`` (auto | xla | planes) overrides it; benchmarks use it to
+  time both side by side. ``auto`` is ``planes`` on CPU and ``xla`` elsewhere:
+  XLA's CPU backend runs 2D convolutions 2-4x faster than 3D ones, while cuDNN's
+  3D kernels are the fast path on GPU.
+  """
+  impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"RESFUSE_CONV_IMPL must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "planes" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  """Unstrided 3D convolution, NDHWC x DHWIO, explicit ``((lo, hi),) * 3`` padding.
+
+  ``planes`` is the exact rewrite y = sum_kd conv2d(x[kd : kd + D_out], kernel[kd])
+  with depth folded into the batch; its gradients are 2D convolutions as well.
+  """
+  if conv_impl() == "xla":
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1, 1), padding, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+  return _conv3d_planes(x, kernel, tuple(map(tuple, padding)))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _conv3d_planes(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  """Checkpointed so the backward pass keeps x, not its kd shifted copies."""
+  x = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
+  b, d, h, w, c = x.shape
+  taps = kernel.shape[0]
+  d_out = d - taps + 1
+  y = None
+  for k in range(taps):
+    plane = jax.lax.conv_general_dilated(
+      x[:, k : k + d_out].reshape(b * d_out, h, w, c),
+      kernel[k],
+      (1, 1),
+      padding[1:],
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    y = plane if y is None else y + plane
+  return y.reshape(b, d_out, *y.shape[1:])
+
+
 class Conv3(nn.Module):
   """3x3x3 convolution, SAME padding, stride 1 or 2 (via space-to-depth)."""
 
@@ -64,18 +118,13 @@ class Conv3(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features))
-    dn = ("NDHWC", "DHWIO", "NDHWC")
     if self.strides == 1:
-      y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (1, 1, 1), "SAME", dimension_numbers=dn
-      )
+      y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), ((1, 1),) * 3)
     elif self.strides == 2:
-      y = jax.lax.conv_general_dilated(
+      y = conv3d(
         space_to_depth(x).astype(self.dtype),
         stride2_kernel_as_s2d(kernel).astype(self.dtype),
-        (1, 1, 1),
-        ((0, 1), (0, 1), (0, 1)),
-        dimension_numbers=dn,
+        ((0, 1),) * 3,
       )
     else:
       raise ValueError(f"Conv3 supports strides 1 or 2, got {self.strides}")
@@ -104,15 +153,22 @@ class Conv1(nn.Module):
 
 
 class UpConv(nn.Module):
-  """Transposed conv k2 s2, written as a 1x1x1 conv to 8*features + depth-to-space."""
+  """Transposed conv k2 s2, written as a 1x1x1 conv to 8*features + depth-to-space.
+
+  One bias per output channel, added after depth-to-space: exactly the
+  parameters (and function) of ``ConvTranspose3d(kernel=2, stride=2)``.
+  """
 
   features: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.Dense(8 * self.features, kernel_init=conv_init, dtype=self.dtype, name="dense")(x)
-    return depth_to_space(y)  # [B, 2D, 2H, 2W, features]
+    y = nn.Dense(
+      8 * self.features, use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="dense"
+    )(x)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return depth_to_space(y) + bias.astype(self.dtype)  # [B, 2D, 2H, 2W, features]
 
 
 def instance_norm(name: str, dtype: Dtype) -> nn.Module:

@@ -1,0 +1,105 @@
+"""Where a training step's time goes: XLA ops of one traced step, grouped by kind.
+
+  python benchmarks/profile_step.py [--model resfuse] [--patch 64] [--batch 2] [--top 15]
+
+Traces one step (after a warm-up step) with the JAX profiler and sums the time of
+every XLA op event, grouped into convolution / dot / fusion / copy / other, and
+prints the most expensive ops with their HLO names. Writes
+benchmarks/results/profile_<model>_<patch>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import suite  # noqa: E402
+
+from resfuse_jax import train  # noqa: E402
+
+KINDS = ("convolution", "dot", "copy", "transpose", "reduce", "fusion", "pad", "concatenate")
+
+
+def kind_of(name: str) -> str:
+  base = re.sub(r"[._]\d+$", "", name.split("(")[0])
+  for k in KINDS:
+    if k in base:
+      return k
+  return "other"
+
+
+def op_events(xspace: bytes) -> list[tuple[str, float]]:
+  """(op name, seconds) of every XLA op executed on the host's compute threads."""
+  events = []
+  for plane in jax.profiler.ProfileData.from_serialized_xspace(xspace).planes:
+    for line in plane.lines:
+      for ev in line.events:
+        stats = dict(ev.stats)
+        if "hlo_op" in stats or "hlo_module" in stats:
+          events.append((str(stats.get("hlo_op", ev.name)), ev.duration_ns / 1e9))
+  return events
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="resfuse")
+  p.add_argument("--patch", type=int, default=64)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--top", type=int, default=15)
+  args = p.parse_args()
+  config = suite.brats_config(args.model, args.patch, args.batch)
+  regions = suite.regions()
+  model = train.build_model(config, len(regions))
+  tx = train.make_optimizer(config.train)
+  state = jax.jit(lambda k: train.init_state(model, tx, (args.patch,) * 3, k))(jax.random.key(0))
+  data = jax.tree.map(jnp.asarray, suite.random_batch(args.batch, args.patch))
+  step = jax.jit(train.make_step_fn(config, model, tx, regions), donate_argnums=0)
+  state, m = step(state, data)
+  jax.block_until_ready(m)
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    t = time.perf_counter()
+    state, m = step(state, data)
+    jax.block_until_ready(m)
+    wall = time.perf_counter() - t
+    jax.profiler.stop_trace()
+    (pb,) = Path(tmp).rglob("*.xplane.pb")
+    events = op_events(pb.read_bytes())
+  if not events:
+    raise SystemExit("the trace has no XLA op events; this jax build does not emit them")
+  by_kind = collections.Counter()
+  by_op = collections.Counter()
+  for name, sec in events:
+    by_kind[kind_of(name)] += sec
+    by_op[name] += sec
+  total = sum(by_kind.values())
+  print(f"{args.model} {args.patch}^3 batch {args.batch}: step {wall:.2f}s wall, ops {total:.2f}s")
+  for k, v in by_kind.most_common():
+    print(f"  {k:12s} {v:7.2f}s  {100 * v / total:5.1f}%")
+  print("top ops:")
+  for k, v in by_op.most_common(args.top):
+    print(f"  {v:7.3f}s  {k}")
+  out = ROOT / "benchmarks" / "results" / f"profile_{args.model}_{args.patch}.json"
+  out.write_text(
+    json.dumps(
+      {"wall_s": wall, "ops_s": total, "by_kind": by_kind, "top": by_op.most_common(args.top)},
+      indent=2,
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()
