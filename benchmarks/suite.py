@@ -279,7 +279,11 @@ def main(argv=None) -> dict:
   p.add_argument("--scale-patches", default="64,96", help="more patch edges for the scaling rows")
   p.add_argument("--scale-batches", default="1,4", help="more batch sizes (at the smallest patch)")
   p.add_argument("--cases", type=int, default=2, help="phantom cases for the pipeline rate")
-  p.add_argument("--before", action="store_true", help="also time XLA's 3D conv (pre-rewrite)")
+  p.add_argument(
+    "--before",
+    action="store_true",
+    help="also time resfuse with XLA's 3D conv (the pre-rewrite code)",
+  )
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--kwargs", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -305,7 +309,7 @@ def main(argv=None) -> dict:
 
   steps_rows = []
   for model in ("resfuse", "resunet"):
-    for impl in impls:
+    for impl in impls if model == "resfuse" else ["auto"]:
       r = run_worker("jax_step", impl, model_name=model, patch=patch, batch=b, steps=steps)
       steps_rows.append(step_row({"framework": "jax", **r}))
     r = run_worker("torch_step", model_name=model, patch=patch, batch=b, steps=steps)

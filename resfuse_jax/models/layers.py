@@ -62,8 +62,8 @@ def conv_impl() -> str:
 
   ``RESFUSE_CONV_IMPL`` (auto | xla | planes) overrides it; benchmarks use it to
   time both side by side. ``auto`` is ``planes`` on CPU and ``xla`` elsewhere:
-  XLA's CPU backend runs 2D convolutions 2-4x faster than 3D ones, while cuDNN's
-  3D kernels are the fast path on GPU.
+  XLA's CPU backend runs 2D convolutions 2-4x faster than 3D ones (forward and
+  input gradient), while cuDNN's 3D kernels are the fast path on GPU.
   """
   impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")
   if impl not in CONV_IMPLS:
@@ -73,22 +73,24 @@ def conv_impl() -> str:
   return impl
 
 
+_DN3 = ("NDHWC", "DHWIO", "NDHWC")
+
+
 def conv3d(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
   """Unstrided 3D convolution, NDHWC x DHWIO, explicit ``((lo, hi),) * 3`` padding.
 
   ``planes`` is the exact rewrite y = sum_kd conv2d(x[kd : kd + D_out], kernel[kd])
-  with depth folded into the batch; its gradients are 2D convolutions as well.
+  with depth folded into the batch, for the forward pass and the input gradient;
+  the weight gradient stays XLA's 3D one, which is the faster of the two on CPU
+  (benchmarks/conv_kernels.py).
   """
+  padding = tuple(tuple(int(v) for v in p) for p in padding)
   if conv_impl() == "xla":
-    return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1, 1), padding, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
-    )
-  return _conv3d_planes(x, kernel, tuple(map(tuple, padding)))
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), padding, dimension_numbers=_DN3)
+  return _conv3d_planes(x, kernel, padding)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _conv3d_planes(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
-  """Checkpointed so the backward pass keeps x, not its kd shifted copies."""
+def _planes_forward(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
   x = jnp.pad(x, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
   b, d, h, w, c = x.shape
   taps = kernel.shape[0]
@@ -104,6 +106,30 @@ def _conv3d_planes(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     )
     y = plane if y is None else y + plane
   return y.reshape(b, d_out, *y.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3d_planes(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  return _planes_forward(x, kernel, padding)
+
+
+def _conv3d_planes_fwd(x, kernel, padding):
+  # Residuals are x and the kernel only, not the kd shifted copies of x.
+  return _planes_forward(x, kernel, padding), (x, kernel)
+
+
+def _conv3d_planes_bwd(padding, residuals, dy):
+  x, kernel = residuals
+  # Under jit the primal outputs of these vjps are unused and removed by XLA.
+  _, input_vjp = jax.vjp(lambda x: _planes_forward(x, kernel, padding), x)
+  _, kernel_vjp = jax.vjp(
+    lambda k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), padding, dimension_numbers=_DN3),
+    kernel,
+  )
+  return input_vjp(dy)[0], kernel_vjp(dy)[0]
+
+
+_conv3d_planes.defvjp(_conv3d_planes_fwd, _conv3d_planes_bwd)
 
 
 class Conv3(nn.Module):
