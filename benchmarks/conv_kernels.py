@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from resfuse_jax.models import layers
 
-from resfuse_jax.models import layers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAD = ((1, 1),) * 3
 
@@ -40,8 +37,7 @@ def best_of(fn, reps: int = 3) -> float:
 
 
 def jax_times(impl: str, x, w) -> dict[str, float]:
-  os.environ["RESFUSE_CONV_IMPL"] = impl
-  conv = lambda x, w: layers.conv3d(x, w, PAD)  # noqa: E731
+  conv = lambda x, w: layers.conv3d(x, w, PAD, impl)  # noqa: E731
   dy = jnp.ones(x.shape[:-1] + (w.shape[-1],), x.dtype)
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])

@@ -6,16 +6,16 @@ for all cases (consistency across cases, which is what a network needs: the
 post scan's gain differs from the pre scan's by 0.85-1.15x in the phantom, as
 between real acquisitions). The post scan alone is the reference.
 
-  python benchmarks/normalization.py [--cases 20]
+  python -m benchmarks.normalization [--cases 20]
 """
 
 import argparse
 
 import numpy as np
 
-from resfuse_jax import metrics
 from resfuse_jax.data import phantom
 from resfuse_jax.data.preprocessing import normalize
+from resfuse_jax.eval import metrics
 
 
 def dice_per_threshold(score, ref, thresholds):

@@ -7,7 +7,9 @@ batch size (default: configs/brats.py, patch 128^3, batch 2):
   - from the preprocessed cache, in the main process and with Grain workers;
   - the training step (resfuse, jit, after warm-up): patches consumed per second.
 
-  python benchmarks/pipeline_throughput.py [--cases 4] [--steps 2] [--config configs/brats.py]
+  python -m benchmarks.pipeline_throughput [--cases 4] [--steps 2] [--config configs/brats.py]
+
+Run from the repository root (a relative --config is read from there).
 
 Writes benchmarks/results/pipeline_throughput.json and prints a markdown table.
 """
@@ -15,10 +17,7 @@ Writes benchmarks/results/pipeline_throughput.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,18 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from resfuse_jax import config_lib, data, train
+from resfuse_jax.data import brats, phantom, pipeline
+from resfuse_jax.eval import predictor
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from resfuse_jax import data, models, train  # noqa: E402
-from resfuse_jax.data import brats, phantom, pipeline  # noqa: E402
-
-
-def load_config(path: str, arg: str):
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def patches_per_second(make_iter, batch_size: int, batches: int) -> float:
@@ -65,9 +57,8 @@ def uncached_patches_per_second(files, info, patch, n: int) -> float:
 
 
 def step_patches_per_second(config, steps: int) -> tuple[float, float]:
-  info = data.dataset_info("brats")
-  regions = tuple(info.regions.values())
-  model = models.build(config.model, len(regions))
+  regions = tuple(data.get_dataset(config.data.name).regions.values())
+  model = predictor.build_model(config)
   tx = train.make_optimizer(config.train)
   b, patch = config.train.batch_size, tuple(config.data.patch_size)
   rng = np.random.default_rng(0)
@@ -76,11 +67,8 @@ def step_patches_per_second(config, steps: int) -> tuple[float, float]:
     "post": jnp.asarray(rng.normal(size=(b, *patch, 1)).astype(np.float32)),
     "label": jnp.asarray(rng.integers(0, 4, size=(b, *patch)).astype(np.uint8)),
   }
-  params = jax.jit(model.init)(jax.random.key(0), batch["pre"], batch["post"])["params"]
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  step = jax.jit(
-    functools.partial(train.train_step, model=model, tx=tx, regions=regions), donate_argnums=0
-  )
+  state = jax.jit(lambda k: train.init_state(model, tx, patch, k))(jax.random.key(0))
+  step = jax.jit(train.make_step_fn(config, model, tx, regions), donate_argnums=0)
   state, m = step(state, batch)
   jax.block_until_ready(m)
   times = []
@@ -103,9 +91,9 @@ def main():
   parser.add_argument("--workers", type=int, default=2)
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
-  config = load_config(args.config, args.model)
+  config = config_lib.load(f"{ROOT / args.config}:{args.model}")
   patch, batch_size = tuple(config.data.patch_size), config.train.batch_size
-  info = data.dataset_info("brats")
+  info = data.get_dataset("brats")
 
   with tempfile.TemporaryDirectory() as tmp:
     spec = phantom.PhantomSpec(num_cases=args.cases, shape=(240, 240, 155), spacing=1.0, seed=0)
@@ -114,7 +102,6 @@ def main():
     print(f"wrote {args.cases} BraTS-sized cases in {time.perf_counter() - t:.0f}s", flush=True)
     files = brats.find_cases(root)
     cfg = config.data
-    cfg.unlock()
     cfg.cache_dir = str(Path(tmp) / "cache")
     t = time.perf_counter()
     out, ids, _ = data.prepare(cfg, files, workers=args.workers, progress=False)

@@ -1,6 +1,6 @@
 """Where a training step's time goes: XLA ops of one traced step, grouped by kind.
 
-  python benchmarks/profile_step.py [--model resfuse] [--patch 64] [--batch 2] [--top 15]
+  python -m benchmarks.profile_step [--model resfuse] [--patch 64] [--batch 2] [--top 15]
 
 Traces one step (after a warm-up step) with the JAX profiler and sums the time of
 every XLA op event, grouped into convolution / dot / fusion / copy / other, and
@@ -14,7 +14,6 @@ import argparse
 import collections
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from benchmarks import suite
+from resfuse_jax import train
+from resfuse_jax.eval import predictor
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import suite  # noqa: E402
-
-from resfuse_jax import train  # noqa: E402
 
 KINDS = ("convolution", "dot", "copy", "transpose", "reduce", "fusion", "pad", "concatenate")
 
@@ -62,7 +59,7 @@ def main() -> None:
   args = p.parse_args()
   config = suite.brats_config(args.model, args.patch, args.batch)
   regions = suite.regions()
-  model = train.build_model(config, len(regions))
+  model = predictor.build_model(config)
   tx = train.make_optimizer(config.train)
   state = jax.jit(lambda k: train.init_state(model, tx, (args.patch,) * 3, k))(jax.random.key(0))
   data = jax.tree.map(jnp.asarray, suite.random_batch(args.batch, args.patch))

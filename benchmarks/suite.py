@@ -1,12 +1,14 @@
 """Every speed measurement of issue 7, side by side in one run: ours (JAX) vs PyTorch/MONAI.
 
   pip install -e '.[bench]'
-  python benchmarks/suite.py --name=cpu            # ~1 h on 2 CPU cores
-  python benchmarks/suite.py --name=cpu --before   # adds XLA's 3D conv (the code before the rewrites)
+  python -m benchmarks.suite --name=cpu            # ~1 h on 2 CPU cores
+  python -m benchmarks.suite --name=cpu --before   # adds XLA's 3D conv (the code before the rewrites)
 
-Writes benchmarks/results/<name>.json and <name>.md. Each measurement runs in a fresh
-subprocess (its peak RSS is that process's alone); times are medians over --steps
-steps after a warm-up step, so compilation is reported apart from them.
+Run from the repository root. Writes benchmarks/results/<name>.json and <name>.md.
+Each measurement runs in a fresh subprocess (its peak RSS is that process's alone);
+times are medians over --steps steps after a warm-up step, so compilation is
+reported apart from them. The conv implementation of a JAX measurement is set in
+its config (``model.conv_impl``), not through the environment.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+BRATS_CONFIG = ROOT / "configs" / "brats.py"
 
 VOLUME = (240, 240, 155)  # one BraTS case
 
@@ -34,19 +35,24 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def brats_config(model: str, patch: int, batch: int):
-  from pipeline_throughput import load_config
+def brats_config(model: str, patch: int, batch: int, conv_impl: str | None = None):
+  """configs/brats.py for ``model`` at this patch edge and batch size.
 
-  c = load_config("configs/brats.py", model)
-  c.data.patch_size = (patch,) * 3
-  c.train.batch_size = batch
-  return c
+  ``conv_impl``: ``model.conv_impl``; None keeps the config's default (``auto``, or
+  ``$RESFUSE_CONV_IMPL`` where set).
+  """
+  from resfuse_jax import config_lib
+
+  overrides = {"data.patch_size": (patch,) * 3, "train.batch_size": batch}
+  if conv_impl:
+    overrides["model.conv_impl"] = conv_impl
+  return config_lib.load(f"{BRATS_CONFIG}:{model}", overrides)
 
 
 def regions() -> tuple[tuple[int, ...], ...]:
   from resfuse_jax import data
 
-  return tuple(data.dataset_info("brats").regions.values())
+  return tuple(data.get_dataset("brats").regions.values())
 
 
 def random_batch(batch: int, patch: int) -> dict[str, np.ndarray]:
@@ -72,14 +78,17 @@ def timed(fn, steps: int) -> tuple[float, list[float]]:
   return first, times
 
 
-def jax_step(model_name: str, patch: int, batch: int, steps: int) -> dict:
+def jax_step(
+  model_name: str, patch: int, batch: int, steps: int, conv_impl: str | None = None
+) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from resfuse_jax import train
+  from resfuse_jax import models, train
+  from resfuse_jax.eval import predictor
 
-  config = brats_config(model_name, patch, batch)
-  model = train.build_model(config, len(regions()))
+  config = brats_config(model_name, patch, batch, conv_impl)
+  model = predictor.build_model(config)
   tx = train.make_optimizer(config.train)
   state = jax.jit(lambda k: train.init_state(model, tx, (patch,) * 3, k))(jax.random.key(0))
   data = jax.tree.map(jnp.asarray, random_batch(batch, patch))
@@ -97,7 +106,7 @@ def jax_step(model_name: str, patch: int, batch: int, steps: int) -> dict:
 
   first, times = timed(run, steps)
   return {
-    "params": train.count_params(state.params),
+    "params": models.count_params(state.params),
     "compile_s": compile_s,
     "first_step_s": first,
     "step_times_s": times,
@@ -106,14 +115,15 @@ def jax_step(model_name: str, patch: int, batch: int, steps: int) -> dict:
 
 
 def torch_model(model_name: str, features, channels_last: bool = True):
-  import torch_reference
+  from benchmarks import torch_reference
 
   return torch_reference.build(model_name, features, len(regions()), channels_last)
 
 
 def torch_step(model_name: str, patch: int, batch: int, steps: int) -> dict:
   import torch
-  import torch_reference
+
+  from benchmarks import torch_reference
 
   config = brats_config(model_name, patch, batch)
   model = torch_model(model_name, config.model.features)
@@ -131,27 +141,29 @@ def torch_step(model_name: str, patch: int, batch: int, steps: int) -> dict:
   }
 
 
-def jax_inference(model_name: str, patch: int, batch: int) -> dict:
+def jax_inference(model_name: str, patch: int, batch: int, conv_impl: str | None = None) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from resfuse_jax import inference, train
+  from resfuse_jax.eval import predictor, sliding_window
 
-  config = brats_config(model_name, patch, batch)
-  model = train.build_model(config, len(regions()))
+  config = brats_config(model_name, patch, batch, conv_impl)
+  model = predictor.build_model(config)
   dummy = jnp.zeros((1, patch, patch, patch, 1))
   params = jax.jit(model.init)(jax.random.key(0), dummy, dummy)["params"]
+  forward = jax.jit(lambda p, tiles: predictor.window_probabilities(model, p, tiles))
 
-  @jax.jit
   def predict(tiles):
-    return jax.nn.sigmoid(model.apply({"params": params}, tiles[..., 0:1], tiles[..., 1:2]))
+    return forward(params, tiles)
 
   volume = np.random.default_rng(0).normal(size=(*VOLUME, 2)).astype(np.float32)
   t = time.perf_counter()
   jax.block_until_ready(predict(np.zeros((batch, patch, patch, patch, 2), np.float32)))
   warm = time.perf_counter() - t
   t = time.perf_counter()
-  out = inference.sliding_window(predict, volume, (patch,) * 3, 3, overlap=0.5, batch_size=batch)
+  out = sliding_window.sliding_window(
+    predict, volume, (patch,) * 3, len(regions()), overlap=0.5, batch_size=batch
+  )
   return {"warmup_s": warm, "volume_s": time.perf_counter() - t, "out_shape": list(out.shape)}
 
 
@@ -205,7 +217,7 @@ def pipeline_rate(patch: int, batch: int, cases: int, batches: int) -> dict:
 
   flags.FLAGS.mark_as_parsed()
   config = brats_config("resfuse", patch, batch)
-  info = data.dataset_info("brats")
+  info = data.get_dataset("brats")
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
     spec = phantom.PhantomSpec(num_cases=cases, shape=VOLUME, spacing=1.0, seed=0)
@@ -242,16 +254,22 @@ WORKERS = {
 }
 
 
+def worker_command(kind: str, conv_impl: str | None = None, **kwargs) -> list[str]:
+  """The command line of one measurement's process (run with the repository root as cwd)."""
+  cmd = [sys.executable, "-m", "benchmarks.suite", "--worker", kind, "--kwargs", json.dumps(kwargs)]
+  return cmd + (["--conv-impl", conv_impl] if conv_impl else [])
+
+
 def run_worker(kind: str, conv_impl: str | None = None, **kwargs) -> dict:
-  """Runs one measurement in a fresh process; returns its dict plus peak RSS."""
-  env = dict(os.environ)
-  if conv_impl:
-    env["RESFUSE_CONV_IMPL"] = conv_impl
-  cmd = [sys.executable, __file__, "--worker", kind, "--kwargs", json.dumps(kwargs)]
+  """Runs one measurement in a fresh process; returns its dict plus peak RSS.
+
+  ``conv_impl`` (JAX workers only) becomes the worker config's ``model.conv_impl``.
+  """
+  cmd = worker_command(kind, conv_impl, **kwargs)
   label = f"{kind} {kwargs}" + (f" conv={conv_impl}" if conv_impl else "")
   print(f"... {label}", flush=True)
   t = time.perf_counter()
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if proc.returncode != 0:
     raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -286,9 +304,13 @@ def main(argv=None) -> dict:
   )
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--kwargs", help=argparse.SUPPRESS)
+  p.add_argument("--conv-impl", help=argparse.SUPPRESS)  # a JAX worker's model.conv_impl
   args = p.parse_args(argv)
   if args.worker:
-    result = WORKERS[args.worker](**json.loads(args.kwargs))
+    kwargs = json.loads(args.kwargs)
+    if args.conv_impl:
+      kwargs["conv_impl"] = args.conv_impl
+    result = WORKERS[args.worker](**kwargs)
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
     return result
 
@@ -300,7 +322,7 @@ def main(argv=None) -> dict:
     "device": str(jax.devices()[0]),
     "cpu_count": os.cpu_count(),
     "versions": {"jax": jax.__version__, "torch": torch.__version__},
-    "command": "python benchmarks/suite.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    "command": "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv),
     "date": time.strftime("%Y-%m-%d %H:%M"),
   }
   res["matmul_flops_per_s"] = matmul_rate()

@@ -7,19 +7,17 @@
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
+from resfuse_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  model, options = common.parse_arg(arg)
-  c = common.base_config(model)
+  model, options = config_lib.parse_arg(arg)
+  c = config_lib.base_config(model)
   c.data.name = "breast"
   c.data.root = os.environ.get("BREAST_ROOT", "")
   c.data.post_phase = 1  # _0001: the first post-contrast phase
-  common.apply_dce_defaults(c)
+  config_lib.apply_dce_defaults(c)
   if "smoke" in options:
-    common.apply_smoke(c)
+    config_lib.apply_smoke(c)
   return c

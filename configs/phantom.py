@@ -6,16 +6,12 @@ python -m resfuse_jax.main --config=configs/phantom.py:resunet --workdir=runs/ph
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
+from resfuse_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  model, options = common.parse_arg(arg)
-  c = common.base_config(model)
+  model, options = config_lib.parse_arg(arg)
+  c = config_lib.base_config(model)
   c.data.name = "phantom"
   c.data.root = ""  # "" = a cache folder named by the phantom's spec (see README)
   c.data.phantom_cases = 40
@@ -36,7 +32,7 @@ def get_config(arg: str | None = None):
   c.data.augment.rot90 = False
   c.data.augment.intensity = False
   if "smoke" in options:
-    common.apply_smoke(c)
+    config_lib.apply_smoke(c)
     c.data.phantom_cases = 10
     c.data.phantom_shape = (32, 32, 32)
   return c

@@ -11,30 +11,12 @@ named ``BraTS-GLI-XXXXX-YYY.nii.gz`` as the challenge expects.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from resfuse_jax import cli, data, exported
-from resfuse_jax.data import brats, breast, manifest
-from resfuse_jax.predictor import Predictor
+from resfuse_jax import cli
+from resfuse_jax.eval import prediction
 
 FLAGS = flags.FLAGS
-
-
-def find_input_cases(path: Path, config: Any) -> list[data.CaseFiles]:
-  """Cases of a prediction input: a manifest CSV, or a folder in the training layout."""
-  if path.suffix.lower() == ".csv":
-    return manifest.find_cases(path, require_label=False)
-  if config.data.name == "breast":
-    return breast.find_cases(path, config.data.get("post_phase", 1), require_label=False)
-  if config.data.name in ("brats", "phantom"):
-    return brats.find_cases(path, require_label=False)
-  raise data.DataError(
-    f"--input={path}: a model trained on {config.data.name!r} data predicts folders of a CSV "
-    "manifest (case_id,pre,post,label with an empty label column)"
-  )
 
 
 def define_flags() -> None:
@@ -60,27 +42,18 @@ def main(argv):
     raise app.UsageError(
       "give --workdir (or --model) and either --pre/--post/--out or --input/--output"
     )
-  if FLAGS.model and not exported.is_export(FLAGS.model):
-    raise data.DataError(f"--model={FLAGS.model} is not an export: export.json is missing")
-  predictor = Predictor(FLAGS.workdir or FLAGS.model, FLAGS.step)
+  if pair and not (FLAGS.pre and FLAGS.post and FLAGS.out):
+    raise app.UsageError("--pre, --post and --out go together")
+  if folder and not (FLAGS.input and FLAGS.output):
+    raise app.UsageError("--input and --output go together")
+  predictor = prediction.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.step)
+  options = (FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
   if pair:
-    if not (FLAGS.pre and FLAGS.post and FLAGS.out):
-      raise app.UsageError("--pre, --post and --out go together")
-    files = data.CaseFiles(Path(FLAGS.pre).name, Path(FLAGS.pre), Path(FLAGS.post), None)
-    for p in (files.pre, files.post):
-      if not p.is_file():
-        raise data.DataError(f"input file {p} not found")
-    predictor.predict_case(files, Path(FLAGS.out), FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
-    print(f"wrote {FLAGS.out}")
-    return
-  if not FLAGS.output:
-    raise app.UsageError("--input needs --output")
-  cases = find_input_cases(Path(FLAGS.input), predictor.config)
-  for i, files in enumerate(cases, 1):
-    out = Path(FLAGS.output) / f"{files.case_id}.nii.gz"
-    predictor.predict_case(files, out, FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
-    logging.info("[%d/%d] %s -> %s", i, len(cases), files.case_id, out)
-  print(f"wrote {len(cases)} label maps to {FLAGS.output} (checkpoint step {predictor.step})")
+    out = prediction.predict_pair(predictor, FLAGS.pre, FLAGS.post, FLAGS.out, *options)
+    print(f"wrote {out}")
+  else:
+    written = prediction.predict_folder(predictor, FLAGS.input, FLAGS.output, *options)
+    print(f"wrote {len(written)} label maps to {FLAGS.output} (checkpoint step {predictor.step})")
 
 
 def run():

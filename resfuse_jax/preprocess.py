@@ -9,8 +9,6 @@ a cluster job start training at once. Interrupted runs resume.
 
 from __future__ import annotations
 
-import json
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -29,10 +27,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = FLAGS.config.data
-  out, good, bad = data.prepare(cfg, workers=FLAGS.workers)
-  if bad:
-    (out / "bad_cases.json").write_text(json.dumps(bad, indent=2))
+  out, good, bad = data.prepare(FLAGS.config.data, workers=FLAGS.workers)
   print(
     f"{len(good)} cases ready in {out}"
     + (f"; {len(bad)} skipped, see {out}/bad_cases.json" if bad else "")

@@ -1,5 +1,13 @@
-"""Training and evaluation loop: ``train_and_evaluate(config, workdir)``."""
+"""Training and evaluation loop: ``train_and_evaluate(config, workdir)``.
 
+Made of named stages: ``prepare_data`` (cache, splits, cases), ``make_input``
+(the Grain patch stream), ``build_or_restore_state``, ``train_loop`` (updates,
+logging, validation, checkpoints, preemption) and ``write_results``
+(final evaluation, ``W/results.json`` and ``W/metrics.csv``). The step itself
+is the pure ``train_step``.
+"""
+
+import dataclasses
 import functools
 import json
 import signal
@@ -21,8 +29,10 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from resfuse_jax import checkpointing, data, inference, losses, metrics, models, sharding, writers
+from resfuse_jax import checkpointing, data, files, losses, models, sharding, writers
 from resfuse_jax.data import pipeline
+from resfuse_jax.errors import ConfigError, DataError, Preempted
+from resfuse_jax.eval import evaluation, metrics, predictor
 
 
 @flax.struct.dataclass
@@ -82,7 +92,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
       optax.add_decayed_weights(cfg.weight_decay), optax.sgd(schedule, 0.99, nesterov=True)
     )
   else:
-    raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+    raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
 
 
@@ -171,18 +181,6 @@ def compile_train_step(config, model, tx, regions, mesh) -> Callable:
   )
 
 
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-  """``train.compute_dtype``: activations and matmuls; parameters stay float32."""
-  name = config.train.get("compute_dtype", "float32")
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
-  return jnp.dtype(name)
-
-
-def build_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:
-  return models.build(config.model, num_outputs, compute_dtype(config))
-
-
 def init_state(model: nn.Module, tx, patch_size, rng: jax.Array) -> TrainState:
   dummy = jnp.zeros((1, *patch_size, 1), jnp.float32)
   params = model.init(rng, dummy, dummy)["params"]
@@ -191,8 +189,8 @@ def init_state(model: nn.Module, tx, patch_size, rng: jax.Array) -> TrainState:
 
 def train_step_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs of one training step on the global batch, from XLA's cost analysis (no data)."""
-  regions = tuple(data.dataset_info(config.data.name).regions.values())
-  model = build_model(config, len(regions))
+  regions = tuple(data.get_dataset(config.data.name).regions.values())
+  model = predictor.build_model(config)
   tx = make_optimizer(config.train)
   patch = tuple(config.data.patch_size)
   state = jax.eval_shape(functools.partial(init_state, model, tx, patch), jax.random.key(0))
@@ -208,52 +206,6 @@ def train_step_flops(config: ml_collections.ConfigDict) -> float:
   return float(cost["flops"])
 
 
-def make_predict_fn(model: nn.Module, mesh) -> Callable:
-  """jit'ed (params, tiles [N, d, h, w, 2]) -> sigmoid probabilities, tiles split over 'data'."""
-
-  def predict(params, tiles):
-    logits = model.apply({"params": params}, tiles[..., 0:1], tiles[..., 1:2])
-    return jax.nn.sigmoid(logits)
-
-  return jax.jit(
-    predict,
-    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
-    out_shardings=sharding.replicated(mesh),
-  )
-
-
-def evaluate(
-  predict_fn: Callable,
-  params: Any,
-  cases: list[data.Case],
-  info: data.DatasetInfo,
-  config: ml_collections.ConfigDict,
-  mesh,
-) -> metrics.RegionMetrics:
-  """Sliding-window prediction of whole validation volumes; per-case region metrics."""
-  batch = -(-config.eval.batch_size // mesh.shape[sharding.DATA]) * mesh.shape[sharding.DATA]
-  in_sharding = sharding.data_sharding(mesh)
-
-  def predict_tiles(tiles: np.ndarray) -> np.ndarray:
-    return np.asarray(predict_fn(params, sharding.put_global(tiles, in_sharding)))
-
-  acc = metrics.RegionMetrics(info.region_names)
-  regions = tuple(info.regions.values())
-  for case in cases:
-    volume = np.stack([case.pre, case.post], axis=-1)
-    probs = inference.sliding_window(
-      predict_tiles,
-      volume,
-      config.data.patch_size,
-      len(regions),
-      overlap=config.eval.overlap,
-      batch_size=batch,
-    )
-    ref = np.stack([np.isin(case.label, v) for v in regions], axis=-1)
-    acc.add(case.case_id, probs > 0.5, ref, case.spacing)
-  return acc
-
-
 class Progress:
   """Steps/s and ETA at logging points (clu's periodic_actions would import TensorFlow)."""
 
@@ -267,10 +219,6 @@ class Progress:
     self.last_step, self.last_time = step, now
     eta = (self.total - step) / max(rate, 1e-9)
     return {"steps_per_sec": rate, "eta_sec": eta}
-
-
-class Preempted(Exception):
-  """Training stopped at a step boundary on request; the workdir resumes from there."""
 
 
 class StopRequest:
@@ -324,15 +272,9 @@ def load_or_make_splits(workdir: Path, case_ids: list[str], cfg) -> dict:
     splits = json.loads(path.read_text())
     missing = sorted(set(splits["train"] + splits["val"]) - set(case_ids))
     if missing:
-      raise data.DataError(f"{path} names cases no longer found under data.root: {missing[:5]}")
+      raise DataError(f"{path} names cases no longer found under data.root: {missing[:5]}")
     return splits
   return data.make_splits(case_ids, cfg.fold, cfg.num_folds, cfg.split_seed)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  tmp.replace(path)
 
 
 def parameter_checksum(params: Any) -> float:
@@ -342,48 +284,61 @@ def parameter_checksum(params: Any) -> float:
   )
 
 
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+@dataclasses.dataclass
+class RunData:
+  """The cases of one run: its dataset, training and validation cases (memory-mapped)."""
+
+  dataset: data.Dataset
+  cache_dir: Path
+  train_cases: list[data.Case]
+  val_cases: list[data.Case]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains ``config.model`` on ``config.data``, resuming from ``workdir``; returns results."""
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> RunData:
+  """Preprocessed cache (process 0 builds, the others then reuse it), splits, cases.
+
+  Writes ``W/config.json``, ``W/splits.json`` and, for skipped cases, ``W/bad_cases.json``.
+  """
   is_main = jax.process_index() == 0
-  info = data.dataset_info(config.data.name)
-  regions = tuple(info.regions.values())
-
-  # ----- Data: preprocessed cache (process 0 builds, the others reuse or build locally) --
-  files = data.find_cases(config.data)
+  dataset = data.get_dataset(config.data.name)
+  files_ = data.find_cases(config.data)
   if is_main:
-    cache_dir, good_ids, bad = data.prepare(config.data, files)
+    cache_dir, good_ids, bad = data.prepare(config.data, files_)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("preprocessed cache")
   if not is_main:
-    cache_dir, good_ids, bad = data.prepare(config.data, files, progress=False)
+    cache_dir, good_ids, bad = data.prepare(config.data, files_, progress=False)
   splits = load_or_make_splits(workdir, good_ids, config.data)
   if is_main:
-    _write_json(workdir / "config.json", config.to_dict())
-    _write_json(workdir / "splits.json", splits)
+    files.write_json(workdir / "config.json", config.to_dict())
+    files.write_json(workdir / "splits.json", splits)
     if bad:
-      _write_json(workdir / "bad_cases.json", bad)
-  train_cases = data.load_cases(cache_dir, splits["train"])
+      files.write_json(workdir / "bad_cases.json", bad)
   val_ids = splits["val"][: config.eval.max_cases] if config.eval.max_cases else splits["val"]
-  val_cases = data.load_cases(cache_dir, val_ids)
-  logging.info(
-    "%d training cases, %d validation cases (cache %s)", len(train_cases), len(val_cases), cache_dir
+  run = RunData(
+    dataset,
+    cache_dir,
+    data.load_cases(cache_dir, splits["train"]),
+    data.load_cases(cache_dir, val_ids),
   )
+  logging.info(
+    "%d training cases, %d validation cases (cache %s)",
+    len(run.train_cases),
+    len(run.val_cases),
+    cache_dir,
+  )
+  return run
 
-  # ----- Mesh and input --------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
+
+def make_input(config: ml_collections.ConfigDict, run: RunData, mesh) -> Any:
+  """This process's iterator over its share of the global batch stream."""
   local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
-  train_iter = iter(
+  return iter(
     pipeline.train_dataset(
-      train_cases,
+      run.train_cases,
       patch_size=config.data.patch_size,
       batch_size=local_batch,
-      regions=info.regions,
+      regions=run.dataset.regions,
       fg_fraction=config.data.fg_fraction,
       seed=config.seed,
       augment=pipeline.Augment.from_config(config.data.augment),
@@ -393,131 +348,193 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
   )
 
-  # ----- Model and state, created already placed on the mesh --------------------
-  model = build_model(config, len(regions))
-  tx = make_optimizer(config.train)
+
+def build_or_restore_state(
+  config: ml_collections.ConfigDict, model: nn.Module, tx, mesh, manager, train_iter
+) -> tuple[TrainState, int]:
+  """A new state created already replicated on the mesh, or the latest checkpoint's.
+
+  Restoring also moves ``train_iter`` to the saved position. Returns (state, step).
+  """
   patch = tuple(config.data.patch_size)
   sharding.check_patch_size(patch, len(config.model.features), mesh)
-  state_sharding = sharding.replicated(mesh)
-  state = jax.jit(functools.partial(init_state, model, tx, patch), out_shardings=state_sharding)(
-    jax.random.key(config.seed)
+  init = jax.jit(
+    functools.partial(init_state, model, tx, patch), out_shardings=sharding.replicated(mesh)
   )
-  num_params = count_params(state.params)
-  if is_main:
+  state = init(jax.random.key(config.seed))
+  if jax.process_index() == 0:
     logging.info(
-      "%s\n%s", config.model.name, parameter_overview.get_parameter_overview(state.params)
+      "%s (conv %s)\n%s",
+      config.model.name,
+      config.model.get("conv_impl", "auto"),
+      parameter_overview.get_parameter_overview(state.params),
     )
+  step = manager.latest_step()
+  if step is None:
+    return state, 0
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  state = checkpointing.restore_train_state(manager, step, abstract, train_iter)
+  logging.info("Resumed from %s at step %d", manager.directory, step)
+  return state, step
 
-  # ----- Checkpoints: resume if the workdir has one -----------------------------
-  manager = checkpointing.make_manager(workdir / "checkpoints", config.checkpoint.keep)
-  start_step = 0
-  if manager.latest_step() is not None:
-    start_step = manager.latest_step()
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    state = checkpointing.restore(manager, start_step, abstract, train_iter)
-    logging.info("Resumed from %s at step %d", manager.directory, start_step)
 
-  # ----- Update ----------------------------------------------------------------
-  batch_sharding = sharding.data_sharding(mesh)
-  step_fn = compile_train_step(config, model, tx, regions, mesh)
-  predict_fn = make_predict_fn(model, mesh)
-  writer = writers.create(workdir, just_logging=not is_main)
-  if start_step == 0:
-    writer.write_hparams(dict(config.to_dict()))
+def validate(
+  window_fn: Callable, params: Any, cases: list[data.Case], config, mesh
+) -> metrics.RegionMetrics:
+  """Validation through the one evaluation path, windows split over the mesh's 'data'."""
+  n = mesh.shape[sharding.DATA]
+  batch = -(-config.eval.batch_size // n) * n
+  tiles_sharding = sharding.data_sharding(mesh)
+
+  def predict(tiles: np.ndarray) -> np.ndarray:
+    return np.asarray(window_fn(params, sharding.put_global(tiles, tiles_sharding)))
+
+  return evaluation.evaluate_cases(predict, cases, config, batch_size=batch)
+
+
+@dataclasses.dataclass
+class Loop:
+  """What the loop runs with: compiled functions, the data stream and the outputs."""
+
+  step_fn: Callable
+  window_fn: Callable
+  train_iter: Any
+  manager: Any
+  writer: Any
+  mesh: Any
+
+
+def _log_train(step: int, total: int, computed: dict, progress: Progress, writer) -> None:
+  scalars = {f"train/{k}": float(v) for k, v in computed.items()}
+  speed = progress.report(step)
+  writer.write_scalars(step, {**scalars, "train/steps_per_sec": speed["steps_per_sec"]})
+  logging.info(
+    "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
+    step,
+    total,
+    scalars["train/loss"],
+    speed["steps_per_sec"],
+    _format_eta(speed["eta_sec"]),
+  )
+
+
+def _validate_and_log(config, loop: Loop, state, run: RunData, step: int):
+  t0 = time.perf_counter()
+  val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh)
+  summary = val.summary()
+  loop.writer.write_scalars(
+    step, {f"val/{m}_{r}": v for m, d in summary.items() for r, v in d.items()}
+  )
+  logging.info(
+    "step %d validation (%d cases, %.1fs): Dice %s",
+    step,
+    len(run.val_cases),
+    time.perf_counter() - t0,
+    ", ".join(f"{r} {v:.4f}" for r, v in summary["dice"].items()),
+  )
+  return val
+
+
+def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunData):
+  """Steps ``start_step + 1 .. train.steps``; returns (state, last validation or None).
+
+  Host syncs only at logging, evaluation and checkpoint points. SIGTERM/SIGINT
+  save at the next step boundary and raise ``Preempted``.
+  """
   total = config.train.steps
+  batch_sharding = sharding.data_sharding(loop.mesh)
   progress = Progress(total, start_step)
   pending: TrainMetrics | None = None
-  val_summary = val_metrics = None
-
+  val = None
   stop = StopRequest()
   try:
     for step in range(start_step + 1, total + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.put_batch(next(train_iter), batch_sharding)
-        state, step_metrics = step_fn(state, batch)
+        batch = sharding.put_batch(next(loop.train_iter), batch_sharding)
+        state, step_metrics = loop.step_fn(state, batch)
       pending = step_metrics if pending is None else pending.merge(step_metrics)
       is_log = step % config.train.log_every == 0 or step == total
       is_eval = step % config.eval.every_steps == 0 or step == total
       preempted = stop.requested(step)
       is_save = is_eval or preempted or step % config.checkpoint.every_steps == 0
-
-      # ----- Logging and the finiteness check (the only host syncs in the loop) ------
-      if is_log or is_save:
+      if is_log or is_save:  # the finiteness check rides on the logging sync
         computed = {k: np.asarray(v) for k, v in pending.compute().items()}
-        _raise_if_nonfinite(int(computed.pop("nonfinite_step")), manager)
+        _raise_if_nonfinite(int(computed.pop("nonfinite_step")), loop.manager)
       if is_log:
         pending = None
-        scalars = {f"train/{k}": float(v) for k, v in computed.items()}
-        speed = progress.report(step)
-        writer.write_scalars(step, {**scalars, "train/steps_per_sec": speed["steps_per_sec"]})
-        logging.info(
-          "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
-          step,
-          total,
-          scalars["train/loss"],
-          speed["steps_per_sec"],
-          _format_eta(speed["eta_sec"]),
-        )
-
-      # ----- Evaluation and checkpoints --------------------------------------
+        _log_train(step, total, computed, progress, loop.writer)
       ckpt_metrics = None
       if is_eval and not preempted:
-        t0 = time.perf_counter()
-        val_metrics = evaluate(predict_fn, state.params, val_cases, info, config, mesh)
-        val_summary = val_metrics.summary()
-        ckpt_metrics = {checkpointing.BEST_METRIC: val_summary["dice"]["mean"]}
-        writer.write_scalars(
-          step, {f"val/{m}_{r}": v for m, d in val_summary.items() for r, v in d.items()}
-        )
-        logging.info(
-          "step %d validation (%d cases, %.1fs): Dice %s",
-          step,
-          len(val_cases),
-          time.perf_counter() - t0,
-          ", ".join(f"{r} {v:.4f}" for r, v in val_summary["dice"].items()),
-        )
+        val = _validate_and_log(config, loop, state, run, step)
+        ckpt_metrics = {checkpointing.BEST_METRIC: val.summary()["dice"]["mean"]}
         progress.last_time = time.perf_counter()  # keep evaluation out of steps/s
       if is_save:
-        checkpointing.save(manager, step, state, train_iter, ckpt_metrics)
+        checkpointing.save(loop.manager, step, state, loop.train_iter, ckpt_metrics)
       if preempted:
-        manager.wait_until_finished()
+        loop.manager.wait_until_finished()
         raise Preempted(
           f"stopped by {stop.reason} at step {step}/{total}; checkpoint saved in "
-          f"{manager.directory}: rerun the same command to resume"
+          f"{loop.manager.directory}: rerun the same command to resume"
         )
   finally:
     stop.restore()
-    manager.wait_until_finished()  # a good save in flight completes before any exit
-  writer.flush()
+    loop.manager.wait_until_finished()  # a good save in flight completes before any exit
+  return state, val
+
+
+def write_results(config, workdir: Path, loop: Loop, state, run: RunData, val) -> dict:
+  """``W/results.json`` and ``W/metrics.csv`` (per case, for paired comparisons).
+
+  ``val`` is the final step's validation; a resumed finished run evaluates again.
+  """
   logging.info(  # equal on every process of a multi-host run: the replicas agree
     "process %d/%d: final parameter checksum %.12e",
     jax.process_index(),
     jax.process_count(),
     parameter_checksum(state.params),
   )
-
-  # ----- Results ---------------------------------------------------------------
-  if val_summary is None:  # resumed a finished run: evaluate the final state again
-    val_metrics = evaluate(predict_fn, state.params, val_cases, info, config, mesh)
-    val_summary = val_metrics.summary()
-  results = {
-    "model": config.model.name,
-    "variant": config.model.get("variant", config.model.name),
-    "dataset": config.data.name,
-    "steps": int(jax.device_get(state.step)),
-    "params": num_params,
-    **val_summary,
-    "cases": len(val_cases),
-  }
-  if is_main:
-    val_metrics.write_csv(workdir / "metrics.csv")  # per case, for paired comparisons
-    _write_json(workdir / "results.json", results)
+  if val is None:
+    val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh)
+  step = int(jax.device_get(state.step))
+  results = evaluation.results_record(config, step, models.count_params(state.params), val)
+  if jax.process_index() == 0:
+    val.write_csv(workdir / "metrics.csv")
+    files.write_json(workdir / "results.json", results)
     print(
-      f"Validation Dice over {len(val_cases)} cases ({config.model.name}, step "
-      f"{results['steps']}): " + ", ".join(f"{r} {v:.4f}" for r, v in results["dice"].items())
+      f"Validation Dice over {results['cases']} cases ({config.model.name}, step {step}): "
+      + ", ".join(f"{r} {v:.4f}" for r, v in results["dice"].items())
     )
-  writer.close()
-  manager.close()
   return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config.model`` on ``config.data``, resuming from ``workdir``; returns results."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  run = prepare_data(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  train_iter = make_input(config, run, mesh)
+  model, tx = predictor.build_model(config), make_optimizer(config.train)
+  manager = checkpointing.make_manager(workdir / "checkpoints", config.checkpoint.keep)
+  writer = writers.create(workdir, just_logging=jax.process_index() != 0)
+  try:
+    state, start_step = build_or_restore_state(config, model, tx, mesh, manager, train_iter)
+    if start_step == 0:
+      writer.write_hparams(dict(config.to_dict()))
+    regions = tuple(run.dataset.regions.values())
+    loop = Loop(
+      step_fn=compile_train_step(config, model, tx, regions, mesh),
+      window_fn=predictor.make_sharded_window_fn(model, mesh),
+      train_iter=train_iter,
+      manager=manager,
+      writer=writer,
+      mesh=mesh,
+    )
+    state, val = train_loop(config, loop, state, start_step, run)
+    writer.flush()
+    return write_results(config, workdir, loop, state, run, val)
+  finally:
+    writer.close()
+    manager.close()

@@ -1,14 +1,12 @@
 """Shared fixtures: a small phantom on disk, tiny configs, absl flags parsed for Grain."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from absl import flags
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
 
 
@@ -34,20 +32,11 @@ def small_cases(small_phantom):
   from resfuse_jax.data import brats
 
   root, _ = small_phantom
-  return data.read_cases(brats.find_cases(root), data.dataset_info("phantom"))
+  return data.read_cases(brats.find_cases(root), data.get_dataset("phantom"))
 
 
 def smoke_config(model="resfuse", **overrides):
-  import common  # configs/common.py
-  import phantom as phantom_config  # configs/phantom.py
+  """configs/phantom.py:<model>,smoke with ``{'train.steps': 2, ...}`` overrides."""
+  from resfuse_jax import config_lib
 
-  return common.apply_overrides(phantom_config.get_config(f"{model},smoke"), overrides)
-
-
-@pytest.fixture
-def xla_conv(monkeypatch):
-  """For tests that read a model's layers off its jaxpr: one 3D conv primitive per layer.
-
-  (The CPU default, ``planes``, spreads each over three 2D convs inside a checkpoint.)
-  """
-  monkeypatch.setenv("RESFUSE_CONV_IMPL", "xla")
+  return config_lib.load(f"{ROOT / 'configs' / 'phantom.py'}:{model},smoke", overrides)

@@ -1,18 +1,14 @@
 """The PyTorch reference of benchmarks/ is the same architecture as ours: what makes timing fair."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import torch_reference  # noqa: E402
 
-from resfuse_jax import models, train  # noqa: E402
+from benchmarks import suite, torch_reference  # noqa: E402
+from resfuse_jax import models  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["resfuse", "resunet"])
@@ -23,7 +19,7 @@ def test_torch_reference_has_our_parameter_count_and_output_shape(name, features
   x = jnp.zeros((1, 16, 16, 16, 1))
   params = jax.eval_shape(model.init, jax.random.key(0), x, x)["params"]
   ref = torch_reference.build(name, features, 3)
-  assert torch_reference.count_params(ref) == train.count_params(params)
+  assert torch_reference.count_params(ref) == models.count_params(params)
   if len(features) == 2:
     t = torch.zeros(1, 1, 16, 16, 16)
     assert tuple(ref(t, t).shape) == (1, 3, 16, 16, 16)
@@ -40,8 +36,6 @@ def test_torch_reference_train_step_lowers_the_loss():
 
 
 def synthetic_results(torch_params=100):
-  import suite
-
   def row(framework, model, step_s, impl=None, **extra):
     r = {"framework": framework, "model_name": model, "patch": 8, "batch": 2, "params": 100}
     r.update(step_times_s=[step_s, step_s], peak_rss_mb=1000.0, **extra)
@@ -75,8 +69,6 @@ def synthetic_results(torch_params=100):
 
 
 def test_suite_ratios_are_the_issues_targets():
-  import suite
-
   r = suite.ratios(synthetic_results())
   assert r["resfuse_torch_over_jax_step"] == pytest.approx(0.5)
   assert r["resfuse_over_resunet_step_jax"] == pytest.approx(2.0 / 1.6)
@@ -89,7 +81,43 @@ def test_suite_ratios_are_the_issues_targets():
 
 
 def test_suite_refuses_to_compare_models_of_different_size():
-  import suite
-
   with pytest.raises(AssertionError, match="resunet: 100 parameters in JAX, 99 in torch"):
     suite.ratios(synthetic_results(torch_params=99))
+
+
+def test_brats_config_carries_the_conv_impl_not_the_environment(monkeypatch):
+  monkeypatch.setenv("RESFUSE_CONV_IMPL", "planes")
+  c = suite.brats_config("resfuse", 32, 1, "xla")
+  assert (c.model.name, c.model.conv_impl) == ("resfuse", "xla")
+  assert tuple(c.data.patch_size) == (32, 32, 32) and c.train.batch_size == 1
+  assert suite.brats_config("resunet", 32, 1).model.conv_impl == "planes"  # the config's default
+
+
+def test_workers_run_as_modules_from_the_repository_root(monkeypatch):
+  calls = []
+
+  def fake_run(cmd, **kwargs):
+    calls.append((cmd, kwargs))
+    return suite.subprocess.CompletedProcess(cmd, 0, stdout='{"volume_s": 1.0}\n', stderr="")
+
+  monkeypatch.setattr(suite.subprocess, "run", fake_run)
+  row = suite.run_worker("jax_inference", "xla", model_name="resfuse", patch=8, batch=1)
+  ((cmd, kwargs),) = calls
+  assert cmd[:5] == [suite.sys.executable, "-m", "benchmarks.suite", "--worker", "jax_inference"]
+  assert cmd[-2:] == ["--conv-impl", "xla"]
+  assert kwargs["cwd"] == suite.ROOT and "env" not in kwargs
+  assert row == {
+    "model_name": "resfuse",
+    "patch": 8,
+    "batch": 1,
+    "conv_impl": "xla",
+    "volume_s": 1.0,
+  }
+  assert "--conv-impl" not in suite.worker_command("torch_step", model_name="resfuse")
+
+
+def test_a_worker_gets_its_conv_impl_as_an_argument(monkeypatch, capsys):
+  monkeypatch.setitem(suite.WORKERS, "echo", lambda **kwargs: kwargs)
+  out = suite.main(["--worker", "echo", "--kwargs", '{"patch": 8}', "--conv-impl", "xla"])
+  assert out == {"patch": 8, "conv_impl": "xla"}
+  assert '"conv_impl": "xla"' in capsys.readouterr().out

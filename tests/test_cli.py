@@ -1,8 +1,14 @@
-"""The command-line modules: importable together (they share flag names)."""
+"""The command-line modules: importable together, and one-line errors for user mistakes."""
 
 import importlib
+import subprocess
+import sys
 
+import pytest
 from absl import flags
+from conftest import ROOT
+
+from resfuse_jax import errors
 
 CLIS = ["main", "preprocess", "predict", "evaluate", "compare", "export"]
 OUR_FLAGS = {"config", "workdir", "models", "seeds", "output", "pre", "post", "model", "tta"}
@@ -13,3 +19,43 @@ def test_every_cli_module_imports_alongside_the_others_without_defining_flags():
   assert not OUR_FLAGS & set(flags.FLAGS)  # defined by run(), not by import
   for module in modules:
     assert callable(module.run) and callable(module.define_flags)
+
+
+def test_user_errors_share_one_base_and_keep_value_error():
+  for cls in (errors.DataError, errors.ConfigError, errors.CheckpointError):
+    assert issubclass(cls, errors.UserError) and issubclass(cls, ValueError)
+  assert not issubclass(errors.Preempted, errors.UserError)
+
+
+def run(*args):
+  proc = subprocess.run(
+    [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    # ConfigError: a name no registry knows, before any data is read
+    (
+      [
+        "resfuse_jax.main",
+        "--config=configs/phantom.py:smoke",
+        "--workdir={tmp}/w",
+        "--config.data.name=mri9000",
+      ],
+      "Unknown data.name 'mri9000'; registered datasets: brats, breast, manifest, phantom",
+    ),
+    # CheckpointError: a workdir that was never trained
+    (["resfuse_jax.evaluate", "--workdir={tmp}/nothing"], "is neither a training workdir"),
+    (
+      ["resfuse_jax.predict", "--workdir={tmp}", "--pre=a", "--post=b", "--out=c"],
+      "is neither a training workdir",
+    ),
+  ],
+)
+def test_user_errors_are_one_line_and_exit_1(args, message, tmp_path):
+  code, stderr = run(*(a.format(tmp=tmp_path) for a in args))
+  assert code == 1 and message in stderr
+  assert "Traceback" not in stderr

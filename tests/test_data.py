@@ -7,7 +7,7 @@ import pytest
 from resfuse_jax import data
 from resfuse_jax.data import brats
 
-INFO = data.dataset_info("brats")
+INFO = data.get_dataset("brats")
 
 
 def copy_case(small_phantom, tmp_path):

@@ -128,7 +128,7 @@ def test_affine_disagreement_is_reported(tmp_path):
 
 def test_canonical_orientation_and_remembered_geometry(tmp_path):
   root = write_breast(tmp_path / "mama", n=1)
-  (case,) = data.read_cases(breast.find_cases(root), data.dataset_info("breast"))
+  (case,) = data.read_cases(breast.find_cases(root), data.get_dataset("breast"))
   assert case.shape == (12, 14, 10)
   np.testing.assert_allclose(case.affine, AFFINE, atol=1e-6)
   # RAS+ axes: x is the file's axis 2 (1.5 mm), y axis 1 (0.8 mm), z axis 0 (1.0 mm).
@@ -176,7 +176,7 @@ def test_cached_case_matches_in_memory_preprocessing(tmp_path):
   root = write_breast(tmp_path / "mama", n=1)
   out, _, _ = data.prepare(cfg(tmp_path, root=str(root)), progress=False)
   (cached,) = data.load_cases(out, ["DUKE_000"])
-  (direct,) = data.read_cases(breast.find_cases(root), data.dataset_info("breast"))
+  (direct,) = data.read_cases(breast.find_cases(root), data.get_dataset("breast"))
   np.testing.assert_array_equal(cached.post, direct.post)
   np.testing.assert_array_equal(cached.label, direct.label)
   assert np.isin(cached.label[tuple(cached.fg_locations[0].T)], [1]).all()

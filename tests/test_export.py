@@ -13,10 +13,11 @@ from conftest import ROOT
 from test_predict import run_predict
 from test_train import run_cli
 
-from resfuse_jax import data, exported
+from resfuse_jax import data
 from resfuse_jax.data import brats
-from resfuse_jax.export import export_model
-from resfuse_jax.predictor import Predictor
+from resfuse_jax.errors import CheckpointError
+from resfuse_jax.eval import exporting, prediction, predictor
+from resfuse_jax.eval.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_export_holds_config_metadata_params_and_serving_artifact(workdir_and_ex
     (workdir / "config.json").read_text()
   )
   assert not (out / "checkpoints").exists()  # no optimiser state, no training checkpoints
-  ours, theirs = Predictor(out), Predictor(workdir)
+  ours, theirs = Predictor.load(out), Predictor.load(workdir)
   assert ours.step == theirs.step == 2
   for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -48,11 +49,11 @@ def test_export_holds_config_metadata_params_and_serving_artifact(workdir_and_ex
 
 def test_serving_artifact_reproduces_the_predictions(workdir_and_export):
   workdir, out = workdir_and_export
-  predictor = Predictor(workdir)
-  patch = tuple(predictor.config.data.patch_size)
+  loaded = Predictor.load(workdir)
+  patch = tuple(loaded.config.data.patch_size)
   tiles = np.random.default_rng(0).normal(size=(3, *patch, 2)).astype(np.float32)  # n=3: symbolic
-  served = np.asarray(exported.load_serving(out).call(tiles))
-  expected = np.asarray(predictor.forward(predictor.params, tiles))
+  served = np.asarray(exporting.load_serving(out).call(tiles))
+  expected = np.asarray(predictor.window_probabilities(loaded.model, loaded.params, tiles))
   assert served.shape == (3, *patch, 3)
   np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
 
@@ -65,7 +66,7 @@ def test_predict_with_the_export_alone_matches_the_workdir(
   case = brats.find_cases(root)[0]
   reference = tmp_path / "from_workdir.nii.gz"
   files = data.CaseFiles(case.case_id, case.pre, case.post, None)
-  Predictor(workdir).predict_case(files, reference, tta=False, write_probs=False)
+  prediction.predict_case(Predictor.load(workdir), files, reference)
 
   moved = tmp_path / "model_elsewhere"
   shutil.copytree(out, moved)
@@ -83,8 +84,8 @@ def test_predict_with_the_export_alone_matches_the_workdir(
 
 def test_export_refuses_to_overwrite_and_predict_refuses_a_non_export(workdir_and_export):
   workdir, out = workdir_and_export
-  with pytest.raises(data.DataError, match="already exists"):
-    export_model(workdir, out)
+  with pytest.raises(CheckpointError, match="already exists"):
+    exporting.export_model(workdir, out)
   cmd = [
     sys.executable,
     "-m",

@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT
 from test_train import run_cli
 
-from resfuse_jax.predictor import Predictor
+from resfuse_jax.eval.predictor import Predictor
 
 # SGD: Adam would normalise float noise on zero-gradient parameters into lr-sized differences.
 ARGS = [
@@ -59,7 +59,7 @@ def test_two_processes_hold_the_parameters_of_one_process_on_the_same_global_bat
   losses = [re.findall(r"step \d/3 \| loss (\S+)", text) for text in (logs[0], single.stderr)]
   assert losses[0] == losses[1] and len(losses[0]) == 3
   # The multi-host Orbax checkpoint restores in one process, equal to the one-process run's.
-  multi, one = Predictor(workdir), Predictor(tmp_path / "single")
+  multi, one = Predictor.load(workdir), Predictor.load(tmp_path / "single")
   assert multi.step == one.step == 3
   for a, b in zip(jax.tree.leaves(multi.params), jax.tree.leaves(one.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resfuse_jax.errors import ConfigError
 from resfuse_jax.models import layers
 
 
@@ -76,14 +77,13 @@ def test_conv3_rejects_other_strides():
     ((1, 5, 4, 4, 2), (3, 1, 2), ((1, 1), (0, 0), (1, 0))),  # any kernel and padding
   ],
 )
-def test_conv3d_planes_is_the_3d_conv_with_its_gradients(monkeypatch, shape, kernel, padding):
+def test_conv3d_planes_is_the_3d_conv_with_its_gradients(shape, kernel, padding):
   """The CPU rewrite (sum of 2D convs over depth taps) against XLA's 3D conv, both grads."""
   x = jax.random.normal(jax.random.key(8), shape)
   w = jax.random.normal(jax.random.key(9), (*kernel, shape[-1], 4))
 
   def run(impl):
-    monkeypatch.setenv("RESFUSE_CONV_IMPL", impl)
-    y, vjp = jax.vjp(lambda x, w: layers.conv3d(x, w, padding), x, w)
+    y, vjp = jax.vjp(lambda x, w: layers.conv3d(x, w, padding, impl), x, w)
     return (y, *vjp(jnp.cos(y)))
 
   ref = run("xla")
@@ -93,20 +93,51 @@ def test_conv3d_planes_is_the_3d_conv_with_its_gradients(monkeypatch, shape, ker
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_conv_impl_auto_and_unknown(monkeypatch):
-  monkeypatch.delenv("RESFUSE_CONV_IMPL", raising=False)
-  assert layers.conv_impl() == ("planes" if jax.default_backend() == "cpu" else "xla")
-  monkeypatch.setenv("RESFUSE_CONV_IMPL", "fast")
-  with pytest.raises(ValueError, match="RESFUSE_CONV_IMPL"):
-    layers.conv_impl()
+@pytest.mark.parametrize(
+  "name,backend,impl",
+  [
+    ("auto", "cpu", "planes"),
+    ("auto", "gpu", "xla"),
+    ("auto", "tpu", "xla"),
+    ("xla", "cpu", "xla"),
+    ("planes", "gpu", "planes"),
+  ],
+)
+def test_resolve_conv_impl(name, backend, impl):
+  assert layers.resolve_conv_impl(name, backend) == impl
 
 
-def test_conv3d_planes_takes_its_weight_gradient_from_one_3d_conv(monkeypatch):
+def test_resolve_conv_impl_defaults_to_this_backend():
+  expected = "planes" if jax.default_backend() == "cpu" else "xla"
+  assert layers.resolve_conv_impl("auto") == expected
+
+
+def test_unknown_conv_impl_is_a_config_error_listing_the_valid_ones():
+  with pytest.raises(
+    ConfigError, match="model.conv_impl must be one of auto, xla, planes; got 'fast'"
+  ):
+    layers.resolve_conv_impl("fast")
+  with pytest.raises(ValueError, match="resolve_conv_impl"):  # conv3d takes a resolved impl only
+    layers.conv3d(jnp.ones((1, 3, 3, 3, 1)), jnp.ones((3, 3, 3, 1, 1)), ((1, 1),) * 3, "auto")
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_conv3_impls_agree(strides):
+  """The module field picks the implementation; parameters and outputs are the same."""
+  x = jax.random.normal(jax.random.key(10), (2, 6, 4, 8, 3))
+  xla, planes = (layers.Conv3(5, strides, conv_impl=impl) for impl in ("xla", "planes"))
+  params = xla.init(jax.random.key(11), x)
+  assert jax.tree.map(jnp.shape, planes.init(jax.random.key(11), x)) == jax.tree.map(
+    jnp.shape, params
+  )
+  np.testing.assert_allclose(planes.apply(params, x), xla.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv3d_planes_takes_its_weight_gradient_from_one_3d_conv():
   """Forward and input gradient as 2D convs, the weight gradient as XLA's 3D one (faster on CPU)."""
-  monkeypatch.setenv("RESFUSE_CONV_IMPL", "planes")
   x = jnp.ones((1, 4, 4, 4, 2))
   w = jnp.ones((3, 3, 3, 2, 3))
-  loss = lambda x, w: jnp.sum(layers.conv3d(x, w, ((1, 1),) * 3) ** 2)  # noqa: E731
+  loss = lambda x, w: jnp.sum(layers.conv3d(x, w, ((1, 1),) * 3, "planes") ** 2)  # noqa: E731
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
   convs = [line for line in hlo.splitlines() if " convolution(" in line]
   assert sum("size=3x3x3" in c or "size=4x4x4" in c for c in convs) == 1  # weight gradient

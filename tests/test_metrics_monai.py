@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from resfuse_jax import metrics
+from resfuse_jax.eval import metrics
 
 torch = pytest.importorskip("torch")
 monai_metrics = pytest.importorskip("monai.metrics")

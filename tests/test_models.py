@@ -6,25 +6,23 @@ import numpy as np
 import pytest
 
 from resfuse_jax import models
+from resfuse_jax.errors import ConfigError
 from resfuse_jax.models import layers, resfuse
 
 FEATURES = (4, 8, 16)
 
 
-def build(name, fusion="conv", features=FEATURES, fuse_levels=None):
+def build(name, fusion="conv", features=FEATURES, fuse_levels=None, **model_config):
   cfg = ml_collections.ConfigDict(
     {"name": name, "features": features, "fusion": fusion, "fuse_levels": fuse_levels}
   )
+  cfg.update(model_config)  # e.g. conv_impl, remat
   return models.build(cfg, num_outputs=3)
 
 
 def init(model, shape=(2, 16, 16, 16, 1)):
   x = jnp.zeros(shape)
   return model.init(jax.random.key(0), x, x)["params"]
-
-
-def n_params(tree):
-  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
 
 
 @pytest.mark.parametrize("name", ["resfuse", "resunet", "resunet_early"])
@@ -37,8 +35,84 @@ def test_output_shape(name):
 
 
 def test_unknown_model_lists_registered_names():
-  with pytest.raises(ValueError, match="resfuse.*resunet"):
+  with pytest.raises(
+    ConfigError, match="Unknown model.name 'unet9000'; registered models: .*resfuse.*resunet"
+  ):
     build("unet9000")
+
+
+def test_unknown_conv_impl_is_a_config_error():
+  with pytest.raises(ConfigError, match="model.conv_impl must be one of auto, xla, planes"):
+    build("resfuse", conv_impl="fast")
+
+
+def test_conv_impl_defaults_to_auto_resolved_for_this_backend():
+  assert build("resfuse").conv_impl == layers.resolve_conv_impl("auto")
+  assert build("resunet", conv_impl="xla").conv_impl == "xla"
+
+
+def conv3_impls(model, params, x):
+  """The ``conv_impl`` of every Conv3 called while applying ``model``."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.Conv3) and context.method_name == "__call__":
+      seen.append(context.module.conv_impl)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    out = model.apply({"params": params}, x, 1.5 * x, mutable=["aux_logits"])
+  return out, seen
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_conv_impls_reach_every_conv_and_give_the_same_outputs(name):
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 8, 1))
+  xla, planes = (build(name, features=(4, 8), conv_impl=impl) for impl in ("xla", "planes"))
+  params = init(xla, x.shape)
+  assert jax.tree.map(jnp.shape, init(planes, x.shape)) == jax.tree.map(jnp.shape, params)
+  ref, ref_impls = conv3_impls(xla, params, x)
+  ours, our_impls = conv3_impls(planes, params, x)
+  assert ref_impls and set(ref_impls) == {"xla"} and set(our_impls) == {"planes"}
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_count_params_matches_a_hand_count():
+  unit = layers.ResidualUnit(4, strides=2)  # 2 -> 4 channels: every parameter kind
+  x = jnp.zeros((1, 4, 4, 4, 2))
+  params = unit.init(jax.random.key(0), x)["params"]
+  norm = lambda c: 2 * c  # noqa: E731  (scale, bias)
+  expected = (
+    norm(2)  # norm_in
+    + 27 * 2 * 4 + 4  # conv_a, with bias
+    + norm(4)  # norm_mid
+    + 27 * 4 * 4 + 4  # conv_b, with bias
+    + 2 * 4 + norm(4)  # projection: conv1 without bias, norm
+  )  # fmt: skip
+  assert models.count_params(params) == expected == 684
+  assert type(models.count_params(params)) is int
+  assert models.count_params(jax.eval_shape(unit.init, jax.random.key(0), x)) == expected
+  assert models.count_params({}) == 0
+
+
+@pytest.mark.parametrize(
+  "name,fuse_levels,remat,shapes",
+  [
+    ("resfuse", None, False, [(1, 8, 8, 8, 4), (1, 4, 4, 4, 8)]),
+    ("resfuse", None, True, [(1, 8, 8, 8, 4), (1, 4, 4, 4, 8)]),
+    ("resfuse", (0,), False, [(1, 8, 8, 8, 4)]),
+    ("resfuse", (1,), False, [(1, 4, 4, 4, 8)]),
+    ("resunet", None, False, []),
+  ],
+)
+def test_fusion_terms_are_one_leaf_per_fused_level(name, fuse_levels, remat, shapes):
+  model = build(name, features=(4, 8), fuse_levels=fuse_levels, remat=remat)
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 8, 1))
+  params = init(model, x.shape)
+  _, sown = model.apply({"params": params}, x, x, mutable=[models.FUSION_TERMS])
+  terms = jax.tree.leaves(sown.get(models.FUSION_TERMS, {}))
+  assert [t.shape for t in terms] == shapes  # [B, d, h, w, C] per fused level, in level order
 
 
 def test_unknown_fusion_is_an_error():
@@ -60,14 +134,16 @@ def fusion_param_count(features, fusion, in_channels=1):
 
 @pytest.mark.parametrize("fusion", ["identity", "conv", "gate"])
 def test_resfuse_adds_exactly_the_fusion_parameters(fusion):
-  extra = n_params(init(build("resfuse", fusion))) - n_params(init(build("resunet")))
+  extra = models.count_params(init(build("resfuse", fusion))) - models.count_params(
+    init(build("resunet"))
+  )
   assert extra == fusion_param_count(FEATURES, fusion)
   assert fusion != "identity" or extra == 0
 
 
 def test_fuse_levels_ablation_drops_fusion_parameters():
-  full = n_params(init(build("resfuse")))
-  partial = n_params(init(build("resfuse", fuse_levels=(0,))))
+  full = models.count_params(init(build("resfuse")))
+  partial = models.count_params(init(build("resfuse", fuse_levels=(0,))))
   assert full - partial == fusion_param_count(FEATURES[1:], "conv", in_channels=FEATURES[0])
 
 
@@ -82,8 +158,8 @@ def test_encoder_has_one_parameter_set_for_both_branches():
   assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, resunet_enc)
 
 
-def one_level(fusion):
-  enc = resfuse.ResFuseEncoder(features=(6,), fusion=fusion)
+def one_level(fusion, conv_impl="xla"):
+  enc = resfuse.ResFuseEncoder(features=(6,), fusion=fusion, conv_impl=conv_impl)
   m = jax.random.normal(jax.random.key(1), (2, 8, 8, 8, 1))
   a = jax.random.normal(jax.random.key(2), (2, 8, 8, 8, 1)) * 0.5 + 0.3
   params = enc.init(jax.random.key(3), m, a)["params"]
@@ -121,9 +197,8 @@ def test_aux_branch_is_an_ordinary_residual_unit_with_the_shared_weights():
   np.testing.assert_allclose(aux_out, unit.apply({"params": shared}, a), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.usefixtures("xla_conv")
 def test_both_branches_share_one_batched_convolution_call():
-  enc, params, m, a = one_level("conv")
+  enc, params, m, a = one_level("conv", conv_impl="xla")  # one 3D conv primitive per layer
   jaxpr = jax.make_jaxpr(lambda p: enc.apply({"params": p}, m, a))(params)
   convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
   assert len(convs) == 2  # conv_a and conv_b of F, each once, on the stacked [2B] batch

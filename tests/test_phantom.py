@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from resfuse_jax import metrics
 from resfuse_jax.data import brats, phantom
+from resfuse_jax.eval import metrics
 
 SUFFIXES = ("t1n", "t1c", "t2w", "t2f", "seg")
 

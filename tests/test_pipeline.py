@@ -6,6 +6,8 @@ from resfuse_jax.data import brats, pipeline
 from resfuse_jax.data.common import Case
 
 PATCH = (16, 16, 16)
+NO_AUGMENT = pipeline.Augment(flip=False, rot90=False, intensity=False)
+FLIPS = pipeline.Augment(flip=True, rot90=False, intensity=False)
 
 
 def take(ds, n):
@@ -51,7 +53,9 @@ def blob_case(size=64):
 
 
 def fraction_with_foreground(cases, fg_fraction, n=600, seed=0):
-  sampler = pipeline.PairedPatchSampler(cases, PATCH, brats.REGIONS, fg_fraction, flip=False)
+  sampler = pipeline.PairedPatchSampler(
+    cases, PATCH, brats.REGIONS, fg_fraction, augment=NO_AUGMENT
+  )
   rng = np.random.default_rng(seed)
   hits = [sampler.random_map(i % len(cases), rng)["label"].any() for i in range(n)]
   return float(np.mean(hits))
@@ -68,7 +72,7 @@ def test_foreground_fraction():
 
 
 def test_small_regions_are_sampled_as_often_as_large_ones(small_cases):
-  sampler = pipeline.PairedPatchSampler(small_cases, PATCH, brats.REGIONS, 1.0, flip=False)
+  sampler = pipeline.PairedPatchSampler(small_cases, PATCH, brats.REGIONS, 1.0, augment=NO_AUGMENT)
   rng = np.random.default_rng(1)
   centres = [sampler.random_map(i % len(small_cases), rng)["label"][8, 8, 8] for i in range(600)]
   et_share = np.mean(np.array(centres) == 3)
@@ -77,7 +81,7 @@ def test_small_regions_are_sampled_as_often_as_large_ones(small_cases):
 
 
 def test_flips_keep_pre_post_label_aligned(small_cases):
-  sampler = pipeline.PairedPatchSampler(small_cases[:1], PATCH, brats.REGIONS, 1.0, flip=True)
+  sampler = pipeline.PairedPatchSampler(small_cases[:1], PATCH, brats.REGIONS, 1.0, augment=FLIPS)
   case = small_cases[0]
   rng = np.random.default_rng(2)
   for _ in range(20):

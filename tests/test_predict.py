@@ -1,18 +1,12 @@
-import csv
-import json
 import shutil
 import subprocess
 import sys
 
-import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import ROOT
 from test_train import run_cli
-
-from resfuse_jax import predictor
-from resfuse_jax.data import brats
 
 # A non-canonical affine: axes permuted, one flipped, anisotropic, oblique origin.
 AFFINE = np.array([[0, 0, -1.2, 30], [0, 1.5, 0, -12], [0.9, 0, 0, 7], [0, 0, 0, 1]], float)
@@ -30,26 +24,6 @@ def run_predict(*args):
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
-
-
-def test_region_label_values():
-  assert predictor.region_label_values(brats.REGIONS) == [2, 1, 3]
-  assert predictor.region_label_values({"lesion": (1,)}) == [1]
-
-
-def test_probabilities_to_labels_paints_nested_regions():
-  probs = np.zeros((6, 6, 6, 3), np.float32)
-  probs[0:3, 0:3, 0:3, 0] = 0.9  # WT
-  probs[0:2, 0:2, 0:2, 1] = 0.9  # TC
-  probs[0, 0, 0, 2] = 0.9  # ET
-  labels = predictor.probabilities_to_labels(probs, brats.REGIONS)
-  assert labels[0, 0, 0] == 3 and labels[1, 1, 1] == 1 and labels[2, 2, 2] == 2
-  assert labels[3, 3, 3] == 0
-  high = predictor.probabilities_to_labels(probs, brats.REGIONS, thresholds=[0.95, 0.5, 0.5])
-  assert high[2, 2, 2] == 0
-  probs[5, 5, 5, 0] = 0.9  # an isolated one-voxel WT component
-  pruned = predictor.probabilities_to_labels(probs, brats.REGIONS, min_component_voxels=2)
-  assert pruned[5, 5, 5] == 0 and pruned[2, 2, 2] == 2
 
 
 def test_predict_pair_overlays_a_non_canonical_input(trained_workdir, small_phantom, tmp_path):
@@ -96,30 +70,3 @@ def test_predict_folder_names_outputs_like_brats(trained_workdir, small_phantom,
   assert names == [f"{c.name}.nii.gz" for c in cases]
   ref = nib.load(cases[0] / f"{cases[0].name}-t1c.nii.gz")
   assert nib.load(tmp_path / "out" / names[0]).shape == ref.shape
-
-
-def test_evaluate_writes_per_case_metrics_results_and_report(trained_workdir):
-  proc = subprocess.run(
-    [sys.executable, "-m", "resfuse_jax.evaluate", f"--workdir={trained_workdir}"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  splits = json.loads((trained_workdir / "splits.json").read_text())
-  with (trained_workdir / "metrics.csv").open() as f:
-    rows = list(csv.DictReader(f))
-  assert [r["case"] for r in rows] == splits["val"]
-  assert {"dice_ET", "recall_TC", "hd95_WT", "lesion_dice_ET", "lesion_hd95_WT"} <= set(rows[0])
-  results = json.loads((trained_workdir / "results.json").read_text())
-  assert results["cases"] == len(splits["val"]) and results["steps"] == 2
-  means = [float(r["dice_WT"]) for r in rows]
-  assert results["dice"]["WT"] == pytest.approx(np.mean(means))
-  report = (trained_workdir / "report.md").read_text()
-  assert "| Methodology | DSC WT | DSC TC | DSC EN | Mean |" in report
-  assert "lesion-wise Dice EN" in report
-  figures = sorted(p.name for p in (trained_workdir / "figures").iterdir())
-  assert figures == [f"{c}.png" for c in splits["val"]]
-  image = plt.imread(trained_workdir / "figures" / figures[0])
-  assert image.ndim == 3 and image.shape[1] > 4 * image.shape[0]  # one row of 6 panels

@@ -12,7 +12,7 @@ from conftest import ROOT, smoke_config
 from test_train import run_cli
 
 from resfuse_jax import checkpointing, sharding, train
-from resfuse_jax.predictor import Predictor
+from resfuse_jax.eval.predictor import Predictor
 
 STEPS = 8
 ARGS = [
@@ -24,7 +24,7 @@ ARGS = [
 
 
 def final_params(workdir):
-  predictor = Predictor(workdir)
+  predictor = Predictor.load(workdir)
   assert predictor.step == STEPS
   return jax.tree.leaves(predictor.params)
 
@@ -82,5 +82,5 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   config = smoke_config(**{"train.steps": 5, "checkpoint.every_steps": 1, "train.log_every": 100})
   with pytest.raises(FloatingPointError, match="at step 3 .*last good checkpoint is kept: step 2"):
     train.train_and_evaluate(config, str(tmp_path))
-  params = Predictor(tmp_path).params
+  params = Predictor.load(tmp_path).params
   assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))

@@ -16,14 +16,9 @@ from resfuse_jax import sharding
 
 @pytest.fixture(scope="module")
 def sharded_runs():
-  # XLA's 3D conv, the accelerators' path (`layers.conv_impl`): its operands show the per-device
-  # shapes directly. The CPU rewrite under several processes is covered by test_launch.py.
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "JAX_NUM_CPU_DEVICES": "8",
-    "RESFUSE_CONV_IMPL": "xla",
-  }
+  # The script builds with XLA's 3D conv (model.conv_impl = xla), the accelerators' path. The
+  # CPU rewrite under several processes is covered by test_launch.py.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
   proc = subprocess.run(
     [sys.executable, "tests/scripts/sharded_equivalence.py"],
     cwd=ROOT,

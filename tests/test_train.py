@@ -85,7 +85,7 @@ def test_checkpoint_restore_gives_identical_params_and_data_position(setup, smal
     )
   )
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  restored = checkpointing.restore(manager, 1, abstract, fresh)
+  restored = checkpointing.restore_train_state(manager, 1, abstract, fresh)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(next(fresh)["post"], expected_next["post"])
@@ -113,6 +113,7 @@ def test_cli_end_to_end_and_resume(tmp_path):
   run_cli(workdir, "--config.train.steps=2", "--config.checkpoint.every_steps=1")
   config = json.loads((workdir / "config.json").read_text())
   assert config["model"]["name"] == "resfuse" and config["train"]["steps"] == 2
+  assert config["model"]["conv_impl"] == os.environ.get("RESFUSE_CONV_IMPL", "auto")
   splits = json.loads((workdir / "splits.json").read_text())
   assert splits["train"] and splits["val"] and not set(splits["train"]) & set(splits["val"])
   assert (workdir / "checkpoints" / "2" / "state").is_dir()

@@ -10,8 +10,12 @@ from conftest import smoke_config
 from scipy import ndimage
 
 from resfuse_jax import losses, train
+from resfuse_jax.eval import predictor
 
 REGIONS = ((1, 2, 3), (1, 3), (3,))
+# Tests that read convolutions off a jaxpr want one 3D conv primitive per layer (the CPU
+# default, ``planes``, spreads each over three 2D convs inside a custom_vjp).
+XLA_CONV = {"model.conv_impl": "xla"}
 
 
 def make_batch(n=4, size=16, seed=0):
@@ -27,7 +31,7 @@ def make_batch(n=4, size=16, seed=0):
 
 def setup(**overrides):
   config = smoke_config(**{"train.warmup_steps": 0, "train.lr": 1e-2, **overrides})
-  model = train.build_model(config, len(REGIONS))
+  model = predictor.build_model(config)
   tx = train.make_optimizer(config.train)
   state = train.init_state(model, tx, (16, 16, 16), jax.random.key(0))
   step = jax.jit(train.make_step_fn(config, model, tx, REGIONS))
@@ -65,11 +69,10 @@ def train_losses(step, state, batch, n):
   return state, np.array(out)
 
 
-@pytest.mark.usefixtures("xla_conv")
 def test_bfloat16_training_tracks_float32():
   batch = make_batch(n=2)
-  _, _, _, state32, step32 = setup()
-  _, model16, _, state16, step16 = setup(**{"train.compute_dtype": "bfloat16"})
+  _, _, _, state32, step32 = setup(**XLA_CONV)
+  _, model16, _, state16, step16 = setup(**{"train.compute_dtype": "bfloat16", **XLA_CONV})
   jaxpr = jax.make_jaxpr(lambda p: model16.apply({"params": p}, batch["pre"], batch["post"]))
   convs = [
     e for e in jaxpr(state16.params).jaxpr.eqns if e.primitive.name == "conv_general_dilated"
@@ -82,13 +85,12 @@ def test_bfloat16_training_tracks_float32():
   np.testing.assert_allclose(l16, l32, rtol=0.05)  # and bf16 follows float32
 
 
-@pytest.mark.usefixtures("xla_conv")
 @pytest.mark.parametrize("name", ["resfuse", "a2fnet"])
 def test_remat_gives_the_same_gradients_and_recomputes(name):
   batch = make_batch(n=2)
   grads, convs = {}, {}
   for remat in (False, True):
-    _, model, _, state, _ = setup(**{"model.name": name, "model.remat": remat})
+    _, model, _, state, _ = setup(**{"model.name": name, "model.remat": remat, **XLA_CONV})
 
     def loss(params, model=model):
       return region_loss(model, params, batch)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from resfuse_jax import visualize
+from resfuse_jax.eval import predictor, visualize
 
 
 def test_largest_lesion_slice_picks_the_big_lesion_centre():
@@ -28,7 +28,7 @@ def test_fusion_heat_map_scales_each_level_to_one():
   mags = np.zeros((2, 4, 4, 4), np.float32)
   mags[0, 1, 1, 1] = 10.0
   mags[1, 2, 2, 2] = 0.5
-  heat = visualize.fusion_heat_map(mags)
+  heat = predictor.fusion_heat_map(mags)
   assert heat[1, 1, 1] == pytest.approx(0.5) and heat[2, 2, 2] == pytest.approx(0.5)
   assert heat.max() == pytest.approx(0.5)
 

@@ -1,29 +1,41 @@
-"""Datasets by name: find the case files, preprocess them into the cache, split them."""
+"""Datasets by name: find the case files, preprocess them into the cache, split them.
+
+Imports nothing of models, training or evaluation (an import-linter contract).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from resfuse_jax.data import brats, breast, cache, manifest, phantom
+from resfuse_jax import files as file_io
+from resfuse_jax.data import cache
 from resfuse_jax.data.common import Case, CaseFiles, DataError
+from resfuse_jax.data.datasets import (
+  Dataset,
+  default_cache_dir,
+  find_input_cases,
+  get_dataset,
+  names,
+)
 from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
 
 __all__ = [
   "Case",
   "CaseFiles",
   "DataError",
-  "DatasetInfo",
+  "Dataset",
   "PrepSettings",
-  "dataset_info",
+  "get_dataset",
+  "names",
   "find_cases",
+  "find_input_cases",
   "prep_settings",
   "cache_dir",
+  "default_cache_dir",
   "prepare",
   "load_cases",
   "read_cases",
@@ -32,59 +44,9 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  regions: dict[str, tuple[int, ...]]  # region name -> label values it covers
-  label_values: tuple[int, ...]
-
-  @property
-  def region_names(self) -> list[str]:
-    return list(self.regions)
-
-
-_INFO = {
-  "phantom": DatasetInfo("phantom", brats.REGIONS, brats.LABELS),
-  "brats": DatasetInfo("brats", brats.REGIONS, brats.LABELS),
-  "breast": DatasetInfo("breast", breast.REGIONS, breast.LABELS),
-  "manifest": DatasetInfo("manifest", breast.REGIONS, breast.LABELS),
-}
-
-
-def dataset_info(name: str) -> DatasetInfo:
-  if name not in _INFO:
-    raise ValueError(f"Unknown data.name {name!r}; known datasets: {', '.join(sorted(_INFO))}")
-  return _INFO[name]
-
-
-def default_cache_dir() -> Path:
-  return Path(os.environ.get("RESFUSE_CACHE", Path.home() / ".cache" / "resfuse_jax"))
-
-
-def phantom_root(cfg: Any) -> Path:
-  """The phantom's folder: ``data.root`` or a cache folder named by its spec."""
-  if cfg.root:
-    return Path(cfg.root)
-  shape = "x".join(str(s) for s in cfg.phantom_shape)
-  return default_cache_dir() / f"phantom-seed{cfg.phantom_seed}-n{cfg.phantom_cases}-{shape}"
-
-
 def find_cases(cfg: Any, require_label: bool = True) -> list[CaseFiles]:
-  """Lists the case files of ``cfg.name``; writes the phantom first when needed."""
-  if cfg.name == "phantom":
-    spec = phantom.PhantomSpec(
-      num_cases=cfg.phantom_cases, shape=tuple(cfg.phantom_shape), seed=cfg.phantom_seed
-    )
-    root = phantom.write_phantom(phantom_root(cfg), spec)
-    return brats.find_cases(root, require_label)  # read back through the real BraTS reader
-  if cfg.name == "brats":
-    return brats.find_cases(cfg.root, require_label)
-  if cfg.name == "breast":
-    return breast.find_cases(cfg.root, cfg.get("post_phase", 1), require_label)
-  if cfg.name == "manifest":
-    return manifest.find_cases(cfg.get("manifest", ""), require_label)
-  dataset_info(cfg.name)  # raises listing the known names
-  raise AssertionError("unreachable")
+  """Lists the case files of the dataset ``cfg.name`` (writing the phantom first)."""
+  return get_dataset(cfg.name).find_cases(cfg, require_label)
 
 
 def prep_settings(cfg: Any) -> PrepSettings:
@@ -97,28 +59,28 @@ def prep_settings(cfg: Any) -> PrepSettings:
 
 
 def cache_dir(cfg: Any) -> Path:
+  """``<cache root>/<dataset tag>-<hash of the preprocessing settings>``."""
   root = Path(cfg.get("cache_dir", "") or default_cache_dir() / "preprocessed")
-  tag = cfg.name
-  if cfg.name == "phantom":
-    tag = phantom_root(cfg).name
-  elif cfg.name == "breast":
-    tag = f"breast-phase{cfg.get('post_phase', 1)}"
+  tag = get_dataset(cfg.name).cache_tag(cfg)
   return root / f"{tag}-{cache.settings_key(tag, prep_settings(cfg))}"
 
 
 def prepare(
   cfg: Any, files: list[CaseFiles] | None = None, workers: int | None = None, progress: bool = True
 ) -> tuple[Path, list[str], list[dict]]:
-  """Builds or reuses the preprocessed cache; returns (cache folder, good ids, bad cases)."""
+  """Builds or reuses the preprocessed cache; returns (cache folder, good ids, bad cases).
+
+  Bad cases (``data.on_bad_case='skip'``) are also listed in ``<cache>/bad_cases.json``.
+  """
+  dataset = get_dataset(cfg.name)
   files = find_cases(cfg) if files is None else files
-  info = dataset_info(cfg.name)
   out = cache_dir(cfg)
   good, bad = cache.build(
     files,
     out,
     prep_settings(cfg),
-    info.regions,
-    info.label_values,
+    dataset.regions,
+    dataset.label_values,
     workers=cfg.get("preprocess_workers", 1) if workers is None else workers,
     on_bad_case=cfg.get("on_bad_case", "error"),
     progress=progress,
@@ -130,16 +92,17 @@ def prepare(
       len(files),
       bad[0]["error"],
     )
+    file_io.write_json(out / "bad_cases.json", bad)
   if not good:
     raise DataError(f"every case under {cfg.get('root', '')!r} was bad; see the errors above")
   return out, good, bad
 
 
 def read_cases(
-  files: list[CaseFiles], info: DatasetInfo, settings: PrepSettings | None = None
+  files: list[CaseFiles], dataset: Dataset, settings: PrepSettings | None = None
 ) -> list[Case]:
   """Preprocesses cases in memory, without the cache (small data, tests)."""
-  return [preprocess_case(f, info.label_values, settings or PrepSettings()) for f in files]
+  return [preprocess_case(f, dataset.label_values, settings or PrepSettings()) for f in files]
 
 
 def load_cases(out_dir: Path, case_ids: list[str]) -> list[Case]:
@@ -155,7 +118,7 @@ def make_splits(case_ids: list[str], fold: int, num_folds: int, seed: int = 1234
   if fold == -1:
     return {"fold": -1, "num_folds": num_folds, "train": ids, "val": ids}
   if not 0 <= fold < num_folds:
-    raise ValueError(f"data.fold={fold} must be -1 (all cases) or in [0, {num_folds})")
+    raise DataError(f"data.fold={fold} must be -1 (all cases) or in [0, {num_folds})")
   if len(ids) < num_folds:
     raise DataError(f"{len(ids)} cases cannot be split into {num_folds} folds")
   order = np.random.default_rng(seed).permutation(len(ids))

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from resfuse_jax.data import foreground
 from resfuse_jax.data.common import Case, CaseFiles, DataError
 from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
 
 VERSION = 1
-MAX_FG_LOCATIONS = 50_000  # per case and region: plenty to draw patch centres from
 STALE_TMP_S = 3600.0
 
 
@@ -77,11 +77,8 @@ def write_case(
     fg_files = {}
     if case.label is not None:
       np.save(tmp / "label.npy", case.label)
-      rng = np.random.default_rng(0)
-      for r, (name, values) in enumerate(regions.items()):
-        loc = np.argwhere(np.isin(case.label, values)).astype(np.int32)
-        if len(loc) > MAX_FG_LOCATIONS:
-          loc = loc[np.sort(rng.choice(len(loc), MAX_FG_LOCATIONS, replace=False))]
+      locations = foreground.region_locations(case.label, regions)
+      for r, (name, loc) in enumerate(zip(regions, locations)):
         fg_files[name] = f"fg_{r}.npy"
         np.save(tmp / fg_files[name], loc)
     meta = {

@@ -8,9 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from resfuse_jax.errors import DataError
 
-class DataError(ValueError):
-  """Bad or missing input data; the message names the case, file and problem."""
+__all__ = ["Case", "CaseFiles", "DataError", "load_canonical"]
 
 
 @dataclasses.dataclass(frozen=True)

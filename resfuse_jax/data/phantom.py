@@ -82,14 +82,9 @@ def _point_inside(rng, brain_dist, lo, hi, coords):
   return candidates[rng.integers(len(candidates))].astype(np.float32)
 
 
-def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
-  """Returns {'t1n','t1c','t2w','t2f': float32, 'seg': uint8} volumes of ``spec.shape``."""
-  rng = np.random.default_rng([spec.seed, index])
-  shape = spec.shape
-  coords = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+def _head(rng, shape, coords) -> dict[str, np.ndarray]:
+  """Brain ellipsoid with a grey-matter shell and ventricles: tissue maps per sequence."""
   center = np.array(shape, np.float32) / 2 + rng.uniform(-1.5, 1.5, 3)
-
-  # Head: brain ellipsoid, grey-matter shell, ventricles.
   brain_axes = np.array(shape, np.float32) * rng.uniform(0.40, 0.45, 3)
   brain_dist = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, center, brain_axes)))
   brain_dist = brain_dist * (1.0 + 0.03 * _smooth_noise(rng, shape, 4.0))
@@ -99,50 +94,62 @@ def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
   for side in (-1, 1):
     vc = center + np.array([0.0, 0.0, side * shape[2] * 0.07])
     ventricles |= _blob(coords, vc, np.array([0.16, 0.07, 0.04]) * np.array(shape), rng, 0.1) < 1
+  csf = ventricles & brain
 
-  t1 = np.where(brain, T1["wm"], 0.0).astype(np.float32)
-  t1[gm] = T1["gm"]
-  t1[ventricles & brain] = T1["csf"]
-  enhancement = np.where(brain, 0.04, 0.0).astype(np.float32)  # normal parenchyma, slight
-  t2 = np.where(brain, 0.35, 0.0).astype(np.float32)
-  t2[gm] = 0.5
-  t2[ventricles & brain] = 0.95
-  flair = np.where(brain, 0.45, 0.0).astype(np.float32)
-  flair[gm] = 0.55
-  flair[ventricles & brain] = 0.1
+  def tissue(background, grey, fluid):
+    img = np.where(brain, background, 0.0).astype(np.float32)
+    img[gm], img[csf] = grey, fluid
+    return img
 
-  # Tumour: edema (WT) around a core (TC) with an enhancement pattern.
-  seg = np.zeros(shape, np.uint8)
+  return {
+    "brain_dist": brain_dist,
+    "brain": brain,
+    "t1": tissue(T1["wm"], T1["gm"], T1["csf"]),
+    "enhancement": np.where(brain, 0.04, 0.0).astype(np.float32),  # normal parenchyma
+    "t2": tissue(0.35, 0.5, 0.95),
+    "flair": tissue(0.45, 0.55, 0.1),
+    "seg": np.zeros(shape, np.uint8),
+  }
+
+
+def _tumour(rng, v: dict, coords) -> tuple[np.ndarray, float, float]:
+  """Edema (WT) around a core (TC) with a ring, solid or no enhancement, painted into ``v``.
+
+  Returns the tumour's centre, WT radius and enhancement strength.
+  """
+  t1, t2, flair, seg = v["t1"], v["t2"], v["flair"], v["seg"]
   pattern = rng.choice(["ring", "solid", "nonenhancing"], p=[0.45, 0.35, 0.20])
-  t_center = _point_inside(rng, brain_dist, 0.25, 0.55, coords)
+  t_center = _point_inside(rng, v["brain_dist"], 0.25, 0.55, coords)
   r_wt = rng.uniform(5.5, 8.5)
-  wt = (_blob(coords, t_center, r_wt, rng) < 1) & brain
+  wt = (_blob(coords, t_center, r_wt, rng) < 1) & v["brain"]
   core_scale = rng.uniform(0.5, 0.7)
   core_dist = _blob(coords, t_center, r_wt * core_scale, rng, 0.1)
   core = (core_dist < 1) & wt
-  seg[wt] = 2
-  t1[wt] = T1["edema"]
-  t2[wt] = 0.85
-  flair[wt] = 0.9
+  seg[wt], t1[wt], t2[wt], flair[wt] = 2, T1["edema"], 0.85, 0.9
   et_strength = rng.uniform(0.65, 0.9)
   if pattern == "ring":
     rim = 1.0 - rng.uniform(1.5, 2.5) / (r_wt * core_scale)
     et = core & (core_dist >= rim)
     ncr = core & ~et
   elif pattern == "solid":
-    et, ncr = core, np.zeros(shape, bool)
+    et, ncr = core, np.zeros(seg.shape, bool)
   else:
-    et, ncr = np.zeros(shape, bool), core
-  seg[ncr] = 1
-  seg[et] = 3
-  t1[ncr] = T1["core"]
-  t2[ncr] = 0.75
-  flair[ncr] = 0.5
-  t1[et] = T1["et_pre"]
-  enhancement[et] = et_strength * rng.uniform(0.85, 1.15, size=int(et.sum()))
+    et, ncr = np.zeros(seg.shape, bool), core
+  seg[ncr], t1[ncr], t2[ncr], flair[ncr] = 1, T1["core"], 0.75, 0.5
+  seg[et], t1[et] = 3, T1["et_pre"]
+  v["enhancement"][et] = et_strength * rng.uniform(0.85, 1.15, size=int(et.sum()))
+  return t_center, r_wt, et_strength
 
-  # Distractor 1: T1-bright, non-enhancing foci, some ring-like, away from the tumour.
-  # Bright in the pre scan at about the level of enhancing tumour in the post scan.
+
+def _distractors(rng, v: dict, coords, t_center, r_wt: float, et_strength: float) -> None:
+  """T1-bright non-enhancing foci, and normally enhancing vessels and dura, into ``v``.
+
+  The foci are bright in the pre scan at about the level of enhancing tumour in
+  the post scan, some ring-like, away from the tumour.
+  """
+  t1, enhancement, seg, brain, brain_dist = (
+    v[k] for k in ("t1", "enhancement", "seg", "brain", "brain_dist")
+  )
   for _ in range(rng.integers(4, 8)):
     for _attempt in range(20):
       f_center = _point_inside(rng, brain_dist, 0.15, 0.75, coords)
@@ -156,32 +163,40 @@ def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
       focus &= fd >= 0.5
     t1[focus] = T1["et_pre"] + et_strength * rng.uniform(0.8, 1.25)
     enhancement[focus] = 0.0
-
-  # Distractor 2: normally enhancing vessels and dura (enhance, but are not tumour).
   for _ in range(rng.integers(2, 4)):
     a = _point_inside(rng, brain_dist, 0.3, 0.9, coords)
     b = _point_inside(rng, brain_dist, 0.3, 0.9, coords)
     vessel = _tube(coords, a, b, rng.uniform(0.7, 1.1)) & brain & (seg == 0)
     t1[vessel] = 0.35
     enhancement[vessel] = rng.uniform(0.7, 0.95)
-  dura = (brain_dist > 0.93) & brain & (_smooth_noise(rng, shape, 3.0) > 0.3)
+  dura = (brain_dist > 0.93) & brain & (_smooth_noise(rng, seg.shape, 3.0) > 0.3)
   enhancement[dura & (seg == 0)] = rng.uniform(0.4, 0.6)
+
+
+def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
+  """Returns {'t1n','t1c','t2w','t2f': float32, 'seg': uint8} volumes of ``spec.shape``."""
+  rng = np.random.default_rng([spec.seed, index])
+  shape = spec.shape
+  coords = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+  v = _head(rng, shape, coords)
+  t_center, r_wt, et_strength = _tumour(rng, v, coords)
+  _distractors(rng, v, coords, t_center, r_wt, et_strength)
 
   # Acquisition: bias field shared by both T1 scans, own gain and noise per scan.
   bias = np.exp(0.08 * _smooth_noise(rng, shape, 8.0)).astype(np.float32)
   post_gain = rng.uniform(0.85, 1.15)
-  head = brain.astype(np.float32)
+  head = v["brain"].astype(np.float32)
 
   def acquire(img, gain):
     noisy = gain * img * bias + rng.normal(0.0, 0.025, shape).astype(np.float32)
     return (np.clip(noisy, 0.0, None) * head * 1000.0).astype(np.float32)
 
   return {
-    "t1n": acquire(t1, 1.0),
-    "t1c": acquire(t1 + enhancement, post_gain),
-    "t2w": acquire(t2, 1.0),
-    "t2f": acquire(flair, 1.0),
-    "seg": seg,
+    "t1n": acquire(v["t1"], 1.0),
+    "t1c": acquire(v["t1"] + v["enhancement"], post_gain),
+    "t2w": acquire(v["t2"], 1.0),
+    "t2f": acquire(v["flair"], 1.0),
+    "seg": v["seg"],
   }
 
 

@@ -16,9 +16,8 @@ import grain
 import numpy as np
 from scipy import ndimage
 
+from resfuse_jax.data import foreground
 from resfuse_jax.data.common import Case
-
-MAX_FG_LOCATIONS = 20_000  # per case and region, when a case did not come from the cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +55,13 @@ class PairedPatchSampler(grain.transforms.RandomMap):
     patch_size: Sequence[int],
     regions: dict[str, tuple[int, ...]],
     fg_fraction: float,
-    flip: bool = True,
     augment: Augment | None = None,
   ):
+    """``augment=None``: flips only (the sampler's own tests; training passes its config)."""
     self.cases = list(cases)
     self.patch = tuple(int(p) for p in patch_size)
     self.fg_fraction = float(fg_fraction)
-    self.augment = (
-      augment if augment is not None else Augment(flip=flip, rot90=False, intensity=False)
-    )
+    self.augment = augment if augment is not None else Augment(rot90=False, intensity=False)
     if (
       self.augment.rot90
       and not 0 <= min(self.augment.rot90_axes) < max(self.augment.rot90_axes) <= 2
@@ -76,17 +73,11 @@ class PairedPatchSampler(grain.transforms.RandomMap):
 
   @staticmethod
   def _fg(case: Case, regions) -> list[np.ndarray]:
-    if case.fg_locations is not None:
-      return [loc for loc in case.fg_locations if len(loc)]
-    rng = np.random.default_rng(0)
-    out = []
-    for values in regions.values():
-      loc = np.argwhere(np.isin(case.label, values)).astype(np.int32)
-      if len(loc) > MAX_FG_LOCATIONS:
-        loc = loc[rng.choice(len(loc), MAX_FG_LOCATIONS, replace=False)]
-      if len(loc):
-        out.append(loc)
-    return out
+    """Non-empty regions' locations: cached, or computed as the cache would."""
+    locations = case.fg_locations
+    if locations is None:
+      locations = foreground.region_locations(case.label, regions)
+    return [loc for loc in locations if len(loc)]
 
   def _centre(self, index: int, rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
     shape = np.array(self.cases[index].pre.shape)

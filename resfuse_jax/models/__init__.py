@@ -2,33 +2,48 @@
 
 Every model maps ``(pre, post)`` [B, D, H, W, 1] to region logits
 [B, D, H, W, R]; models trained with auxiliary losses (deep supervision, coarse
-predictions) sow those extra logits into the ``aux_logits`` collection.
+predictions) sow those extra logits into the ``aux_logits`` collection, and
+fusion models sow each fused level's auxiliary term into ``FUSION_TERMS``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from resfuse_jax.errors import ConfigError
+from resfuse_jax.models import layers
 from resfuse_jax.models.a2fnet import A2FNet
+from resfuse_jax.models.layers import FUSION_TERMS
 from resfuse_jax.models.lits import LiTS
 from resfuse_jax.models.resfuse import ResFuse
 from resfuse_jax.models.resunet import ResUNet
 from resfuse_jax.models.tsf_seq2seq import TSFSeq2Seq
 
+__all__ = ["FUSION_TERMS", "build", "compute_dtype", "count_params", "names"]
 
-def _resunet(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
-  return ResUNet(tuple(cfg.features), num_outputs, "post", dtype, cfg.get("remat", False))
-
-
-def _resunet_early(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
-  return ResUNet(tuple(cfg.features), num_outputs, "pre+post", dtype, cfg.get("remat", False))
+# (model config, num_outputs, dtype, resolved conv_impl) -> module
+Builder = Callable[[Any, int, Any, str], nn.Module]
 
 
-def _resfuse(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
+def _resunet(inputs: str) -> Builder:
+  return lambda cfg, num_outputs, dtype, conv_impl: ResUNet(
+    tuple(cfg.features),
+    num_outputs,
+    inputs,
+    dtype,
+    cfg.get("remat", False),
+    conv_impl=conv_impl,
+  )
+
+
+def _resfuse(cfg: Any, num_outputs: int, dtype: Any, conv_impl: str) -> nn.Module:
   levels = cfg.get("fuse_levels", None)
   return ResFuse(
     tuple(cfg.features),
@@ -37,19 +52,24 @@ def _resfuse(cfg: Any, num_outputs: int, dtype: Any) -> nn.Module:
     fuse_levels=None if levels is None else tuple(levels),
     dtype=dtype,
     remat=cfg.get("remat", False),
+    conv_impl=conv_impl,
   )
 
 
-def _baseline(cls: type[nn.Module]) -> Callable[[Any, int, Any], nn.Module]:
-  return lambda cfg, num_outputs, dtype: cls(
-    tuple(cfg.features), num_outputs, dtype=dtype, remat=cfg.get("remat", False)
+def _baseline(cls: type[nn.Module]) -> Builder:
+  return lambda cfg, num_outputs, dtype, conv_impl: cls(
+    tuple(cfg.features),
+    num_outputs,
+    dtype=dtype,
+    remat=cfg.get("remat", False),
+    conv_impl=conv_impl,
   )
 
 
-_REGISTRY: dict[str, Callable[[Any, int, Any], nn.Module]] = {
+_REGISTRY: dict[str, Builder] = {
   "resfuse": _resfuse,
-  "resunet": _resunet,
-  "resunet_early": _resunet_early,
+  "resunet": _resunet("post"),
+  "resunet_early": _resunet("pre+post"),
   "a2fnet": _baseline(A2FNet),
   "tsf_seq2seq": _baseline(TSFSeq2Seq),
   "lits": _baseline(LiTS),
@@ -61,8 +81,28 @@ def names() -> list[str]:
 
 
 def build(model_config: Any, num_outputs: int, dtype: Any = jnp.float32) -> nn.Module:
-  """Builds ``model_config.name``; unknown names raise listing the valid ones."""
+  """Builds ``model_config.name`` with its ``conv_impl`` (default auto) resolved for this backend.
+
+  Unknown names or conv implementations raise ``ConfigError`` listing the valid ones.
+  """
   name = model_config.name
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown model.name {name!r}; registered models: {', '.join(names())}")
-  return _REGISTRY[name](model_config, num_outputs, dtype)
+    raise ConfigError(f"Unknown model.name {name!r}; registered models: {', '.join(names())}")
+  conv_impl = layers.resolve_conv_impl(model_config.get("conv_impl", "auto"))
+  return _REGISTRY[name](model_config, num_outputs, dtype, conv_impl)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter tree (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
+  return sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params))
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(train_config: Any) -> Any:
+  """``train.compute_dtype``: activations and matmuls; parameters stay float32."""
+  name = train_config.get("compute_dtype", "float32")
+  if name not in COMPUTE_DTYPES:
+    raise ConfigError(f"train.compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+  return jnp.dtype(name)

@@ -11,6 +11,7 @@ average-fusion logits are sown into ``aux_logits`` for the training loss.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -28,14 +29,16 @@ class SequenceAttention(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, own: jax.Array, average: jax.Array) -> jax.Array:
-    x = layers.Conv3(self.features, dtype=self.dtype, name="conv_a")(
-      jnp.concatenate([own, average], axis=-1)
+    conv = functools.partial(
+      layers.Conv3, self.features, dtype=self.dtype, conv_impl=self.conv_impl
     )
+    x = conv(name="conv_a")(jnp.concatenate([own, average], axis=-1))
     x = nn.relu(layers.instance_norm("norm", self.dtype)(x))
-    return nn.relu(layers.Conv3(self.features, dtype=self.dtype, name="conv_b")(x))
+    return nn.relu(conv(name="conv_b")(x))
 
 
 def adaptive_fusion_weights(attention_logits: list[jax.Array]) -> jax.Array:
@@ -46,28 +49,35 @@ def adaptive_fusion_weights(attention_logits: list[jax.Array]) -> jax.Array:
 class A2FNet(layers.TwoSequenceModel):
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
+    impl = self.conv_impl
     levels = []  # per sequence: decoder outputs, full resolution first, bottleneck last
     for name, x in zip(SEQUENCES, (pre, post)):
-      skips = ResUNetEncoder(self.features, self.dtype, self.remat, name=f"{name}_encoder")(
-        x.astype(self.dtype)
-      )
-      out = layers.Decoder(self.features, None, self.dtype, True, name=f"{name}_decoder")(skips)
+      skips = ResUNetEncoder(
+        self.features, self.dtype, self.remat, conv_impl=impl, name=f"{name}_encoder"
+      )(x.astype(self.dtype))
+      out = layers.Decoder(
+        self.features, None, self.dtype, True, conv_impl=impl, name=f"{name}_decoder"
+      )(skips)
       head = layers.SegmentationHead(self.num_outputs, self.dtype, name=f"{name}_head")
       self.sow("aux_logits", name, head(out[0]))
       levels.append(out)
     averaged = [jnp.mean(jnp.stack(per_level), axis=0) for per_level in zip(*levels)]
-    average = layers.Decoder(self.features, None, self.dtype, name="average_decoder")(averaged)
+    average = layers.Decoder(
+      self.features, None, self.dtype, conv_impl=impl, name="average_decoder"
+    )(averaged)
     head = layers.SegmentationHead(self.num_outputs, self.dtype, name="average_head")
     self.sow("aux_logits", "average", head(average))
     feats = [out[0] for out in levels]  # [B, D, H, W, C0] per sequence
     logits = [
-      SequenceAttention(self.features[0], self.dtype, name=f"{name}_attention")(f, average)
+      SequenceAttention(self.features[0], self.dtype, conv_impl=impl, name=f"{name}_attention")(
+        f, average
+      )
       for name, f in zip(SEQUENCES, feats)
     ]
     weights = adaptive_fusion_weights(logits)
     self.sow("intermediates", "fusion_weights", weights)
     fused = jnp.sum(weights * jnp.stack(feats), axis=0)  # [B, D, H, W, C0]
-    x = layers.Conv3(self.features[0], dtype=self.dtype, name="fused_conv")(
+    x = layers.Conv3(self.features[0], dtype=self.dtype, conv_impl=impl, name="fused_conv")(
       jnp.concatenate([fused, average], axis=-1)
     )
     return layers.SegmentationHead(self.num_outputs, self.dtype, name="fused_head")(x)

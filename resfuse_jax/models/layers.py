@@ -5,12 +5,15 @@ two patterns a U-Net needs: the backward pass of strided convolutions and
 ``lax.conv_transpose``. Every block here expresses those through exact
 rewrites instead (space-to-depth + unstrided conv; 1x1x1 conv + depth-to-space),
 keeping the parameter shapes of the textbook layers. All tensors are NDHWC.
+
+Every module with 3x3x3 convolutions has a ``conv_impl`` field ("xla" or
+"planes", see `conv3d`); `resolve_conv_impl` picks one for a backend, outside
+traced code, so the choice is part of the model (and of jit's cache key).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +21,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resfuse_jax.errors import ConfigError
+
 Dtype = Any
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+# The collection in which a fusion model sows, per encoder level it fuses, the
+# auxiliary contribution added to the main branch, [B, d, h, w, C]. Consumers take
+# ``jax.tree.leaves(collection)`` (one array per fused level), not module paths.
+FUSION_TERMS = "fusion_terms"
 
 
 def space_to_depth(x: jax.Array) -> jax.Array:
@@ -57,37 +67,39 @@ def stride2_kernel_as_s2d(kernel: jax.Array) -> jax.Array:
 CONV_IMPLS = ("auto", "xla", "planes")
 
 
-def conv_impl() -> str:
-  """The 3D convolution implementation for the backend being traced for.
+def resolve_conv_impl(name: str, backend: str | None = None) -> str:
+  """``model.conv_impl`` (auto | xla | planes) -> the `conv3d` impl for ``backend``.
 
-  ``RESFUSE_CONV_IMPL`` (auto | xla | planes) overrides it; benchmarks use it to
-  time both side by side. ``auto`` is ``planes`` on CPU and ``xla`` elsewhere:
-  XLA's CPU backend runs 2D convolutions 2-4x faster than 3D ones (forward and
-  input gradient), while cuDNN's 3D kernels are the fast path on GPU.
+  ``auto`` is ``planes`` on CPU and ``xla`` elsewhere: XLA's CPU backend runs 2D
+  convolutions 2-4x faster than 3D ones (forward and input gradient), while
+  cuDNN's 3D kernels are the fast path on GPU. ``backend`` defaults to
+  ``jax.default_backend()``; call this outside traced code.
   """
-  impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"RESFUSE_CONV_IMPL must be one of {CONV_IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "planes" if jax.default_backend() == "cpu" else "xla"
-  return impl
+  if name not in CONV_IMPLS:
+    raise ConfigError(f"model.conv_impl must be one of {', '.join(CONV_IMPLS)}; got {name!r}")
+  if name != "auto":
+    return name
+  return "planes" if (backend or jax.default_backend()) == "cpu" else "xla"
 
 
 _DN3 = ("NDHWC", "DHWIO", "NDHWC")
 
 
-def conv3d(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+def conv3d(x: jax.Array, kernel: jax.Array, padding, impl: str) -> jax.Array:
   """Unstrided 3D convolution, NDHWC x DHWIO, explicit ``((lo, hi),) * 3`` padding.
 
+  ``impl`` (resolved, see `resolve_conv_impl`): ``xla`` is XLA's 3D conv;
   ``planes`` is the exact rewrite y = sum_kd conv2d(x[kd : kd + D_out], kernel[kd])
   with depth folded into the batch, for the forward pass and the input gradient;
   the weight gradient stays XLA's 3D one, which is the faster of the two on CPU
   (benchmarks/conv_kernels.py).
   """
   padding = tuple(tuple(int(v) for v in p) for p in padding)
-  if conv_impl() == "xla":
+  if impl == "xla":
     return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), padding, dimension_numbers=_DN3)
-  return _conv3d_planes(x, kernel, padding)
+  if impl == "planes":
+    return _conv3d_planes(x, kernel, padding)
+  raise ValueError(f"conv3d impl must be 'xla' or 'planes' (see resolve_conv_impl); got {impl!r}")
 
 
 def _planes_forward(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
@@ -140,17 +152,19 @@ class Conv3(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   kernel_init: Callable = conv_init
+  conv_impl: str = "xla"  # "xla" | "planes", see `conv3d`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features))
     if self.strides == 1:
-      y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), ((1, 1),) * 3)
+      y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), ((1, 1),) * 3, self.conv_impl)
     elif self.strides == 2:
       y = conv3d(
         space_to_depth(x).astype(self.dtype),
         stride2_kernel_as_s2d(kernel).astype(self.dtype),
         ((0, 1),) * 3,
+        self.conv_impl,
       )
     else:
       raise ValueError(f"Conv3 supports strides 1 or 2, got {self.strides}")
@@ -214,14 +228,16 @@ class ResidualBranch(nn.Module):
   strides: int = 1
   preactivate: bool = True
   dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.preactivate:
       x = nn.relu(instance_norm("norm_in", self.dtype)(x))
-    x = Conv3(self.features, self.strides, dtype=self.dtype, name="conv_a")(x)
+    conv = functools.partial(Conv3, self.features, dtype=self.dtype, conv_impl=self.conv_impl)
+    x = conv(self.strides, name="conv_a")(x)
     x = nn.relu(instance_norm("norm_mid", self.dtype)(x))
-    return Conv3(self.features, 1, dtype=self.dtype, name="conv_b")(x)
+    return conv(1, name="conv_b")(x)
 
 
 class Projection(nn.Module):
@@ -239,10 +255,6 @@ class Projection(nn.Module):
     return instance_norm("norm", self.dtype)(x)
 
 
-def needs_projection(in_features: int, features: int, strides: int) -> bool:
-  return strides != 1 or in_features != features
-
-
 class ResidualUnit(nn.Module):
   """y = F(x) + P(x), the ResUNet block."""
 
@@ -250,10 +262,18 @@ class ResidualUnit(nn.Module):
   strides: int = 1
   preactivate: bool = True
   dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    f = ResidualBranch(self.features, self.strides, self.preactivate, self.dtype, name="residual")
+    f = ResidualBranch(
+      self.features,
+      self.strides,
+      self.preactivate,
+      self.dtype,
+      conv_impl=self.conv_impl,
+      name="residual",
+    )
     p = Projection(self.features, self.strides, self.dtype, name="projection")
     return f(x) + p(x)
 
@@ -286,6 +306,7 @@ class Decoder(nn.Module):
   num_outputs: int | None
   dtype: Dtype = jnp.float32
   return_levels: bool = False
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, skips: list[jax.Array]) -> jax.Array | list[jax.Array]:
@@ -295,7 +316,9 @@ class Decoder(nn.Module):
     for level in range(len(skips) - 2, -1, -1):
       x = UpConv(self.features[level], self.dtype, name=f"up{level}")(x)
       x = jnp.concatenate([x, skips[level]], axis=-1)
-      x = ResidualUnit(self.features[level], 1, True, self.dtype, name=f"level{level}")(x)
+      x = ResidualUnit(
+        self.features[level], 1, True, self.dtype, conv_impl=self.conv_impl, name=f"level{level}"
+      )(x)
       levels.insert(0, x)
     if self.return_levels:
       return levels
@@ -312,3 +335,4 @@ class TwoSequenceModel(nn.Module):
   num_outputs: int
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute encoder levels in the backward pass
+  conv_impl: str = "xla"

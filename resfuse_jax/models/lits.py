@@ -58,12 +58,17 @@ class DeformableAggregation(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, main: jax.Array, aux: jax.Array) -> jax.Array:
     both = jnp.concatenate([main, aux], axis=-1)
     offsets = layers.Conv3(  # zero-initialised: training starts from the identity alignment
-      3, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="offsets"
+      3,
+      dtype=jnp.float32,
+      kernel_init=nn.initializers.zeros,
+      conv_impl=self.conv_impl,
+      name="offsets",
     )(both)
     aligned = trilinear_warp(aux, offsets)
     self.sow("intermediates", "offset_field", offsets)
@@ -86,13 +91,16 @@ class UncertainRegionInpainting(nn.Module):
   features: int
   num_outputs: int
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, feats: jax.Array, coarse_logits: jax.Array) -> jax.Array:
     uncertain = uncertain_mask(coarse_logits)
     confident = jax.nn.sigmoid(coarse_logits) * (1.0 - uncertain)  # uncertain voxels masked out
     x = jnp.concatenate([feats, confident.astype(feats.dtype), uncertain.astype(feats.dtype)], -1)
-    x = layers.ResidualUnit(self.features, dtype=self.dtype, name="inpaint")(x)
+    x = layers.ResidualUnit(
+      self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="inpaint"
+    )(x)
     refined = layers.SegmentationHead(self.num_outputs, self.dtype, name="head")(x)
     return uncertain * refined + (1.0 - uncertain) * coarse_logits
 
@@ -100,19 +108,20 @@ class UncertainRegionInpainting(nn.Module):
 class LiTS(layers.TwoSequenceModel):
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
-    main = ResUNetEncoder(self.features, self.dtype, self.remat, name="post_encoder")(
-      post.astype(self.dtype)
-    )
-    aux = ResUNetEncoder(self.features, self.dtype, self.remat, name="pre_encoder")(
+    impl = self.conv_impl
+    main = ResUNetEncoder(
+      self.features, self.dtype, self.remat, conv_impl=impl, name="post_encoder"
+    )(post.astype(self.dtype))
+    aux = ResUNetEncoder(self.features, self.dtype, self.remat, conv_impl=impl, name="pre_encoder")(
       pre.astype(self.dtype)
     )
     skips = [
-      DeformableAggregation(f, self.dtype, name=f"aggregate{level}")(m, a)
+      DeformableAggregation(f, self.dtype, conv_impl=impl, name=f"aggregate{level}")(m, a)
       for level, (f, m, a) in enumerate(zip(self.features, main, aux))
     ]
-    feats = layers.Decoder(self.features, None, self.dtype, name="decoder")(skips)
+    feats = layers.Decoder(self.features, None, self.dtype, conv_impl=impl, name="decoder")(skips)
     coarse = layers.SegmentationHead(self.num_outputs, self.dtype, name="coarse_head")(feats)
     self.sow("aux_logits", "coarse", coarse)
     return UncertainRegionInpainting(
-      self.features[0], self.num_outputs, self.dtype, name="inpainting"
+      self.features[0], self.num_outputs, self.dtype, conv_impl=impl, name="inpainting"
     )(feats, coarse)

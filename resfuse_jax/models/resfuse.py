@@ -60,11 +60,17 @@ class ResFuseLevel(nn.Module):
   fusion: str
   fuse: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, main: jax.Array, aux: jax.Array) -> tuple[jax.Array, jax.Array]:
     residual = layers.ResidualBranch(
-      self.features, self.strides, self.preactivate, self.dtype, name="residual"
+      self.features,
+      self.strides,
+      self.preactivate,
+      self.dtype,
+      conv_impl=self.conv_impl,
+      name="residual",
     )
     projection = layers.Projection(self.features, self.strides, self.dtype, name="projection")
     n = main.shape[0]
@@ -76,7 +82,7 @@ class ResFuseLevel(nn.Module):
     w_aux = FusionWeight(self.features, self.strides, self.fusion, self.dtype, name="fusion")(
       main, aux, p_aux
     )
-    self.sow("intermediates", "fusion_term", w_aux)  # for the Fig. 4-style heat map
+    self.sow(layers.FUSION_TERMS, "term", w_aux)  # for the Fig. 4-style heat map
     return f_main + w_aux, f_aux + p_aux
 
 
@@ -88,6 +94,7 @@ class ResFuseEncoder(nn.Module):
   fuse_levels: Sequence[int] | None = None
   dtype: Any = jnp.float32
   remat: bool = False  # recompute each level in the backward pass instead of storing it
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, main: jax.Array, aux: jax.Array) -> list[jax.Array]:
@@ -102,6 +109,7 @@ class ResFuseEncoder(nn.Module):
         fusion=self.fusion,
         fuse=fuse,
         dtype=self.dtype,
+        conv_impl=self.conv_impl,
         name=f"level{level}",
       )(main, aux)
       skips.append(main)
@@ -117,6 +125,7 @@ class ResFuse(nn.Module):
   fuse_levels: Sequence[int] | None = None
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
@@ -124,6 +133,14 @@ class ResFuse(nn.Module):
     if self.fusion not in FUSIONS:
       raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
     skips = ResFuseEncoder(
-      self.features, self.fusion, self.fuse_levels, self.dtype, self.remat, name="encoder"
+      self.features,
+      self.fusion,
+      self.fuse_levels,
+      self.dtype,
+      self.remat,
+      conv_impl=self.conv_impl,
+      name="encoder",
     )(post.astype(self.dtype), pre.astype(self.dtype))
-    return layers.Decoder(self.features, self.num_outputs, self.dtype, name="decoder")(skips)
+    return layers.Decoder(
+      self.features, self.num_outputs, self.dtype, conv_impl=self.conv_impl, name="decoder"
+    )(skips)

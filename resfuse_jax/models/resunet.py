@@ -17,6 +17,7 @@ class ResUNetEncoder(nn.Module):
   features: tuple[int, ...]
   dtype: Any = jnp.float32
   remat: bool = False  # recompute each level in the backward pass instead of storing it
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -28,6 +29,7 @@ class ResUNetEncoder(nn.Module):
         strides=1 if level == 0 else 2,
         preactivate=level > 0,
         dtype=self.dtype,
+        conv_impl=self.conv_impl,
         name=f"level{level}",
       )(x)
       skips.append(x)
@@ -46,6 +48,7 @@ class ResUNet(nn.Module):
   inputs: str = "post"
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
@@ -56,7 +59,9 @@ class ResUNet(nn.Module):
       x = jnp.concatenate([pre, post], axis=-1)
     else:
       raise ValueError(f"ResUNet.inputs must be 'post' or 'pre+post', got {self.inputs!r}")
-    skips = ResUNetEncoder(self.features, self.dtype, self.remat, name="encoder")(
-      x.astype(self.dtype)
-    )
-    return layers.Decoder(self.features, self.num_outputs, self.dtype, name="decoder")(skips)
+    skips = ResUNetEncoder(
+      self.features, self.dtype, self.remat, conv_impl=self.conv_impl, name="encoder"
+    )(x.astype(self.dtype))
+    return layers.Decoder(
+      self.features, self.num_outputs, self.dtype, conv_impl=self.conv_impl, name="decoder"
+    )(skips)

@@ -13,6 +13,7 @@ batched call.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,11 +33,13 @@ class TaskAttention(nn.Module):
   features: int
   reduction: int = 4
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, sequences: jax.Array, task_code: jax.Array) -> jax.Array:
     """sequences: [B, D, H, W, M*C] -> residual [B, D, H, W, C]."""
-    x = nn.leaky_relu(layers.Conv3(self.features, dtype=self.dtype, name="conv")(sequences), 0.2)
+    conv = functools.partial(layers.Conv3, dtype=self.dtype, conv_impl=self.conv_impl)
+    x = nn.leaky_relu(conv(self.features, name="conv")(sequences), 0.2)
     b = x.shape[0]
     code = jnp.broadcast_to(task_code, (b, task_code.shape[-1]))
     hidden = nn.Dense(max(self.features // self.reduction, 2), name="channel_fc1")
@@ -50,7 +53,7 @@ class TaskAttention(nn.Module):
     maps = jnp.concatenate(
       [jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1
     )
-    return x * nn.sigmoid(layers.Conv3(1, use_bias=False, dtype=self.dtype, name="spatial")(maps))
+    return x * nn.sigmoid(conv(1, use_bias=False, name="spatial")(maps))
 
 
 class TSFSeq2Seq(layers.TwoSequenceModel):
@@ -58,7 +61,9 @@ class TSFSeq2Seq(layers.TwoSequenceModel):
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
     n = pre.shape[0]
     both = jnp.concatenate([pre, post], axis=0).astype(self.dtype)  # [2B, ...]: one shared call
-    encoded = ResUNetEncoder(self.features, self.dtype, self.remat, name="encoder")(both)
+    encoded = ResUNetEncoder(
+      self.features, self.dtype, self.remat, conv_impl=self.conv_impl, name="encoder"
+    )(both)
     task_code = self.param("task_code", nn.initializers.normal(1.0), (TASK_CODE_DIM,))
     weights = jax.nn.softmax(nn.Dense(NUM_SEQUENCES, name="sequence_weights")(task_code))
     self.sow("intermediates", "sequence_contributions", weights)  # [pre, post] contributions
@@ -66,10 +71,14 @@ class TSFSeq2Seq(layers.TwoSequenceModel):
     for level, (feats, e) in enumerate(zip(self.features, encoded)):
       e_pre, e_post = e[:n], e[n:]
       fused = weights[0] * e_pre + weights[1] * e_post
-      attention = TaskAttention(feats, dtype=self.dtype, name=f"attention{level}")
+      attention = TaskAttention(
+        feats, dtype=self.dtype, conv_impl=self.conv_impl, name=f"attention{level}"
+      )
       plain.append(fused)
       refined.append(fused + attention(jnp.concatenate([e_pre, e_post], -1), task_code))
     skips = [jnp.concatenate([r, p], axis=0) for r, p in zip(refined, plain)]
-    logits = layers.Decoder(self.features, self.num_outputs, self.dtype, name="decoder")(skips)
+    logits = layers.Decoder(
+      self.features, self.num_outputs, self.dtype, conv_impl=self.conv_impl, name="decoder"
+    )(skips)
     self.sow("aux_logits", "without_attention", logits[n:])
     return logits[:n]

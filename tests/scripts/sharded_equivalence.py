@@ -6,15 +6,12 @@ JAX starts): ``JAX_NUM_CPU_DEVICES=8 python tests/scripts/sharded_equivalence.py
 
 import functools
 import json
-import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, "configs")
-import phantom  # noqa: E402  (configs/phantom.py)
-
-from resfuse_jax import sharding, train  # noqa: E402
+from resfuse_jax import config_lib, sharding, train
+from resfuse_jax.eval import predictor
 
 REGIONS = ((1, 2, 3), (1, 3), (3,))
 MESHES = {"data8": (8, 1), "data4_spatial2": (4, 2)}
@@ -30,7 +27,7 @@ def batches(n, batch=8, size=16):
 
 def run(config, data, spatial, steps):
   mesh = sharding.make_mesh(ml_mesh(data, spatial))
-  model = train.build_model(config, len(REGIONS))
+  model = predictor.build_model(config)
   tx = train.make_optimizer(config.train)
   init = functools.partial(train.init_state, model, tx, tuple(config.data.patch_size))
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
@@ -61,7 +58,8 @@ def ml_mesh(data, spatial):
 
 
 def main():
-  config = phantom.get_config("resfuse,smoke")
+  config = config_lib.load("configs/phantom.py:resfuse,smoke")
+  config.model.conv_impl = "xla"  # its operands show the per-device shapes directly
   # SGD: Adam would normalise float noise on zero-gradient parameters (a conv bias before an
   # instance norm) into lr-sized updates, hiding real differences behind fake ones.
   config.train.optimizer = "sgd"

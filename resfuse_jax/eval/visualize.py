@@ -1,5 +1,7 @@
 """Figures like the paper's: scans, subtraction, label overlays and the fusion heat map.
 
+The package's only matplotlib user: import it only when figures are asked for.
+
 Colours follow the paper's Fig. 5: enhancing tumour red, necrotic core green,
 edema blue, so WT = red+green+blue, TC = red+green, ET = red.
 """
@@ -41,30 +43,6 @@ def overlay(gray: np.ndarray, labels: np.ndarray, colours: dict, alpha: float = 
     m = labels == value
     rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(colour)
   return rgb
-
-
-def fusion_magnitudes(intermediates: dict, shape: tuple[int, ...]) -> np.ndarray:
-  """|W_l(a_l)| per encoder level (channel L2 norm), upsampled to ``shape``: [L, *shape].
-
-  ``intermediates`` is flax's sown collection for one window ([1, d, h, w, C] per level).
-  """
-  maps = []
-  for level in sorted(k for k in intermediates if k.startswith("level")):
-    (term,) = intermediates[level]["fusion_term"]
-    mag = np.linalg.norm(np.asarray(term)[0], axis=-1)
-    maps.append(ndimage.zoom(mag, [s / m for s, m in zip(shape, mag.shape)], order=1))
-  return np.stack(maps) if maps else np.zeros((0, *shape), np.float32)
-
-
-def fusion_heat_map(magnitudes: np.ndarray) -> np.ndarray:
-  """[L, D, H, W] -> [D, H, W]: each level scaled to [0, 1] over the volume, then averaged.
-
-  Where the auxiliary (pre-contrast) branch changes the main branch (the paper's Fig. 4).
-  """
-  if len(magnitudes) == 0:
-    return np.zeros(magnitudes.shape[1:], np.float32)
-  peak = magnitudes.reshape(len(magnitudes), -1).max(axis=1)
-  return (magnitudes / np.maximum(peak, 1e-12)[:, None, None, None]).mean(axis=0)
 
 
 def case_figure(

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from resfuse_jax import inference
+from resfuse_jax.eval import sliding_window
 
 
 def test_gaussian_peak_and_positivity():
-  g = inference.gaussian_importance((8, 8, 8))
+  g = sliding_window.gaussian_importance((8, 8, 8))
   assert g.max() == pytest.approx(1.0) and g.min() > 0
   assert g[3:5, 3:5, 3:5].min() == g.max()
 
@@ -15,7 +15,7 @@ def test_windows_cover_every_voxel(shape):
   window = (16, 16, 16)
   padded = tuple(max(s, w) for s, w in zip(shape, window))
   covered = np.zeros(padded, int)
-  for s in inference.window_starts(padded, window, 0.5):
+  for s in sliding_window.window_starts(padded, window, 0.5):
     covered[tuple(slice(a, a + w) for a, w in zip(s, window))] += 1
     assert all(a + w <= p for a, w, p in zip(s, window, padded))
   assert covered.min() >= 1
@@ -29,14 +29,14 @@ def test_single_window_equals_one_forward_pass():
   def predict(tiles):
     return tiles @ w
 
-  out = inference.sliding_window(predict, vol, (8, 8, 8), 3, batch_size=2)
+  out = sliding_window.sliding_window(predict, vol, (8, 8, 8), 3, batch_size=2)
   np.testing.assert_allclose(out, vol @ w, rtol=1e-5, atol=1e-6)
 
 
 def test_voxelwise_function_is_reproduced_on_larger_volume():
   """Overlapping windows of a voxel-wise function average to the function itself."""
   vol = np.random.default_rng(1).normal(size=(21, 13, 30, 2)).astype(np.float32)
-  out = inference.sliding_window(lambda t: t[..., :1] * 2.0, vol, (8, 8, 8), 1, batch_size=3)
+  out = sliding_window.sliding_window(lambda t: t[..., :1] * 2.0, vol, (8, 8, 8), 1, batch_size=3)
   assert out.shape == (21, 13, 30, 1)
   np.testing.assert_allclose(out[..., 0], vol[..., 0] * 2.0, rtol=1e-5, atol=1e-5)
 
@@ -48,7 +48,7 @@ def test_predict_is_always_called_with_a_full_batch():
     seen.append(tiles.shape[0])
     return tiles[..., :1]
 
-  inference.sliding_window(
+  sliding_window.sliding_window(
     predict, np.ones((20, 20, 20, 1), np.float32), (8, 8, 8), 1, batch_size=4
   )
   assert set(seen) == {4}
@@ -63,8 +63,10 @@ def test_mirroring_tta_of_a_flip_equivariant_function_is_exact():
       out = (np.roll(out, 1, axis) + out + np.roll(out, -1, axis)) / 3
     return out
 
-  plain = inference.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1)
-  tta = inference.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1, mirror_axes=(0, 1, 2))
+  plain = sliding_window.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1)
+  tta = sliding_window.sliding_window(
+    blur, vol, (12, 10, 9), 1, batch_size=1, mirror_axes=(0, 1, 2)
+  )
   np.testing.assert_allclose(tta, plain, rtol=1e-5, atol=1e-6)
 
 
@@ -75,7 +77,7 @@ def test_mirroring_tta_averages_a_non_equivariant_function():
   def predict(tiles):  # depends on position along axis 0 only: flips average it out
     return np.broadcast_to(ramp, tiles.shape).copy()
 
-  tta = inference.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(0,))
+  tta = sliding_window.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(0,))
   np.testing.assert_allclose(tta[..., 0], np.full((8, 8, 8), 3.5), atol=1e-6)
   with pytest.raises(ValueError, match="mirror_axes"):
-    inference.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(3,))
+    sliding_window.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(3,))

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from resfuse_jax import data
+
 
 @functools.lru_cache(maxsize=8)
 def gaussian_importance(window: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> np.ndarray:
@@ -98,3 +100,25 @@ def _predict_mirrored(predict: Callable, tiles: np.ndarray, axes: tuple[int, ...
     y = np.flip(y, flip) if flip else y
     total = y.astype(np.float32) if total is None else total + y
   return total / len(subsets)
+
+
+def predict_volume(
+  predict: Callable[[np.ndarray], np.ndarray],
+  case: data.Case,
+  config,
+  batch_size: int | None = None,
+  mirror_axes: Sequence[int] = (),
+) -> np.ndarray:
+  """A case's [D, H, W, R] region probabilities with the config's window and overlap.
+
+  ``batch_size`` defaults to ``eval.batch_size`` (training rounds it up to the mesh).
+  """
+  return sliding_window(
+    predict,
+    np.stack([case.pre, case.post], axis=-1),
+    config.data.patch_size,
+    len(data.get_dataset(config.data.name).regions),
+    overlap=config.eval.overlap,
+    batch_size=batch_size or config.eval.batch_size,
+    mirror_axes=mirror_axes,
+  )

@@ -10,11 +10,14 @@ Empty-mask conventions (documented, as BraTS and MONAI users expect):
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from resfuse_jax import files
 
 EMPTY_HD95 = 373.12866
 
@@ -158,13 +161,20 @@ class RegionMetrics:
     """One row per case (``case``, ``dice_<region>``, ...), written atomically."""
     if not self.rows:
       raise ValueError("no cases were evaluated")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-      writer.writeheader()
-      writer.writerows(self.rows)
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+    writer.writeheader()
+    writer.writerows(self.rows)
+    files.write_text(path, text.getvalue())
+
+  def std(self) -> dict[str, dict[str, float]]:
+    """Population standard deviation over cases, per metric of `summary` and region."""
+    return {
+      metric: {
+        r: float(np.std([row[f"{metric}_{r}"] for row in self.rows])) for r in self.region_names
+      }
+      for metric in self.summary()
+    }
 
 
 def read_csv(path: str | Path) -> list[dict]:

@@ -1,12 +1,19 @@
-"""Settings shared by every dataset config; datasets override what differs.
+"""Settings shared by every dataset config, and the one way to load a config file.
 
+``configs/<dataset>.py`` start from ``base_config`` and override what differs.
 Config args are comma-separated: the first names the model, the rest are
 options, e.g. ``configs/brats.py:resfuse,smoke``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import ml_collections
+
+from resfuse_jax.errors import ConfigError
 
 # Config arg -> (model.name, model overrides). Every model and every ResFuse ablation is one
 # name, so `compare --models=...` changes exactly one thing between runs.
@@ -32,7 +39,7 @@ def parse_arg(arg: str | None) -> tuple[str, set[str]]:
   options = set(parts[1:] if parts and parts[0] in MODELS else parts)
   unknown = options - set(OPTIONS)
   if unknown:
-    raise ValueError(
+    raise ConfigError(
       f"Unknown config args {sorted(unknown)}; the first arg is a model ({', '.join(MODELS)}), "
       f"the rest options ({', '.join(OPTIONS)})"
     )
@@ -51,6 +58,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.model.fusion = "conv"  # identity | conv | gate (ResFuse only)
   c.model.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
   c.model.remat = False  # recompute encoder levels in the backward pass (less memory)
+  # 3D convolutions: auto (2D planes on CPU, XLA's 3D conv elsewhere) | xla | planes. The
+  # environment variable is read here, once, so the choice lands in W/config.json.
+  c.model.conv_impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")
   for key, value in overrides.items():
     c.model[key] = value
 
@@ -138,7 +148,40 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    try:
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+    except (KeyError, AttributeError, TypeError) as e:
+      raise ConfigError(f"cannot set config.{key}={value!r}: {e}") from None
   return c
+
+
+def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """``'configs/phantom.py:resunet,smoke'`` -> that file's ``get_config(arg)`` + overrides.
+
+  The command-line flag ``--config`` (ml_collections' config_flags) loads the
+  same way; this is for code that builds configs itself (compare, tests, benchmarks).
+  """
+  path, _, arg = spec.partition(":")
+  file = Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path} not found")
+  module_spec = importlib.util.spec_from_file_location(f"_resfuse_config_{file.stem}", file)
+  if module_spec is None or module_spec.loader is None:
+    raise ConfigError(f"{path}: not a Python config file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{path} defines no get_config(arg)")
+  return apply_overrides(module.get_config(arg or None), overrides or {})
+
+
+def with_model(spec: str, variant: str) -> str:
+  """The same config spec with its model replaced and its options kept."""
+  path, _, arg = spec.partition(":")
+  if variant not in MODELS:
+    raise ConfigError(f"Unknown model {variant!r}; choose from {', '.join(MODELS)}")
+  parts = [p for p in arg.split(",") if p]
+  options = [p for p in parts if p not in MODELS]
+  return f"{path}:{','.join([variant, *options])}"

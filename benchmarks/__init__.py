@@ -1,0 +1,1 @@
+"""Speed measurements, each run from the repository root: ``python -m benchmarks.<name>``."""

@@ -1,0 +1,207 @@
+"""Trains and compares models on one dataset (``python -m resfuse_jax.compare``).
+
+Every model gets the config file's settings with only the model changed (the
+same data, fold, budget, seed and command-line overrides) and trains into
+``W/<model>/``; a model whose run already finished is not retrained, one that
+was interrupted resumes. Only training's own files are read
+(``W/<model>/results.json`` and ``metrics.csv``, never an ``evaluate`` folder).
+Writes ``W/comparison.json`` and ``W/comparison.md``: per model the parameter
+count, training FLOPs per step (XLA cost analysis), Dice and recall per region
+(mean ± std over validation cases), and a paired Wilcoxon signed-rank test per
+region against ``resfuse`` across cases. ``seeds=[0, 1, 2]`` trains each model
+once per seed and averages every case's metrics over the seeds before the
+statistics (reporting the seed spread too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import logging
+from scipy import stats
+
+from resfuse_jax import config_lib, data, files, train
+from resfuse_jax.errors import DataError
+from resfuse_jax.eval import metrics
+from resfuse_jax.eval.report import markdown_table, paper_name
+
+METRICS = ("dice", "recall")
+
+
+def run_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[dict, list[dict]]:
+  """Trains (or resumes) one model unless its workdir already holds a finished run."""
+  results_path, rows_path = workdir / "results.json", workdir / "metrics.csv"
+  finished = False
+  if results_path.exists() and rows_path.exists():
+    done = json.loads(results_path.read_text())
+    same_config = json.loads((workdir / "config.json").read_text()) == json.loads(
+      json.dumps(config.to_dict())
+    )
+    finished = done.get("steps") == config.train.steps and same_config
+  if finished:
+    logging.info("%s: finished run found, not retrained", workdir)
+  else:
+    train.train_and_evaluate(config, str(workdir))
+  return json.loads(results_path.read_text()), metrics.read_csv(rows_path)
+
+
+def paired_test(ours: list[float], reference: list[float]) -> dict:
+  """Wilcoxon signed-rank test of per-case differences; p = 1 when no case differs."""
+  diff = np.asarray(ours) - np.asarray(reference)
+  if not np.any(diff):
+    p = 1.0
+  else:
+    p = float(stats.wilcoxon(diff, zero_method="wilcox").pvalue)
+  return {"mean_diff": float(np.mean(diff)), "p_value": p, "test": "wilcoxon signed-rank"}
+
+
+def summarize(
+  name: str, results: dict, per_seed: list[list[dict]], regions: list[str], flops: float
+) -> dict:
+  """Per metric and region: mean ± std over cases of the seed-averaged per-case value."""
+  entry = {"model": name, "params": results["params"], "train_flops_per_step": flops}
+  for m in METRICS:
+    # [seeds, cases] per region, plus the per-case mean over regions
+    values = {
+      r: np.array([[row[f"{m}_{r}"] for row in rows] for rows in per_seed]) for r in regions
+    }
+    values["mean"] = np.mean([values[r] for r in regions], axis=0)
+    entry[m] = {
+      r: {
+        "mean": float(v.mean()),
+        "std": float(np.std(v.mean(axis=0))),
+        "seed_std": float(np.std(v.mean(axis=1))),
+      }
+      for r, v in values.items()
+    }
+  return entry
+
+
+def seed_averaged(per_seed: list[list[dict]], key: str) -> list[float]:
+  return list(np.mean([[row[key] for row in rows] for rows in per_seed], axis=0))
+
+
+def compare(
+  config_spec: str,
+  names: list[str],
+  workdir: str | Path,
+  overrides: dict | None = None,
+  reference: str = "resfuse",
+  seeds: list[int] | None = None,
+) -> dict:
+  """Trains (or reuses) every model of ``names`` for ``config_spec`` ('configs/x.py[:args]')."""
+  workdir = Path(workdir)
+  configs = {n: config_lib.load(config_lib.with_model(config_spec, n), overrides) for n in names}
+  workdir.mkdir(parents=True, exist_ok=True)
+  runs = {}
+  for name, config in configs.items():
+    per_seed = []
+    for seed in seeds or [None]:
+      run_config, run_dir = config, workdir / name
+      if seed is not None:
+        run_config = ml_collections.ConfigDict(config.to_dict())
+        run_config.seed = seed
+        run_dir = run_dir / f"seed{seed}"
+      logging.info("=== %s%s ===", name, "" if seed is None else f", seed {seed}")
+      results, rows = run_model(run_config, run_dir)
+      per_seed.append({row["case"]: row for row in rows})
+    runs[name] = (config, results, per_seed)
+  first = next(iter(runs.values()))[0]
+  regions = data.get_dataset(first.data.name).region_names
+  cases = sorted(next(iter(runs.values()))[2][0])
+  for name, (_, _, per_seed) in runs.items():
+    if any(sorted(rows) != cases for rows in per_seed):
+      raise DataError(f"{workdir / name} was validated on other cases than {names[0]}")
+  ordered = {
+    n: [[rows[c] for c in cases] for rows in per_seed] for n, (_, _, per_seed) in runs.items()
+  }
+  ref = reference if reference in runs else names[0]
+  entries = []
+  for name, (config, results, _) in runs.items():
+    entry = summarize(name, results, ordered[name], regions, train.train_step_flops(config))
+    entry["paired_vs_reference"] = {
+      m: {
+        r: paired_test(
+          seed_averaged(ordered[name], f"{m}_{r}"), seed_averaged(ordered[ref], f"{m}_{r}")
+        )
+        for r in regions
+      }
+      for m in METRICS
+    }
+    entries.append(entry)
+  out = {
+    "dataset": first.data.name,
+    "fold": first.data.fold,
+    "seeds": list(seeds) if seeds else [first.seed],
+    "steps": first.train.steps,
+    "batch_size": first.train.batch_size,
+    "patch_size": list(first.data.patch_size),
+    "cases": len(cases),
+    "regions": regions,
+    "reference": ref,
+    "models": entries,
+  }
+  files.write_text(workdir / "comparison.json", json.dumps(out, indent=2))
+  files.write_text(workdir / "comparison.md", comparison_markdown(out))
+  return out
+
+
+def _pm(stat: dict) -> str:
+  return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+
+
+def comparison_markdown(c: dict) -> str:
+  """The paper's Table 1 (DSC, recall) / Table 2 (DSC per region + mean) layout, plus cost."""
+  regions, ref, multi_seed = c["regions"], c["reference"], len(c["seeds"]) > 1
+  cols = regions + ["mean"] if len(regions) > 1 else regions
+  label = {r: paper_name(r) for r in regions} | {"mean": "Mean"}
+  lines = markdown_table(
+    ["Methodology", "Params", "GFLOP/step"]
+    + [f"DSC {label[r]} (%)" for r in cols]
+    + [f"Recall {label[r]} (%)" for r in cols],
+    [
+      [e["model"], f"{e['params']:,}", f"{e['train_flops_per_step'] / 1e9:.2f}"]
+      + [_pm(e[m][r]) for m in METRICS for r in cols]
+      for e in c["models"]
+    ],
+  )
+  lines += [
+    "",
+    f"{c['dataset']}, fold {c['fold']}, {c['cases']} validation cases, {c['steps']} steps of "
+    f"batch {c['batch_size']} at patch {'×'.join(map(str, c['patch_size']))}, "
+    f"seed{'s' if multi_seed else ''} {', '.join(map(str, c['seeds']))}. "
+    "Mean ± std over cases (population std"
+    + ("; each case's metric averaged over the seeds first" if multi_seed else "")
+    + "); GFLOP/step: one training step (forward, backward, update) by XLA's cost analysis.",
+  ]
+  if multi_seed:
+    spread = "; ".join(
+      f"{e['model']} " + ", ".join(f"{label[r]} {100 * e['dice'][r]['seed_std']:.2f}" for r in cols)
+      for e in c["models"]
+    )
+    lines += ["", f"Spread over seeds (std of the case-mean DSC, points): {spread}."]
+  lines += [
+    "",
+    f"Paired Wilcoxon signed-rank test against {ref} across cases: mean difference in points "
+    "(p-value).",
+    "",
+  ]
+  lines += markdown_table(
+    ["Methodology"]
+    + [f"Δ{'DSC' if m == 'dice' else 'Recall'} {label[r]}" for m in METRICS for r in regions],
+    [
+      [e["model"]]
+      + [
+        f"{100 * t[m][r]['mean_diff']:+.2f} ({t[m][r]['p_value']:.3g})"
+        for m in METRICS
+        for r in regions
+      ]
+      for e in c["models"]
+      if e["model"] != ref
+      for t in [e["paired_vs_reference"]]
+    ],
+  )
+  return "\n".join(lines) + "\n"

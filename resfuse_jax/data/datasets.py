@@ -1,0 +1,135 @@
+"""The dataset registry: a name -> where its cases are, its regions and its label set.
+
+Every dataset is read through one of the readers (``brats``, ``breast``,
+``manifest``); the phantom is written in the BraTS layout first and read back
+through the BraTS reader, so it exercises the real path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from resfuse_jax.data import brats, breast, manifest, phantom
+from resfuse_jax.data.common import CaseFiles
+from resfuse_jax.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """What the rest of the package needs to know about one dataset.
+
+  ``find_cases(data_config, require_label)`` lists the configured collection;
+  ``find_inputs(path, data_config)`` lists a folder in the same layout for
+  prediction (no labels needed); ``cache_tag(data_config)`` names its cache folder.
+  """
+
+  name: str
+  regions: dict[str, tuple[int, ...]]  # region name -> label values it covers (nested)
+  label_values: tuple[int, ...]
+  find_cases: Callable[[Any, bool], list[CaseFiles]]
+  find_inputs: Callable[[Path, Any], list[CaseFiles]]
+  cache_tag: Callable[[Any], str]
+
+  @property
+  def region_names(self) -> list[str]:
+    return list(self.regions)
+
+  @property
+  def brats_like(self) -> bool:
+    """WT/TC/ET regions: BraTS label nesting, colours and lesion-wise metrics apply."""
+    return self.region_names == list(brats.REGIONS)
+
+
+def default_cache_dir() -> Path:
+  return Path(os.environ.get("RESFUSE_CACHE", Path.home() / ".cache" / "resfuse_jax"))
+
+
+def phantom_root(cfg: Any) -> Path:
+  """The phantom's folder: ``data.root`` or a cache folder named by its spec."""
+  if cfg.root:
+    return Path(cfg.root)
+  shape = "x".join(str(s) for s in cfg.phantom_shape)
+  return default_cache_dir() / f"phantom-seed{cfg.phantom_seed}-n{cfg.phantom_cases}-{shape}"
+
+
+def _phantom_cases(cfg: Any, require_label: bool) -> list[CaseFiles]:
+  spec = phantom.PhantomSpec(
+    num_cases=cfg.phantom_cases, shape=tuple(cfg.phantom_shape), seed=cfg.phantom_seed
+  )
+  root = phantom.write_phantom(phantom_root(cfg), spec)
+  return brats.find_cases(root, require_label)
+
+
+def _manifest_inputs(path: Path, cfg: Any) -> list[CaseFiles]:
+  del cfg
+  if path.suffix.lower() != ".csv":
+    raise DataError(
+      f"--input={path}: a model trained on a manifest predicts cases listed in a CSV manifest "
+      "(case_id,pre,post,label with an empty label column)"
+    )
+  return manifest.find_cases(path, require_label=False)
+
+
+_REGISTRY = {
+  "phantom": Dataset(
+    "phantom",
+    brats.REGIONS,
+    brats.LABELS,
+    find_cases=_phantom_cases,
+    find_inputs=lambda path, cfg: brats.find_cases(path, require_label=False),
+    cache_tag=lambda cfg: phantom_root(cfg).name,
+  ),
+  "brats": Dataset(
+    "brats",
+    brats.REGIONS,
+    brats.LABELS,
+    find_cases=lambda cfg, require_label: brats.find_cases(cfg.root, require_label),
+    find_inputs=lambda path, cfg: brats.find_cases(path, require_label=False),
+    cache_tag=lambda cfg: "brats",
+  ),
+  "breast": Dataset(
+    "breast",
+    breast.REGIONS,
+    breast.LABELS,
+    find_cases=lambda cfg, require_label: breast.find_cases(
+      cfg.root, cfg.get("post_phase", 1), require_label
+    ),
+    find_inputs=lambda path, cfg: breast.find_cases(
+      path, cfg.get("post_phase", 1), require_label=False
+    ),
+    cache_tag=lambda cfg: f"breast-phase{cfg.get('post_phase', 1)}",
+  ),
+  "manifest": Dataset(
+    "manifest",
+    breast.REGIONS,
+    breast.LABELS,
+    find_cases=lambda cfg, require_label: manifest.find_cases(
+      cfg.get("manifest", ""), require_label
+    ),
+    find_inputs=_manifest_inputs,
+    cache_tag=lambda cfg: "manifest",
+  ),
+}
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get_dataset(name: str) -> Dataset:
+  """The registered dataset ``name``; unknown names raise listing the valid ones."""
+  if name not in _REGISTRY:
+    raise ConfigError(f"Unknown data.name {name!r}; registered datasets: {', '.join(names())}")
+  return _REGISTRY[name]
+
+
+def find_input_cases(path: str | Path, data_config: Any) -> list[CaseFiles]:
+  """Cases to predict: a CSV manifest (any dataset), or a folder in the training layout."""
+  path = Path(path)
+  if path.suffix.lower() == ".csv":
+    return manifest.find_cases(path, require_label=False)
+  return get_dataset(data_config.name).find_inputs(path, data_config)

@@ -1,0 +1,143 @@
+"""The one evaluation path: training's validation and ``python -m resfuse_jax.evaluate``.
+
+Both call ``evaluate_cases``. Training owns ``W/results.json`` and
+``W/metrics.csv``; ``evaluate_workdir`` writes its own folder
+``W/eval-<step>[-tta]/`` and never touches what training wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from resfuse_jax import data, files
+from resfuse_jax.errors import CheckpointError
+from resfuse_jax.eval import metrics, postprocess, report, sliding_window
+from resfuse_jax.eval.predictor import Predictor
+
+CaseHook = Callable[[data.Case, np.ndarray, np.ndarray, dict], None]
+
+
+def evaluate_cases(
+  predict: Callable[[np.ndarray], np.ndarray],
+  cases: list[data.Case],
+  config: ml_collections.ConfigDict,
+  *,
+  batch_size: int | None = None,
+  tta: bool = False,
+  lesion_wise: bool = False,
+  on_case: CaseHook | None = None,
+) -> metrics.RegionMetrics:
+  """Sliding-window prediction of whole volumes, post-processed, scored per case.
+
+  Args:
+    predict: window function, [N, d, h, w, 2] tiles -> [N, d, h, w, R] probabilities.
+    cases: labelled cases on their preprocessed grid.
+    config: the run's config (window, overlap, thresholds, component filter, regions).
+    tta: average the 8 mirrored predictions.
+    lesion_wise: add BraTS 2023 lesion-wise Dice and HD95.
+    on_case: called with (case, probabilities [D, H, W, R], masks [D, H, W, R], metrics row).
+  """
+  dataset = data.get_dataset(config.data.name)
+  settings = postprocess.settings_from_config(config.eval)
+  acc = metrics.RegionMetrics(dataset.region_names, lesion_wise=lesion_wise)
+  for case in cases:
+    if case.label is None:
+      raise data.DataError(f"case {case.case_id} has no label: it cannot be evaluated")
+    probs = sliding_window.predict_volume(
+      predict, case, config, batch_size, mirror_axes=(0, 1, 2) if tta else ()
+    )
+    masks = postprocess.probabilities_to_masks(probs, **settings)
+    reference = postprocess.region_masks(np.asarray(case.label), dataset.regions)
+    row = acc.add(case.case_id, masks, reference, case.spacing)
+    if on_case is not None:
+      on_case(case, probs, masks, row)
+  return acc
+
+
+def results_record(config, step: int, num_params: int, acc: metrics.RegionMetrics) -> dict:
+  """``results.json``'s contract keys: model, variant, dataset, steps, params, metrics, cases."""
+  return {
+    "model": config.model.name,
+    "variant": config.model.get("variant", config.model.name),
+    "dataset": config.data.name,
+    "steps": int(step),
+    "params": int(num_params),
+    **acc.summary(),
+    "cases": len(acc.rows),
+  }
+
+
+def eval_dir(workdir: str | Path, step: int, tta: bool) -> Path:
+  return Path(workdir) / f"eval-{step}{'-tta' if tta else ''}"
+
+
+def _figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
+  from resfuse_jax.eval import visualize  # matplotlib only when figures are asked for
+
+  def write(case, probs, masks, row):
+    del probs, row
+    visualize.case_figure(
+      folder / f"{case.case_id}.png",
+      case.case_id,
+      case.pre,
+      case.post,
+      postprocess.masks_to_labels(masks, predictor.dataset.regions),
+      np.asarray(case.label),
+      predictor.fusion_heat(case),
+      brats_colours=predictor.dataset.brats_like,
+    )
+
+  return write
+
+
+def evaluate_workdir(
+  workdir: str | Path, step: int | None = None, tta: bool = False, figures: bool = True
+) -> tuple[Path, dict]:
+  """Evaluates a trained workdir on every case of its validation fold.
+
+  Writes ``W/eval-<step>[-tta]/``: ``results.json`` (training's keys plus
+  standard deviations, the TTA flag and, for BraTS regions, lesion-wise
+  metrics), ``metrics.csv`` (one row per case), ``report.md`` (the paper's
+  table layout) and ``figures/<case>.png``. Returns (that folder, results).
+  """
+  workdir = Path(workdir)
+  predictor = Predictor.load(workdir, step)
+  config, dataset = predictor.config, predictor.dataset
+  splits_path = workdir / "splits.json"
+  if not splits_path.is_file():
+    raise CheckpointError(f"{workdir} has no splits.json: not a training workdir")
+  cache, _, _ = data.prepare(config.data, progress=False)
+  cases = data.load_cases(cache, json.loads(splits_path.read_text())["val"])
+  out = eval_dir(workdir, predictor.step, tta)
+  out.mkdir(parents=True, exist_ok=True)
+  figure = _figure_writer(out / "figures", predictor) if figures else None
+
+  def log_case(case, probs, masks, row):
+    if figure is not None:
+      figure(case, probs, masks, row)
+    dice = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("dice_"))
+    logging.info("%s: %s", case.case_id, dice)
+
+  acc = evaluate_cases(
+    predictor.window_fn(),
+    cases,
+    config,
+    tta=tta,
+    lesion_wise=dataset.brats_like,
+    on_case=log_case,
+  )
+  results = {
+    **results_record(config, predictor.step, predictor.num_params, acc),
+    "std": acc.std(),
+    "tta": tta,
+  }
+  acc.write_csv(out / "metrics.csv")
+  files.write_json(out / "results.json", results)
+  files.write_text(out / "report.md", report.results_markdown([results], dataset.region_names))
+  return out, results

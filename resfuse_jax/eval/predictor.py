@@ -1,0 +1,148 @@
+"""A trained model (training workdir or export folder) -> region probabilities of a case.
+
+The one forward pass of the package: ``window_probabilities`` is what training's
+validation, ``evaluate``, ``predict``, ``export`` and the benchmarks run on
+each sliding window. Loading reads only the parameters of a checkpoint (no
+optimiser state) and imports nothing of training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resfuse_jax import checkpointing, data, models, sharding
+from resfuse_jax.errors import CheckpointError
+from resfuse_jax.eval import sliding_window
+
+
+def window_probabilities(model: nn.Module, params: Any, tiles: jax.Array) -> jax.Array:
+  """tiles [N, d, h, w, 2] (pre, post) -> sigmoid region probabilities [N, d, h, w, R]."""
+  return jax.nn.sigmoid(model.apply({"params": params}, tiles[..., 0:1], tiles[..., 1:2]))
+
+
+def make_sharded_window_fn(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
+  """jit'ed (params, tiles) -> probabilities with tiles split over 'data' (training's mesh)."""
+  return jax.jit(
+    lambda params, tiles: window_probabilities(model, params, tiles),
+    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The config's model for its dataset's regions, in ``train.compute_dtype``."""
+  num_outputs = len(data.get_dataset(config.data.name).regions)
+  return models.build(config.model, num_outputs, models.compute_dtype(config.train))
+
+
+def abstract_params(model: nn.Module, patch_size, sharding_=None) -> Any:
+  """Shapes and dtypes of ``model``'s parameters (nothing computed), optionally placed."""
+  x = jax.ShapeDtypeStruct((1, *patch_size, 1), jnp.float32)
+  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, t)["params"], x)
+  if sharding_ is None:
+    return shapes
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_), shapes)
+
+
+class Predictor:
+  """A model with its parameters, one compiled window function for all cases."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int):
+    self.config = config
+    self.dataset = data.get_dataset(config.data.name)
+    self.model = build_model(config)
+    self.params = params
+    self.step = int(step)
+    self._forward = jax.jit(lambda p, t: window_probabilities(self.model, p, t))
+    self._fusion_terms = jax.jit(
+      lambda p, t: self.model.apply(
+        {"params": p}, t[..., 0:1], t[..., 1:2], mutable=[models.FUSION_TERMS]
+      )[1]
+    )
+
+  @classmethod
+  def load(cls, path: str | Path, step: int | None = None) -> Predictor:
+    """``path``: a training workdir (its latest or ``step`` checkpoint) or an export folder.
+
+    Parameters land on this machine's first device, whatever topology trained them.
+    """
+    path = Path(path)
+    config = checkpointing.read_config(path)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = abstract_params(build_model(config), tuple(config.data.patch_size), device)
+    if checkpointing.is_export(path):
+      exported_step = int(checkpointing.export_metadata(path)["step"])
+      if step is not None and step != exported_step:
+        raise CheckpointError(f"{path} is an export of step {exported_step}, not {step}")
+      return cls(config, checkpointing.load_export_params(path, abstract), exported_step)
+    params, step = checkpointing.restore_params(path / "checkpoints", step, abstract)
+    return cls(config, params, step)
+
+  @property
+  def num_params(self) -> int:
+    return models.count_params(self.params)
+
+  def window_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+    """[N, d, h, w, 2] numpy tiles -> [N, d, h, w, R] numpy probabilities."""
+    return lambda tiles: np.asarray(self._forward(self.params, tiles))
+
+  def probabilities(self, case: data.Case, tta: bool = False) -> np.ndarray:
+    """[D, H, W, R] region probabilities on the case's (preprocessed) grid."""
+    return sliding_window.predict_volume(
+      self.window_fn(), case, self.config, mirror_axes=(0, 1, 2) if tta else ()
+    )
+
+  def fusion_heat(self, case: data.Case) -> np.ndarray | None:
+    """[D, H, W]: where the auxiliary branch changes the main one; None if the model sows
+    no ``models.FUSION_TERMS`` (it does not fuse that way)."""
+    window = tuple(self.config.data.patch_size)
+    volume = np.stack([case.pre, case.post], axis=-1)
+    shape = volume.shape[:3]
+    padded = tuple(max(s, w) for s, w in zip(shape, window))
+    volume = np.pad(volume, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+    mags = None
+    for start in sliding_window.window_starts(padded, window, 0.0):
+      sl = tuple(slice(a, a + w) for a, w in zip(start, window))
+      sown = self._fusion_terms(self.params, volume[sl][None])
+      terms = [np.asarray(t) for t in jax.tree.leaves(sown.get(models.FUSION_TERMS, {}))]
+      if not terms:
+        return None
+      tile = fusion_magnitudes(terms, window)
+      if mags is None:
+        mags = np.zeros((len(tile), *padded), np.float32)
+      mags[(slice(None), *sl)] = tile
+    heat = fusion_heat_map(mags)
+    return heat[: shape[0], : shape[1], : shape[2]]
+
+
+def fusion_magnitudes(terms: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+  """|W_l(a_l)| per fused level (channel L2 norm), upsampled to ``shape``: [L, *shape].
+
+  ``terms``: one [1, d, h, w, C] array per level, as sown into ``models.FUSION_TERMS``.
+  """
+  from scipy import ndimage
+
+  maps = []
+  for term in terms:
+    mag = np.linalg.norm(np.asarray(term)[0], axis=-1)
+    maps.append(ndimage.zoom(mag, [s / m for s, m in zip(shape, mag.shape)], order=1))
+  return np.stack(maps) if maps else np.zeros((0, *shape), np.float32)
+
+
+def fusion_heat_map(magnitudes: np.ndarray) -> np.ndarray:
+  """[L, D, H, W] -> [D, H, W]: each level scaled to [0, 1] over the volume, then averaged.
+
+  Where the auxiliary (pre-contrast) branch changes the main branch (the paper's Fig. 4).
+  """
+  if len(magnitudes) == 0:
+    return np.zeros(magnitudes.shape[1:], np.float32)
+  peak = magnitudes.reshape(len(magnitudes), -1).max(axis=1)
+  return (magnitudes / np.maximum(peak, 1e-12)[:, None, None, None]).mean(axis=0)

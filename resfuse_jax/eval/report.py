@@ -1,0 +1,60 @@
+"""Markdown tables in the paper's layout (Table 1: DSC, recall; Table 2: DSC per region)."""
+
+from __future__ import annotations
+
+PAPER_NAMES = {"ET": "EN"}  # the paper's Table 2 calls enhancing tumour "EN"
+
+
+def paper_name(region: str) -> str:
+  return PAPER_NAMES.get(region, region)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """Lines of a GitHub markdown table."""
+
+  def row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+  return [row(header), "|---" * len(header) + "|", *map(row, rows)]
+
+
+def results_markdown(all_results: list[dict], regions: list[str]) -> str:
+  """Table 2 (DSC per BraTS region + mean) or Table 1 (DSC, recall), then lesion-wise scores."""
+  pct = "{:.2%}".format
+  if len(regions) > 1:
+    lines = markdown_table(
+      ["Methodology", *(f"DSC {paper_name(r)}" for r in regions), "Mean"],
+      [
+        [r["model"], *(pct(r["dice"][g]) for g in regions), pct(r["dice"]["mean"])]
+        for r in all_results
+      ],
+    )
+  else:
+    (g,) = regions
+    lines = markdown_table(
+      ["Methodology", "DSC", "Recall"],
+      [[r["model"], pct(r["dice"][g]), pct(r["recall"][g])] for r in all_results],
+    )
+  r0 = all_results[0]
+  lines += [
+    "",
+    f"{r0['cases']} validation cases of {r0['dataset']}, checkpoint step {r0['steps']}"
+    f"{', mirroring TTA' if r0.get('tta') else ''}; Dice per case, averaged over cases.",
+  ]
+  if "lesion_dice" in r0:
+    lines += [""] + markdown_table(
+      [
+        "Methodology",
+        *(f"lesion-wise Dice {paper_name(g)}" for g in regions),
+        *(f"lesion-wise HD95 {paper_name(g)} (mm)" for g in regions),
+      ],
+      [
+        [
+          r["model"],
+          *(f"{r['lesion_dice'][g]:.4f}" for g in regions),
+          *(f"{r['lesion_hd95'][g]:.2f}" for g in regions),
+        ]
+        for r in all_results
+      ],
+    )
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,43 @@
+"""The layers of DESIGN.md §2: import-linter contracts, and what a command really loads."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def test_import_linter_contracts_are_kept():
+  lint = shutil.which("lint-imports", path=str(ROOT / ".venv" / "bin")) or shutil.which(
+    "lint-imports"
+  )
+  if lint is None:
+    pytest.fail("lint-imports is not installed: pip install -e '.[dev]'")
+  proc = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+  assert "0 broken" in proc.stdout
+
+
+def loaded_by(module: str) -> set[str]:
+  code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return set(proc.stdout.split())
+
+
+@pytest.mark.parametrize("command", ["resfuse_jax.predict", "resfuse_jax.export"])
+def test_inference_commands_load_neither_training_nor_matplotlib(command):
+  modules = loaded_by(command)
+  assert "resfuse_jax.eval.predictor" in modules  # the check sees the real import graph
+  assert not {m for m in modules if m == "resfuse_jax.train" or m.startswith("matplotlib")}
+  assert "optax" not in modules
+
+
+def test_preprocess_loads_no_model_code():
+  modules = loaded_by("resfuse_jax.preprocess")
+  assert "resfuse_jax.data.cache" in modules
+  assert not {m for m in modules if m.startswith(("resfuse_jax.models", "resfuse_jax.train"))}
+  assert "matplotlib" not in modules and "flax" not in modules
