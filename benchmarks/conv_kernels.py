@@ -2,7 +2,7 @@
 convolutions of every level's shape, ours (both `layers.conv3d` implementations) against
 PyTorch's Conv3d (oneDNN), in one run.
 
-  python benchmarks/conv_kernels.py [--batch 4] [--shapes 128x16,64x32,32x64,16x128,8x256]
+  python -m benchmarks.conv_kernels [--batch 4] [--shapes 128x16,64x32,32x64,16x128,8x256]
 
 Shapes are edge x channels of the default BraTS model's levels at patch 128³; batch 4 is
 ResFuse's 2B (both branches stacked). Writes benchmarks/results/conv_kernels.json and .md.

@@ -93,3 +93,28 @@ def test_splits_are_deterministic_and_disjoint():
     data.make_splits(ids, 5, 5)
   everything = data.make_splits(ids, -1, 5)
   assert everything["train"] == sorted(ids) and everything["val"] == sorted(ids)
+
+
+def test_dataset_registry_lists_the_valid_names():
+  from resfuse_jax.errors import ConfigError
+
+  assert data.names() == ["brats", "breast", "manifest", "phantom"]
+  assert data.get_dataset("breast").region_names == ["lesion"]
+  assert data.get_dataset("phantom").brats_like and not data.get_dataset("manifest").brats_like
+  with pytest.raises(ConfigError, match="Unknown data.name 'mri'; registered datasets: brats"):
+    data.get_dataset("mri")
+
+
+def test_prediction_inputs_follow_the_training_layout(small_phantom, tmp_path):
+  import ml_collections
+
+  root, _ = small_phantom
+  cfg = ml_collections.ConfigDict({"name": "phantom"})
+  cases = data.find_input_cases(root, cfg)
+  assert [c.case_id for c in cases] == sorted(p.name for p in root.iterdir() if p.is_dir())
+  manifest = tmp_path / "cases.csv"
+  manifest.write_text(f"case_id,pre,post,label\nx,{cases[0].pre},{cases[0].post},\n")
+  (case,) = data.find_input_cases(manifest, cfg)  # a CSV works whatever trained the model
+  assert case.case_id == "x" and case.label is None
+  with pytest.raises(data.DataError, match="CSV manifest"):
+    data.find_input_cases(root, ml_collections.ConfigDict({"name": "manifest"}))

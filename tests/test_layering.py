@@ -41,3 +41,28 @@ def test_preprocess_loads_no_model_code():
   assert "resfuse_jax.data.cache" in modules
   assert not {m for m in modules if m.startswith(("resfuse_jax.models", "resfuse_jax.train"))}
   assert "matplotlib" not in modules and "flax" not in modules
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+  """A function longer than this does several jobs: split it into named stages."""
+  import ast
+
+  long = []
+  for path in sorted((ROOT / "resfuse_jax").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        length = node.end_lineno - node.lineno + 1
+        if length > 80:
+          long.append(f"{path.relative_to(ROOT)}:{node.name} ({length} lines)")
+  assert long == []
+
+
+def test_every_module_says_what_it_is_for():
+  import ast
+
+  missing = [
+    str(p.relative_to(ROOT))
+    for p in sorted((ROOT / "resfuse_jax").rglob("*.py"))
+    if not ast.get_docstring(ast.parse(p.read_text()))
+  ]
+  assert missing == []

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
-from resfuse_jax import data
+from resfuse_jax import checkpointing, data
 from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, DataError
 from resfuse_jax.eval import postprocess
@@ -60,8 +60,6 @@ def predict_case(
 
 def load_predictor(workdir: str | None, model: str | None, step: int | None) -> Predictor:
   """A training workdir (``--workdir``) or an export folder (``--model``)."""
-  from resfuse_jax import checkpointing
-
   if model and not checkpointing.is_export(model):
     raise CheckpointError(f"--model={model} is not an export: export.json is missing")
   return Predictor.load(workdir or model, step)
