@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resfuse_jax.errors import ConfigError
+
 DATA = "data"
 SPATIAL = "spatial"
 
@@ -24,11 +26,11 @@ def make_mesh(mesh_config: Any, devices: list | None = None) -> jax.sharding.Mes
   spatial = mesh_config.get("spatial", 1)
   n = mesh_config.data
   if spatial < 1 or len(devices) % spatial:
-    raise ValueError(f"mesh.spatial={spatial} does not divide the {len(devices)} devices")
+    raise ConfigError(f"mesh.spatial={spatial} does not divide the {len(devices)} devices")
   if n == -1:
     n = len(devices) // spatial
   if n < 1 or n * spatial > len(devices) or len(devices) % (n * spatial):
-    raise ValueError(
+    raise ConfigError(
       f"mesh.data={mesh_config.data} x mesh.spatial={spatial} does not fit {len(devices)} devices"
     )
   return jax.make_mesh(
@@ -52,7 +54,7 @@ def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> int:
   """Returns this process's share of the global batch, or raises if it does not divide."""
   n = mesh.shape[DATA]
   if global_batch % n or global_batch % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
       f"train.batch_size={global_batch} must be divisible by the {n} data-parallel devices "
       f"and the {jax.process_count()} processes"
     )
@@ -63,7 +65,7 @@ def check_patch_size(patch_size: tuple[int, ...], levels: int, mesh: jax.shardin
   """Depth must split evenly over 'spatial' at every encoder level."""
   need = mesh.shape[SPATIAL] * 2 ** (levels - 1)
   if patch_size[0] % need:
-    raise ValueError(
+    raise ConfigError(
       f"data.patch_size depth {patch_size[0]} must be divisible by mesh.spatial x 2^(levels-1) "
       f"= {need}"
     )

@@ -47,6 +47,16 @@ def run(*args):
       ],
       "Unknown data.name 'mri9000'; registered datasets: brats, breast, manifest, phantom",
     ),
+    # ConfigError from deep inside training: a mesh the machine cannot hold
+    (
+      [
+        "resfuse_jax.main",
+        "--config=configs/phantom.py:smoke",
+        "--workdir={tmp}/w",
+        "--config.mesh.data=3",
+      ],
+      "mesh.data=3 x mesh.spatial=1 does not fit 1 devices",
+    ),
     # CheckpointError: a workdir that was never trained
     (["resfuse_jax.evaluate", "--workdir={tmp}/nothing"], "is neither a training workdir"),
     (

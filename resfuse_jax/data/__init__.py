@@ -22,6 +22,7 @@ from resfuse_jax.data.datasets import (
   names,
 )
 from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
+from resfuse_jax.errors import ConfigError
 
 __all__ = [
   "Case",
@@ -118,7 +119,7 @@ def make_splits(case_ids: list[str], fold: int, num_folds: int, seed: int = 1234
   if fold == -1:
     return {"fold": -1, "num_folds": num_folds, "train": ids, "val": ids}
   if not 0 <= fold < num_folds:
-    raise DataError(f"data.fold={fold} must be -1 (all cases) or in [0, {num_folds})")
+    raise ConfigError(f"data.fold={fold} must be -1 (all cases) or in [0, {num_folds})")
   if len(ids) < num_folds:
     raise DataError(f"{len(ids)} cases cannot be split into {num_folds} folds")
   order = np.random.default_rng(seed).permutation(len(ids))

@@ -27,6 +27,7 @@ import numpy as np
 from resfuse_jax.data import foreground
 from resfuse_jax.data.common import Case, CaseFiles, DataError
 from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
+from resfuse_jax.errors import ConfigError
 
 VERSION = 1
 STALE_TMP_S = 3600.0
@@ -137,7 +138,7 @@ def build(
   leaves bad cases out and reports them as ``{'case_id', 'error'}``.
   """
   if on_bad_case not in ("error", "skip"):
-    raise ValueError(f"data.on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
+    raise ConfigError(f"data.on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
   out_dir.mkdir(parents=True, exist_ok=True)
   for leftover in out_dir.glob(".tmp-*"):  # a killed build's: never used; an hour old so that
     if time.time() - leftover.stat().st_mtime > STALE_TMP_S:  # a concurrent build's survives

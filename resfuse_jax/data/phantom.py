@@ -26,6 +26,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from resfuse_jax.errors import DataError
+
 MARKER = "phantom.json"
 # T1 (pre-contrast) intensities of the tissues, arbitrary units.
 T1 = {"wm": 0.75, "gm": 0.55, "csf": 0.15, "edema": 0.48, "core": 0.30, "et_pre": 0.52}
@@ -218,7 +220,7 @@ def write_phantom(root: str | os.PathLike, spec: PhantomSpec) -> Path:
     found = json.loads(marker.read_text())
     if found == spec.key():
       return root
-    raise ValueError(
+    raise DataError(
       f"{root} already holds a phantom with a different spec ({found}); "
       f"wanted {spec.key()}. Point data.root somewhere else or delete it."
     )

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from resfuse_jax.data import foreground
 from resfuse_jax.data.common import Case
+from resfuse_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ class PairedPatchSampler(grain.transforms.RandomMap):
       self.augment.rot90
       and not 0 <= min(self.augment.rot90_axes) < max(self.augment.rot90_axes) <= 2
     ):
-      raise ValueError(
+      raise ConfigError(
         f"rot90_axes must be two distinct axes of 0..2, got {self.augment.rot90_axes}"
       )
     self.fg_locations = [self._fg(case, regions) for case in self.cases]

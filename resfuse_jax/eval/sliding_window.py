@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from resfuse_jax import data
+from resfuse_jax.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=8)
@@ -29,7 +30,7 @@ def gaussian_importance(window: tuple[int, ...], sigma_scale: float = 1.0 / 8) -
 def window_starts(shape: Sequence[int], window: Sequence[int], overlap: float) -> list[tuple]:
   """Start corners so that windows of ``window`` cover ``shape`` with the given overlap."""
   if not 0.0 <= overlap < 1.0:
-    raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
   per_axis = []
   for size, win in zip(shape, window):
     if size <= win:

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resfuse_jax.errors import ConfigError
 from resfuse_jax.models import layers
 
 FUSIONS = ("identity", "conv", "gate")
@@ -48,7 +49,7 @@ class FusionWeight(nn.Module):
       both = jnp.concatenate([main, aux], axis=-1)
       gate = layers.Conv1(self.features, self.strides, dtype=self.dtype, name="gate")(both)
       return nn.sigmoid(gate) * projected_aux
-    raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+    raise ConfigError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
 
 
 class ResFuseLevel(nn.Module):
@@ -131,7 +132,7 @@ class ResFuse(nn.Module):
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
     """pre, post: [B, D, H, W, 1] -> region logits [B, D, H, W, num_outputs] (float32)."""
     if self.fusion not in FUSIONS:
-      raise ValueError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+      raise ConfigError(f"model.fusion must be one of {FUSIONS}, got {self.fusion!r}")
     skips = ResFuseEncoder(
       self.features,
       self.fusion,
