@@ -266,16 +266,22 @@ class ResidualUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    f = ResidualBranch(
-      self.features,
-      self.strides,
-      self.preactivate,
-      self.dtype,
-      conv_impl=self.conv_impl,
-      name="residual",
+    f, p = residual_unit_parts(
+      self.features, self.strides, self.preactivate, self.dtype, self.conv_impl
     )
-    p = Projection(self.features, self.strides, self.dtype, name="projection")
     return f(x) + p(x)
+
+
+def residual_unit_parts(
+  features: int, strides: int, preactivate: bool, dtype: Dtype, conv_impl: str
+) -> tuple[nn.Module, nn.Module]:
+  """(F, P) of a residual unit, named ``residual`` and ``projection``.
+
+  Call inside a compact method: the modules belong to the caller, so a model that
+  applies F and P itself (ResFuse's shared encoder level) has ResidualUnit's parameters.
+  """
+  f = ResidualBranch(features, strides, preactivate, dtype, conv_impl=conv_impl, name="residual")
+  return f, Projection(features, strides, dtype, name="projection")
 
 
 def segmentation_head(x: jax.Array, num_outputs: int, dtype: Dtype) -> jax.Array:

@@ -65,15 +65,9 @@ class ResFuseLevel(nn.Module):
 
   @nn.compact
   def __call__(self, main: jax.Array, aux: jax.Array) -> tuple[jax.Array, jax.Array]:
-    residual = layers.ResidualBranch(
-      self.features,
-      self.strides,
-      self.preactivate,
-      self.dtype,
-      conv_impl=self.conv_impl,
-      name="residual",
+    residual, projection = layers.residual_unit_parts(
+      self.features, self.strides, self.preactivate, self.dtype, self.conv_impl
     )
-    projection = layers.Projection(self.features, self.strides, self.dtype, name="projection")
     n = main.shape[0]
     f = residual(jnp.concatenate([main, aux], axis=0))  # [2B, ...]: both branches, one call
     f_main, f_aux = f[:n], f[n:]
