@@ -40,3 +40,13 @@ def smoke_config(model="resfuse", **overrides):
   from resfuse_jax import config_lib
 
   return config_lib.load(f"{ROOT / 'configs' / 'phantom.py'}:{model},smoke", overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A 2-step smoke run of the real CLI, shared by the predict and export tests (read-only)."""
+  from test_train import run_cli
+
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  run_cli(workdir, "--config.train.steps=2")
+  return workdir

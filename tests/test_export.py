@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from test_predict import run_predict
-from test_train import run_cli
 
 from resfuse_jax import data
 from resfuse_jax.data import brats
@@ -21,10 +20,8 @@ from resfuse_jax.eval.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
-def workdir_and_export(tmp_path_factory):
-  base = tmp_path_factory.mktemp("export")
-  workdir, out = base / "run", base / "model"
-  run_cli(workdir, "--config.train.steps=2")
+def workdir_and_export(trained_workdir, tmp_path_factory):
+  workdir, out = trained_workdir, tmp_path_factory.mktemp("export") / "model"
   cmd = [sys.executable, "-m", "resfuse_jax.export", f"--workdir={workdir}", f"--output={out}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,19 +4,10 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 from conftest import ROOT
-from test_train import run_cli
 
 # A non-canonical affine: axes permuted, one flipped, anisotropic, oblique origin.
 AFFINE = np.array([[0, 0, -1.2, 30], [0, 1.5, 0, -12], [0.9, 0, 0, 7], [0, 0, 0, 1]], float)
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  run_cli(workdir, "--config.train.steps=2")
-  return workdir
 
 
 def run_predict(*args):
