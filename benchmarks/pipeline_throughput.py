@@ -4,8 +4,12 @@ On BraTS-sized volumes (240x240x155, phantom content), at a config's patch size 
 batch size (default: configs/brats.py, patch 128^3, batch 2):
   - straight from .nii.gz: every patch decodes and preprocesses its case again
     (what a pipeline without the cache does);
-  - from the preprocessed cache, in the main process and with Grain workers;
-  - the training step (resfuse, jit, after warm-up): patches consumed per second.
+  - from the preprocessed cache, in the main process and with Grain workers, each patch
+    cut with the margin the config's device-side augmentation needs (nnU-Net's full set
+    for configs/brats.py: a 206^3 crop per 128^3 patch);
+  - the training step (resfuse, jit, after warm-up): patches consumed per second, with
+    augmentation (crops in) and without (patches in), and the augmentation alone: its
+    share of the step.
 
   python -m benchmarks.pipeline_throughput [--cases 4] [--steps 2] [--config configs/brats.py]
 
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from resfuse_jax import config_lib, data, train
+from resfuse_jax import augment, config_lib, data, train
 from resfuse_jax.data import brats, phantom, pipeline
 from resfuse_jax.eval import predictor
 
@@ -43,42 +47,59 @@ def patches_per_second(make_iter, batch_size: int, batches: int) -> float:
   return batches * batch_size / (time.perf_counter() - t)
 
 
-def uncached_patches_per_second(files, info, patch, n: int) -> float:
+def uncached_patches_per_second(files, info, patch, crop, n: int) -> float:
   """Decode + preprocess a case from .nii.gz for every patch, then cut it."""
   rng = np.random.default_rng(0)
   t = time.perf_counter()
   for i in range(n):
     case = data.read_cases([files[i % len(files)]], info)[0]
-    sampler = pipeline.PairedPatchSampler(
-      [case], patch, info.regions, 1 / 3, augment=pipeline.Augment()
-    )
+    sampler = pipeline.PairedPatchSampler([case], patch, info.regions, 1 / 3, crop)
     sampler.random_map(0, rng)
   return n / (time.perf_counter() - t)
 
 
-def step_patches_per_second(config, steps: int) -> tuple[float, float]:
+def median_time(fn, *args, steps: int) -> float:
+  """Median seconds of ``fn(*args)`` (blocking) over ``steps`` calls after one warm-up."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def host_batch(shape: tuple[int, ...], b: int) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(0)
+  return {
+    "pre": jnp.asarray(rng.normal(size=(b, *shape, 1)).astype(np.float32)),
+    "post": jnp.asarray(rng.normal(size=(b, *shape, 1)).astype(np.float32)),
+    "label": jnp.asarray(rng.integers(0, 4, size=(b, *shape)).astype(np.uint8)),
+  }
+
+
+def step_rates(config, steps: int) -> dict[str, float]:
+  """Seconds per step with augmentation (crops in) and without, and the augmentation alone."""
   regions = tuple(data.get_dataset(config.data.name).regions.values())
   model = predictor.build_model(config)
   tx = train.make_optimizer(config.train)
   b, patch = config.train.batch_size, tuple(config.data.patch_size)
-  rng = np.random.default_rng(0)
-  batch = {
-    "pre": jnp.asarray(rng.normal(size=(b, *patch, 1)).astype(np.float32)),
-    "post": jnp.asarray(rng.normal(size=(b, *patch, 1)).astype(np.float32)),
-    "label": jnp.asarray(rng.integers(0, 4, size=(b, *patch)).astype(np.uint8)),
-  }
   state = jax.jit(lambda k: train.init_state(model, tx, patch, k))(jax.random.key(0))
-  step = jax.jit(train.make_step_fn(config, model, tx, regions), donate_argnums=0)
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  median = float(np.median(times))
-  return b / median, median
+  out = {}
+  for augmented in (False, True):
+    step = jax.jit(train.make_step_fn(config, model, tx, regions, augmented=augmented))
+    shape = train.crop_shape(config) if augmented else patch
+    seconds = median_time(step, state, host_batch(shape, b), steps=steps)
+    out["step_s_augmented" if augmented else "step_s_plain"] = seconds
+  spec = train.augmentation(config)
+  augment_only = jax.jit(
+    lambda batch, step: augment.augment_batch(spec, batch, augment.sample_keys(0, step, b), patch)
+  )
+  crops = host_batch(train.crop_shape(config), b)
+  out["augment_s"] = median_time(augment_only, crops, jnp.asarray(0), steps=max(steps, 3))
+  out["augment_share_of_step"] = out["augment_s"] / out["step_s_augmented"]
+  out["step_patches_per_s"] = b / out["step_s_augmented"]
+  return out
 
 
 def main():
@@ -93,6 +114,7 @@ def main():
   flags.FLAGS.mark_as_parsed()
   config = config_lib.load(f"{ROOT / args.config}:{args.model}")
   patch, batch_size = tuple(config.data.patch_size), config.train.batch_size
+  crop = train.crop_shape(config)
   info = data.get_dataset("brats")
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +139,7 @@ def main():
           regions=info.regions,
           fg_fraction=1 / 3,
           seed=0,
-          augment=pipeline.Augment(),
+          crop_shape=crop,
           workers=workers,
         )
       )
@@ -125,18 +147,20 @@ def main():
     results = {
       "config": args.config,
       "patch": patch,
+      "crop": crop,
+      "augment_preset": config.data.augment.preset,
       "batch_size": batch_size,
       "cases": args.cases,
       "volume": list(spec.shape),
       "cache_build_s": build_s,
-      "uncached_patches_per_s": uncached_patches_per_second(files, info, patch, 4),
+      "uncached_patches_per_s": uncached_patches_per_second(files, info, patch, crop, 4),
       "cached_patches_per_s_0_workers": patches_per_second(make_iter(0), batch_size, args.batches),
       f"cached_patches_per_s_{args.workers}_workers": patches_per_second(
         make_iter(args.workers), batch_size, args.batches
       ),
     }
-  step_rate, step_s = step_patches_per_second(config, args.steps)
-  results.update(step_patches_per_s=step_rate, step_s=step_s, device=str(jax.devices()[0]))
+  results.update(step_rates(config, args.steps), device=str(jax.devices()[0]))
+  step_rate, step_s = results["step_patches_per_s"], results["step_s_augmented"]
   best_cached = max(v for k, v in results.items() if k.startswith("cached_"))
   results["cached_over_step"] = best_cached / step_rate
   results["uncached_over_step"] = results["uncached_patches_per_s"] / step_rate
@@ -145,7 +169,7 @@ def main():
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "pipeline_throughput.json").write_text(json.dumps(results, indent=2))
   print(
-    f"\n{args.config} ({args.model}), patch {patch}, batch {batch_size}, "
+    f"\n{args.config} ({args.model}), patch {patch} (crop {crop}), batch {batch_size}, "
     f"{args.cases} cases of {spec.shape}; cache built in {build_s:.0f}s"
   )
   print("| source | patches/s | × step consumption |")
@@ -158,6 +182,11 @@ def main():
     if k.startswith("cached_patches"):
       print(f"| cache, {k.split('_')[-2]} workers | {v:.2f} | {v / step_rate:.1f} |")
   print(f"| training step consumes | {step_rate:.3f} ({step_s:.1f} s/step) | 1.0 |")
+  print(
+    f"\ndevice-side augmentation ({config.data.augment.preset}, crop {crop} -> {patch}): "
+    f"{results['augment_s']:.2f} s per batch = {results['augment_share_of_step']:.1%} of the "
+    f"augmented step ({step_s:.2f} s; without augmentation {results['step_s_plain']:.2f} s)"
+  )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def main() -> None:
   tx = train.make_optimizer(config.train)
   state = jax.jit(lambda k: train.init_state(model, tx, (args.patch,) * 3, k))(jax.random.key(0))
   data = jax.tree.map(jnp.asarray, suite.random_batch(args.batch, args.patch))
-  step = jax.jit(train.make_step_fn(config, model, tx, regions), donate_argnums=0)
+  step = jax.jit(train.make_step_fn(config, model, tx, regions, augmented=False), donate_argnums=0)
   state, m = step(state, data)
   jax.block_until_ready(m)
   with tempfile.TemporaryDirectory() as tmp:

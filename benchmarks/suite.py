@@ -92,7 +92,10 @@ def jax_step(
   tx = train.make_optimizer(config.train)
   state = jax.jit(lambda k: train.init_state(model, tx, (patch,) * 3, k))(jax.random.key(0))
   data = jax.tree.map(jnp.asarray, random_batch(batch, patch))
-  step = jax.jit(train.make_step_fn(config, model, tx, regions()), donate_argnums=0)
+  # Augmentation off: the PyTorch reference has none (the data rows measure it apart).
+  step = jax.jit(
+    train.make_step_fn(config, model, tx, regions(), augmented=False), donate_argnums=0
+  )
   t = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t
@@ -212,7 +215,7 @@ def pipeline_rate(patch: int, batch: int, cases: int, batches: int) -> dict:
   """Patches/s out of the Grain pipeline on BraTS-sized phantom cases (cache built first)."""
   from absl import flags
 
-  from resfuse_jax import data
+  from resfuse_jax import data, train
   from resfuse_jax.data import brats, phantom, pipeline
 
   flags.FLAGS.mark_as_parsed()
@@ -234,7 +237,7 @@ def pipeline_rate(patch: int, batch: int, cases: int, batches: int) -> dict:
           regions=info.regions,
           fg_fraction=1 / 3,
           seed=0,
-          augment=pipeline.Augment(),
+          crop_shape=train.crop_shape(config),  # the margin nnU-Net's augmentation needs
           workers=workers,
         )
       )
@@ -246,8 +249,16 @@ def pipeline_rate(patch: int, batch: int, cases: int, batches: int) -> dict:
   return out
 
 
+def jax_augment(model_name: str, patch: int, batch: int, steps: int) -> dict:
+  """The step with nnU-Net's augmentation on the device (crops in), without, and it alone."""
+  from benchmarks import pipeline_throughput
+
+  return pipeline_throughput.step_rates(brats_config(model_name, patch, batch), steps)
+
+
 WORKERS = {
   "jax_step": jax_step,
+  "jax_augment": jax_augment,
   "torch_step": torch_step,
   "jax_inference": jax_inference,
   "monai_inference": monai_inference,
@@ -280,6 +291,8 @@ def run_worker(kind: str, conv_impl: str | None = None, **kwargs) -> dict:
 def summary(r: dict) -> str:
   if "step_times_s" in r:
     return f"step {np.median(r['step_times_s']):.2f}s, peak {r['peak_rss_mb']:.0f} MB"
+  if "augment_s" in r:
+    return f"augmentation {r['augment_s']:.2f}s = {r['augment_share_of_step']:.1%} of the step"
   return f"volume {r['volume_s']:.1f}s"
 
 
@@ -357,6 +370,9 @@ def main(argv=None) -> dict:
   ]
   print("... pipeline", flush=True)
   res["pipeline"] = pipeline_rate(patch, b, args.cases, batches=10)
+  res["augmentation"] = run_worker(
+    "jax_augment", model_name="resfuse", patch=patch, batch=b, steps=steps
+  )
   res["ratios"] = ratios(res)
   out = ROOT / "benchmarks" / "results"
   out.mkdir(parents=True, exist_ok=True)
@@ -397,6 +413,12 @@ def ratios(res: dict) -> dict:
   out["monai_over_jax_inference"] = inf["monai"]["volume_s"] / inf["jax"]["volume_s"]
   consumed = fuse["batch"] / fuse["step_s"]
   out["pipeline_over_step_consumption"] = max(res["pipeline"].values()) / consumed
+  if "augmentation" in res:
+    aug = res["augmentation"]
+    out["augment_share_of_step"] = aug["augment_share_of_step"]
+    out["pipeline_over_augmented_step_consumption"] = (
+      max(res["pipeline"].values()) / aug["step_patches_per_s"]
+    )
   for impl in ("xla",):
     try:
       before = find(rows, framework="jax", model_name="resfuse", conv_impl=impl)
@@ -434,6 +456,15 @@ def markdown(res: dict) -> str:
   lines += ["", "## Data pipeline", "", "| workers | patches/s |", "|---|---|"]
   for k, v in res["pipeline"].items():
     lines.append(f"| {k.split('_')[-2]} | {v:.2f} |")
+  if "augmentation" in res:
+    a = res["augmentation"]
+    lines += [
+      "",
+      "## Device-side augmentation (nnU-Net's set, configs/brats.py)",
+      "",
+      f"step with augmentation {a['step_s_augmented']:.2f} s, without {a['step_s_plain']:.2f} s; "
+      f"the augmentation alone {a['augment_s']:.2f} s ({a['augment_share_of_step']:.1%})",
+    ]
   lines += ["", "## Ratios (targets: issue 7)", "", "| ratio | value |", "|---|---|"]
   lines += [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
   return "\n".join(lines) + "\n"

@@ -29,6 +29,29 @@ VARIANTS = {
   "lits": ("lits", {}),
 }
 MODELS = tuple(VARIANTS)
+# The fields of augment.Spec (that module runs on the device; configs only name its settings).
+AUGMENT_FIELDS = {
+  "p_rotation": float,
+  "rotation_degrees": float,
+  "p_scale": float,
+  "scale_range": tuple,
+  "p_noise": float,
+  "noise_variance": tuple,
+  "p_blur": float,
+  "blur_sigma": tuple,
+  "p_brightness": float,
+  "brightness_range": tuple,
+  "p_contrast": float,
+  "contrast_range": tuple,
+  "p_lowres": float,
+  "lowres_zoom": tuple,
+  "p_gamma_inverted": float,
+  "p_gamma": float,
+  "gamma_range": tuple,
+  "p_mirror": float,
+  "mirror_axes": tuple,
+  "crop_zoom": float,
+}
 OPTIONS = ("smoke",)
 
 
@@ -61,6 +84,12 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   # 3D convolutions: auto (2D planes on CPU, XLA's 3D conv elsewhere) | xla | planes. The
   # environment variable is read here, once, so the choice lands in W/config.json.
   c.model.conv_impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")
+  # Stride-2 convs: auto | space_to_depth | strided; transposed convs: auto | depth_to_space |
+  # transpose; XLA's GPU conv layout: auto | default | nhwc | nchw (set before JAX starts).
+  # auto = the backend's default (resfuse_jax/backend.py); all choices share the parameters.
+  c.model.downsample = "auto"
+  c.model.upsample = "auto"
+  c.model.conv_layout = "auto"
   for key, value in overrides.items():
     c.model[key] = value
 
@@ -80,18 +109,12 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # "" = $RESFUSE_CACHE/preprocessed (~/.cache/resfuse_jax/preprocessed)
   c.data.preprocess_workers = 2
   c.data.on_bad_case = "error"  # error | skip (skipped cases go to W/bad_cases.json)
-  c.data.augment = ml_collections.ConfigDict(
-    {
-      "flip": True,
-      "rot90": True,
-      "rot90_axes": (0, 1),  # the axial plane of the canonical RAS+ grid
-      "rotate_degrees": 0.0,
-      "scale_range": (1.0, 1.0),
-      "intensity": True,
-      "intensity_scale": 0.1,
-      "intensity_shift": 0.1,
-    }
-  )
+  # Augmentation runs on the device, inside the jitted step (resfuse_jax/augment.py): a preset
+  # (nnunet | light | none), then any field set here overrides it, e.g.
+  # --config.data.augment.p_rotation=0.5. The host only crops with the margin it needs.
+  c.data.augment = ml_collections.ConfigDict({"preset": "nnunet"})
+  for name, kind in AUGMENT_FIELDS.items():
+    c.data.augment[name] = ml_collections.config_dict.placeholder(kind)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100_000
@@ -102,14 +125,16 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.train.weight_decay = 1e-5
   c.train.grad_clip = 1.0
   c.train.aux_loss_weight = 1.0  # per auxiliary output (A2FNet, TSF-Seq2Seq, LiTS)
-  c.train.compute_dtype = "float32"  # or bfloat16 (GPU); parameters and Adam state stay float32
+  # auto | float32 | bfloat16; auto is the backend's default (resfuse_jax/backend.py: float32 on
+  # CPU, bfloat16 on GPU). Parameters and Adam state stay float32.
+  c.train.compute_dtype = "auto"
   c.train.grad_accum = 1  # microbatches per step: the global batch is split this many ways
   c.train.log_every = 100
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 5000
   c.eval.overlap = 0.5
-  c.eval.batch_size = 4  # sliding windows per forward call
+  c.eval.batch_size = 0  # sliding windows per forward call; 0 = the backend's default
   c.eval.max_cases = 0  # 0 = every validation case
   c.eval.thresholds = ml_collections.FieldReference(None, field_type=tuple)  # per region; 0.5
   c.eval.min_component_voxels = 0  # predict: drop smaller connected components per region

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resfuse_jax import cli, train
+from resfuse_jax import backend, cli, train
 
 FLAGS = flags.FLAGS
 ENV_KEYS = {
@@ -68,6 +68,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  backend.apply_conv_layout(FLAGS.config.model.get("conv_layout", "auto"))  # before JAX starts
   initialize_distributed()
   logging.info(
     "JAX process %d/%d, local devices: %s",

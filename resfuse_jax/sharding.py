@@ -46,6 +46,11 @@ def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA, SPATIAL))
 
 
+def batch_only_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Batch axis over 'data', each sample whole (host crops the step augments, then re-lays)."""
+  return NamedSharding(mesh, P(DATA))
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

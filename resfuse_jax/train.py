@@ -29,7 +29,17 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from resfuse_jax import checkpointing, data, files, losses, models, sharding, writers
+from resfuse_jax import (
+  augment,
+  backend,
+  checkpointing,
+  data,
+  files,
+  losses,
+  models,
+  sharding,
+  writers,
+)
 from resfuse_jax.data import pipeline
 from resfuse_jax.errors import ConfigError, DataError, Preempted
 from resfuse_jax.eval import evaluation, metrics, predictor
@@ -110,10 +120,17 @@ def train_step(
   regions: tuple[tuple[int, ...], ...],
   aux_loss_weight: float = 1.0,
   grad_accum: int = 1,
+  augmentation: augment.Spec | None = None,
+  patch_size: tuple[int, ...] | None = None,
+  seed: int = 0,
+  batch_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, TrainMetrics]:
-  """One optimisation step on a global batch {'pre','post': [B,D,H,W,1], 'label': [B,D,H,W]}.
+  """One optimisation step on a global batch {'pre','post': [B,*crop,1], 'label': [B,*crop]}.
 
-  ``grad_accum`` > 1 averages the gradients of that many microbatches (a scan, so
+  With ``augmentation``, the host crops are first augmented and cut to
+  ``patch_size`` here, on the device, row i with the key (seed, step, i); the
+  result is laid out as ``batch_sharding`` (batch over 'data', depth over
+  'spatial'). Without, the batch is used as it is. ``grad_accum`` > 1 averages the gradients of that many microbatches (a scan, so
   activations of one microbatch are alive at a time). A step whose loss or
   gradient is not finite leaves params and optimiser state unchanged and is
   reported in ``nonfinite_step``, so no NaN ever reaches a checkpoint.
@@ -127,6 +144,11 @@ def train_step(
     aux = jax.tree.leaves(sown.get("aux_logits", {}))
     return losses.total_loss(logits, aux, targets, aux_loss_weight)
 
+  if augmentation is not None:
+    keys = augment.sample_keys(seed, state.step, batch["label"].shape[0])
+    batch = augment.augment_batch(augmentation, batch, keys, tuple(patch_size))
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
     (loss, parts), grads = grad_fn(state.params, batch)
@@ -158,8 +180,30 @@ def train_step(
   return new_state, step_metrics
 
 
-def make_step_fn(config: ml_collections.ConfigDict, model: nn.Module, tx, regions) -> Callable:
-  """`train_step` with the model, optimiser and loss settings of ``config`` bound."""
+def augmentation(config: ml_collections.ConfigDict) -> augment.Spec:
+  return augment.spec_from_config(config.data.augment)
+
+
+def crop_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The host crop the step takes: the patch plus the margin augmentation needs."""
+  return augmentation(config).crop_shape(tuple(config.data.patch_size))
+
+
+def input_sharding(config: ml_collections.ConfigDict, mesh) -> jax.sharding.Sharding:
+  """Host crops are split over 'data' only when the step augments them (then re-laid out)."""
+  if augmentation(config).identity:
+    return sharding.data_sharding(mesh)
+  return sharding.batch_only_sharding(mesh)
+
+
+def make_step_fn(
+  config: ml_collections.ConfigDict, model: nn.Module, tx, regions, mesh=None, augmented=True
+) -> Callable:
+  """`train_step` with the model, optimiser, loss and augmentation settings of ``config``.
+
+  ``augmented=False`` leaves augmentation out (the step then takes patches, not crops).
+  """
+  spec = augmentation(config) if augmented else augment.PRESETS["none"]
   return functools.partial(
     train_step,
     model=model,
@@ -167,15 +211,19 @@ def make_step_fn(config: ml_collections.ConfigDict, model: nn.Module, tx, region
     regions=regions,
     aux_loss_weight=config.train.aux_loss_weight,
     grad_accum=config.train.get("grad_accum", 1),
+    augmentation=None if spec.identity else spec,
+    patch_size=tuple(config.data.patch_size),
+    seed=config.seed,
+    batch_sharding=None if mesh is None else sharding.data_sharding(mesh),
   )
 
 
 def compile_train_step(config, model, tx, regions, mesh) -> Callable:
-  """The jitted step on ``mesh``: replicated state (donated), batch over data x spatial."""
+  """The jitted step on ``mesh``: replicated state (donated), batch over data (x spatial)."""
   state_sharding = sharding.replicated(mesh)
   return jax.jit(
-    make_step_fn(config, model, tx, regions),
-    in_shardings=(state_sharding, sharding.data_sharding(mesh)),
+    make_step_fn(config, model, tx, regions, mesh),
+    in_shardings=(state_sharding, input_sharding(config, mesh)),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
@@ -187,20 +235,30 @@ def init_state(model: nn.Module, tx, patch_size, rng: jax.Array) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def input_shapes(config: ml_collections.ConfigDict, augmented=True) -> dict:
+  """The global host batch the step takes (crops, with augmentation's margin), as shapes."""
+  b = config.train.batch_size
+  crop = crop_shape(config) if augmented else tuple(config.data.patch_size)
+  return {
+    "pre": jax.ShapeDtypeStruct((b, *crop, 1), jnp.float32),
+    "post": jax.ShapeDtypeStruct((b, *crop, 1), jnp.float32),
+    "label": jax.ShapeDtypeStruct((b, *crop), jnp.uint8),
+  }
+
+
 def train_step_flops(config: ml_collections.ConfigDict) -> float:
-  """FLOPs of one training step on the global batch, from XLA's cost analysis (no data)."""
+  """FLOPs of one training step on the global batch, from XLA's cost analysis (no data).
+
+  The model's cost alone (augmentation left out), so models compare on the same footing.
+  """
   regions = tuple(data.get_dataset(config.data.name).regions.values())
   model = predictor.build_model(config)
   tx = make_optimizer(config.train)
   patch = tuple(config.data.patch_size)
   state = jax.eval_shape(functools.partial(init_state, model, tx, patch), jax.random.key(0))
-  b = config.train.batch_size
-  batch = {
-    "pre": jax.ShapeDtypeStruct((b, *patch, 1), jnp.float32),
-    "post": jax.ShapeDtypeStruct((b, *patch, 1), jnp.float32),
-    "label": jax.ShapeDtypeStruct((b, *patch), jnp.int32),
-  }
-  compiled = jax.jit(make_step_fn(config, model, tx, regions)).lower(state, batch).compile()
+  batch = input_shapes(config, augmented=False)
+  step = make_step_fn(config, model, tx, regions, augmented=False)
+  compiled = jax.jit(step).lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per device
   return float(cost["flops"])
@@ -341,7 +399,7 @@ def make_input(config: ml_collections.ConfigDict, run: RunData, mesh) -> Any:
       regions=run.dataset.regions,
       fg_fraction=config.data.fg_fraction,
       seed=config.seed,
-      augment=pipeline.Augment.from_config(config.data.augment),
+      crop_shape=crop_shape(config),
       workers=config.data.workers,
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
@@ -385,7 +443,7 @@ def validate(
 ) -> metrics.RegionMetrics:
   """Validation through the one evaluation path, windows split over the mesh's 'data'."""
   n = mesh.shape[sharding.DATA]
-  batch = -(-config.eval.batch_size // n) * n
+  batch = -(-backend.resolve("eval_batch_size", config.eval.batch_size) // n) * n
   tiles_sharding = sharding.data_sharding(mesh)
 
   def predict(tiles: np.ndarray) -> np.ndarray:
@@ -444,7 +502,7 @@ def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunD
   save at the next step boundary and raise ``Preempted``.
   """
   total = config.train.steps
-  batch_sharding = sharding.data_sharding(loop.mesh)
+  batch_sharding = input_sharding(config, loop.mesh)
   progress = Progress(total, start_step)
   pending: TrainMetrics | None = None
   val = None

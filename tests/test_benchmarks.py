@@ -1,9 +1,16 @@
 """The PyTorch reference of benchmarks/ is the same architecture as ours: what makes timing fair."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
+from conftest import ROOT
 
 torch = pytest.importorskip("torch")
 
@@ -121,3 +128,67 @@ def test_a_worker_gets_its_conv_impl_as_an_argument(monkeypatch, capsys):
   out = suite.main(["--worker", "echo", "--kwargs", '{"patch": 8}', "--conv-impl", "xla"])
   assert out == {"patch": 8, "conv_impl": "xla"}
   assert '"conv_impl": "xla"' in capsys.readouterr().out
+
+
+GPU_CHECK_SUBSET = (
+  "step/resfuse/bfloat16,torch_step/resunet/float32,data/workers=0,volume/monai,"
+  "variant/conv_layout=nhwc"
+)
+
+
+def run_gpu_check(out, *flags):
+  env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+  cmd = ["bash", "benchmarks/gpu_check.sh", str(out), "--tiny", *flags]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_the_gpu_check_script_runs_its_kinds_of_measurement_at_toy_sizes(tmp_path):
+  """One of each kind (JAX step, PyTorch step, data path, MONAI, a fresh-process layout flag)."""
+  proc = run_gpu_check(tmp_path, f"--only={GPU_CHECK_SUBSET}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads((tmp_path / "gpu.json").read_text())
+  assert set(res["results"]) == set(
+    GPU_CHECK_SUBSET.replace("volume/monai", "volume/monai/eval_batch=4").split(",")
+  )
+  for name, r in res["results"].items():
+    assert "error" not in r and ("ms" in r or "patches_per_s" in r), (name, r)
+  step = res["results"]["step/resfuse/bfloat16"]
+  assert step["dtype"] == "bfloat16" and "conv='xla'" in step["plan"]  # the GPU column
+  assert "| step/resfuse/bfloat16 |" in (tmp_path / "gpu.md").read_text()
+  assert (tmp_path / "pytest_gpu.log").exists()  # pytest -m gpu ran (skipped without a GPU)
+
+
+@pytest.mark.slow
+def test_the_whole_gpu_check_runs_at_toy_sizes(tmp_path):
+  proc = run_gpu_check(tmp_path)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads((tmp_path / "gpu.json").read_text())
+  assert not [n for n, r in res["results"].items() if "error" in r or "skipped" in r]
+
+
+def test_the_gpu_check_recommends_only_what_it_measured():
+  from benchmarks import gpu_check
+
+  results = {
+    "step/resfuse/bfloat16": {"ms": 10.0},
+    "step/resfuse/float32": {"ms": 25.0},
+    "variant/downsample=strided": {"ms": 9.0},
+    "variant/upsample=transpose": {"ms": 30.0},
+    "variant/conv_layout=nhwc": {"ms": 11.0},  # nchw missing: no layout advice
+    "volume/jax/eval_batch=2": {"ms": 120.0},
+    "volume/jax/eval_batch=8": {"ms": 80.0},
+    "torch_step/resfuse/bfloat16": {"ms": 12.0},
+    "augmentation/resfuse/bfloat16": {"ms": 12.0, "step_patches_per_s": 166.0},
+    "data/workers=16": {"patches_per_s": 300.0},
+  }
+  assert gpu_check.recommend(results) == {
+    "downsample": "strided",
+    "upsample": "depth_to_space",
+    "compute_dtype": "bfloat16",
+    "eval_batch_size": 8,
+  }
+  assert gpu_check.goals(results) == {
+    "resfuse bf16 step <= 10 ms": True,
+    "resfuse bf16 step <= PyTorch's": True,
+    "data path >= 2x step consumption": False,
+  }

@@ -133,6 +133,33 @@ def test_conv3_impls_agree(strides):
   np.testing.assert_allclose(planes.apply(params, x), xla.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
+def test_strided_conv_equals_space_to_depth_forward_and_backward():
+  x = jax.random.normal(jax.random.key(12), (2, 6, 4, 8, 3))
+  s2d = layers.Conv3(5, 2, conv_impl=layers.ConvPlan("xla", "space_to_depth"))
+  strided = layers.Conv3(5, 2, conv_impl=layers.ConvPlan("xla", "strided"))
+  params = s2d.init(jax.random.key(13), x)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+  (gp_a, gx_a), (gp_b, gx_b) = (jax.grad(loss(m), (0, 1))(params, x) for m in (s2d, strided))
+  np.testing.assert_allclose(strided.apply(params, x), s2d.apply(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx_b, gx_a, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(gp_b), jax.tree.leaves(gp_a)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose_equals_depth_to_space_with_the_same_parameters():
+  x = jax.random.normal(jax.random.key(14), (2, 3, 4, 2, 6))
+  d2s = layers.UpConv(5, conv_impl=layers.ConvPlan(upsample="depth_to_space"))
+  transpose = layers.UpConv(5, conv_impl=layers.ConvPlan(upsample="transpose"))
+  params = d2s.init(jax.random.key(15), x)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+  assert jax.tree.map(jnp.shape, transpose.init(jax.random.key(15), x)) == jax.tree.map(
+    jnp.shape, params
+  )
+  out = transpose.apply(params, x)
+  assert out.shape == (2, 6, 8, 4, 5)
+  np.testing.assert_allclose(out, d2s.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
 def test_conv3d_planes_takes_its_weight_gradient_from_one_3d_conv():
   """Forward and input gradient as 2D convs, the weight gradient as XLA's 3D one (faster on CPU)."""
   x = jnp.ones((1, 4, 4, 4, 2))

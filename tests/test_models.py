@@ -46,9 +46,39 @@ def test_unknown_conv_impl_is_a_config_error():
     build("resfuse", conv_impl="fast")
 
 
-def test_conv_impl_defaults_to_auto_resolved_for_this_backend():
-  assert build("resfuse").conv_impl == layers.resolve_conv_impl("auto")
-  assert build("resunet", conv_impl="xla").conv_impl == "xla"
+def test_conv_plan_defaults_to_auto_resolved_for_this_backend():
+  plan = build("resfuse").conv_impl
+  assert plan == layers.resolve_conv_plan(ml_collections.ConfigDict({}))
+  assert plan.conv == layers.resolve_conv_impl("auto")
+  assert build("resunet", conv_impl="xla").conv_impl.conv == "xla"
+  chosen = build("resunet", downsample="strided", upsample="transpose").conv_impl
+  assert (chosen.downsample, chosen.upsample) == ("strided", "transpose")
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("downsample", "pool", "model.downsample must be one of auto, space_to_depth, strided"),
+    ("upsample", "nearest", "model.upsample must be one of auto, depth_to_space, transpose"),
+  ],
+)
+def test_unknown_conv_plan_choices_are_config_errors(field, value, message):
+  with pytest.raises(ConfigError, match=message):
+    build("resfuse", **{field: value})
+
+
+@pytest.mark.parametrize("name", ["resfuse", "lits"])
+def test_every_conv_plan_has_the_same_parameters_and_outputs(name):
+  """XLA's strided and transposed convs compute what the space/depth rewrites compute."""
+  x = jax.random.normal(jax.random.key(2), (1, 8, 8, 8, 1))
+  ref = build(name, features=(4, 8), conv_impl="xla")
+  params = init(ref, x.shape)
+  expected = ref.apply({"params": params}, x, 1.5 * x, mutable=["aux_logits"])
+  other = build(name, features=(4, 8), conv_impl="xla", downsample="strided", upsample="transpose")
+  assert jax.tree.map(jnp.shape, init(other, x.shape)) == jax.tree.map(jnp.shape, params)
+  got = other.apply({"params": params}, x, 1.5 * x, mutable=["aux_logits"])
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def conv3_impls(model, params, x):
@@ -57,7 +87,7 @@ def conv3_impls(model, params, x):
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, layers.Conv3) and context.method_name == "__call__":
-      seen.append(context.module.conv_impl)
+      seen.append(layers.as_plan(context.module.conv_impl).conv)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):

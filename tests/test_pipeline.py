@@ -6,8 +6,6 @@ from resfuse_jax.data import brats, pipeline
 from resfuse_jax.data.common import Case
 
 PATCH = (16, 16, 16)
-NO_AUGMENT = pipeline.Augment(flip=False, rot90=False, intensity=False)
-FLIPS = pipeline.Augment(flip=True, rot90=False, intensity=False)
 
 
 def take(ds, n):
@@ -53,9 +51,7 @@ def blob_case(size=64):
 
 
 def fraction_with_foreground(cases, fg_fraction, n=600, seed=0):
-  sampler = pipeline.PairedPatchSampler(
-    cases, PATCH, brats.REGIONS, fg_fraction, augment=NO_AUGMENT
-  )
+  sampler = pipeline.PairedPatchSampler(cases, PATCH, brats.REGIONS, fg_fraction)
   rng = np.random.default_rng(seed)
   hits = [sampler.random_map(i % len(cases), rng)["label"].any() for i in range(n)]
   return float(np.mean(hits))
@@ -72,26 +68,12 @@ def test_foreground_fraction():
 
 
 def test_small_regions_are_sampled_as_often_as_large_ones(small_cases):
-  sampler = pipeline.PairedPatchSampler(small_cases, PATCH, brats.REGIONS, 1.0, augment=NO_AUGMENT)
+  sampler = pipeline.PairedPatchSampler(small_cases, PATCH, brats.REGIONS, 1.0)
   rng = np.random.default_rng(1)
   centres = [sampler.random_map(i % len(small_cases), rng)["label"][8, 8, 8] for i in range(600)]
   et_share = np.mean(np.array(centres) == 3)
   cases_with_et = np.mean([(c.label == 3).any() for c in small_cases])
   assert et_share > 0.2 * cases_with_et  # ET is 1 of 3 regions; its voxel share is far below that
-
-
-def test_flips_keep_pre_post_label_aligned(small_cases):
-  sampler = pipeline.PairedPatchSampler(small_cases[:1], PATCH, brats.REGIONS, 1.0, augment=FLIPS)
-  case = small_cases[0]
-  rng = np.random.default_rng(2)
-  for _ in range(20):
-    out = sampler.random_map(0, rng)
-    # The pre->post and label relation of the source survives: ET voxels enhance.
-    et = out["label"] == 3
-    if et.any():
-      diff = out["post"][..., 0] - out["pre"][..., 0]
-      assert diff[et].mean() > diff[out["label"] == 0].mean() + 0.5
-  assert case.pre.shape[0] >= PATCH[0]
 
 
 def test_volume_smaller_than_patch_is_padded(small_cases):
@@ -101,75 +83,44 @@ def test_volume_smaller_than_patch_is_padded(small_cases):
 
 
 def coded_case(size=(40, 36, 30)):
-  """pre = label code, post = 2 * pre + 1 inside the head: alignment is checkable per voxel."""
-  rng = np.random.default_rng(3)
-  label = rng.integers(0, 4, size=size).astype(np.uint8)
-  label = np.repeat(np.repeat(label[::4, ::4, ::3], 4, 0), 4, 1).repeat(3, 2)[
-    : size[0], : size[1], : size[2]
-  ]
-  pre = label.astype(np.float32) + 1.0
-  post = 2.0 * pre + 1.0
-  return Case("coded", pre, post, label, (1.0,) * 3, np.eye(4), size, ((0, s) for s in size))
+  """pre codes each voxel's position: a crop's place in the volume is readable from it."""
+  grid = np.indices(size)
+  pre = (1 + grid[0] * 10_000 + grid[1] * 100 + grid[2]).astype(np.float32)
+  label = (grid.sum(0) % 4).astype(np.uint8)
+  return Case("coded", pre, 2 * pre, label, (1.0,) * 3, np.eye(4), size, ((0, s) for s in size))
 
 
-@pytest.mark.parametrize(
-  "augment",
-  [
-    pipeline.Augment(flip=True, rot90=False, intensity=False),
-    pipeline.Augment(flip=False, rot90=True, intensity=False),
-    pipeline.Augment(flip=True, rot90=True, rot90_axes=(1, 2), intensity=False),
-    pipeline.Augment(flip=True, rot90=True, intensity=True),
-  ],
-)
-def test_pre_post_label_stay_aligned_after_exact_augmentations(augment):
+def test_the_crop_is_the_patch_window_grown_by_the_margin():
+  """The centre of a crop is exactly the patch the no-margin sampler cuts from the same draw."""
+  case = coded_case()
+  patch, crop = (16, 12, 8), (26, 20, 14)
+  plain = pipeline.PairedPatchSampler([case], patch, brats.REGIONS, 0.5)
+  margin = pipeline.PairedPatchSampler([case], patch, brats.REGIONS, 0.5, crop_shape=crop)
+  for seed in range(20):
+    a = plain.random_map(0, np.random.default_rng(seed))
+    b = margin.random_map(0, np.random.default_rng(seed))
+    assert b["pre"].shape == (*crop, 1) and b["label"].shape == crop
+    inner = tuple(slice((c - p) // 2, (c - p) // 2 + p) for c, p in zip(crop, patch))
+    for key in ("pre", "post", "label"):
+      np.testing.assert_array_equal(b[key][inner], a[key])
+
+
+def test_a_crop_leaving_the_volume_is_zero_there_and_the_volume_elsewhere():
+  case = coded_case()
   sampler = pipeline.PairedPatchSampler(
-    [coded_case()], (16, 12, 8), brats.REGIONS, 0.5, augment=augment
+    [case], (16, 12, 8), brats.REGIONS, 0.5, crop_shape=(26, 20, 14)
   )
-  rng = np.random.default_rng(0)
-  for _ in range(30):
-    out = sampler.random_map(0, rng)
-    pre, post, label = out["pre"][..., 0], out["post"][..., 0], out["label"]
-    assert pre.shape == (16, 12, 8) and label.shape == (16, 12, 8)
-    # post = 2 pre + 1 before a shared intensity map y = s x + b: still exactly linear.
-    s_fit, b_fit = np.polyfit(pre.ravel(), post.ravel(), 1)
-    np.testing.assert_allclose(post, s_fit * pre + b_fit, atol=1e-4)
-    # and the label still codes pre: one pre value per label value.
-    for v in np.unique(label):
-      assert np.ptp(pre[label == v]) < 1e-4
+  out = sampler._cut(case, np.array([0, 0, 29]))  # patch window at the volume's corner
+  pre = out["pre"]
+  assert (pre[:5] == 0).all() and (pre[:, :4] == 0).all() and (pre[:, :, -3:] == 0).all()
+  # crop voxel (5, 4, 3) is volume voxel (0, 0, 22 - 3 + 3): window start 22, margin 3.
+  assert pre[5, 4, 3] == case.pre[0, 0, 22 - 3 + 3] and pre[5, 4, 0] == case.pre[0, 0, 19]
+  np.testing.assert_array_equal(out["label"][5:, 4:, :11], case.label[:21, :16, 19:])
 
 
-def test_intensity_augmentation_keeps_enhancement_sign():
-  sampler = pipeline.PairedPatchSampler(
-    [coded_case()],
-    (16, 12, 8),
-    brats.REGIONS,
-    0.5,
-    augment=pipeline.Augment(flip=False, rot90=False, intensity=True, intensity_scale=0.3),
-  )
-  rng = np.random.default_rng(1)
-  for _ in range(30):
-    out = sampler.random_map(0, rng)
-    assert (out["post"] > out["pre"]).all()  # post > pre everywhere in the source
-
-
-def test_small_rotation_and_scaling_keep_alignment():
-  augment = pipeline.Augment(
-    flip=False, rot90=False, intensity=False, rotate_degrees=15, scale_range=(0.85, 1.15)
-  )
-  sampler = pipeline.PairedPatchSampler(
-    [coded_case()], (16, 16, 8), brats.REGIONS, 0.5, augment=augment
-  )
-  rng = np.random.default_rng(2)
-  for _ in range(10):
-    out = sampler.random_map(0, rng)
-    pre, post, label = out["pre"][..., 0], out["post"][..., 0], out["label"]
-    assert pre.shape == (16, 16, 8)
-    head = pre != 0
-    np.testing.assert_allclose(post[head], 2 * pre[head] + 1, atol=1e-4)  # linear interp commutes
-    # Inside label blocks (interpolated code still an integer) nearest labels must match it.
-    inside = head & (np.abs(pre - np.round(pre)) < 1e-3)
-    assert inside.sum() > 200
-    assert (label[inside] + 1 == np.round(pre[inside])).mean() > 0.98
+def test_a_crop_that_cannot_centre_the_patch_is_rejected():
+  with pytest.raises(ValueError, match="even margin"):
+    pipeline.PairedPatchSampler([coded_case()], (16, 12, 8), brats.REGIONS, 0.5, (25, 12, 8))
 
 
 def test_workers_give_the_same_batches(small_cases):
@@ -194,8 +145,8 @@ def test_process_shards_split_the_case_stream(small_cases):
 
 
 def test_process_shards_together_give_the_single_process_batches(small_cases):
-  """Two processes with local batch 1 hold rows 0 and 1 of the one-process batch of 2,
-  augmentation included, so a multi-host run trains on exactly the same global batches."""
+  """Two processes with local batch 1 hold rows 0 and 1 of the one-process batch of 2
+  (augmentation then draws by global row, on the device), so a multi-host run trains on exactly the same global batches."""
   single = take(make(small_cases, batch_size=2), 3)
   shards = [take(make(small_cases, batch_size=1, shard_index=p, shard_count=2), 3) for p in (0, 1)]
   for step, batch in enumerate(single):

@@ -20,6 +20,7 @@ ARGS = [
   "--config.train.log_every=1",
   "--config.checkpoint.every_steps=100",  # only the preemption save and the final one
   "--config.eval.every_steps=100",
+  "--config.data.augment.preset=nnunet",  # device-side augmentation drawn from (seed, step, row)
 ]
 
 

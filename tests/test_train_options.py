@@ -30,7 +30,10 @@ def make_batch(n=4, size=16, seed=0):
 
 
 def setup(**overrides):
-  config = smoke_config(**{"train.warmup_steps": 0, "train.lr": 1e-2, **overrides})
+  # No augmentation: these tests check the step's arithmetic on fixed batches.
+  config = smoke_config(
+    **{"train.warmup_steps": 0, "train.lr": 1e-2, "data.augment.preset": "none", **overrides}
+  )
   model = predictor.build_model(config)
   tx = train.make_optimizer(config.train)
   state = train.init_state(model, tx, (16, 16, 16), jax.random.key(0))

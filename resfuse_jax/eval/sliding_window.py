@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from resfuse_jax import data
+from resfuse_jax import backend, data
 from resfuse_jax.errors import ConfigError
 
 
@@ -120,6 +120,6 @@ def predict_volume(
     config.data.patch_size,
     len(data.get_dataset(config.data.name).regions),
     overlap=config.eval.overlap,
-    batch_size=batch_size or config.eval.batch_size,
+    batch_size=batch_size or backend.resolve("eval_batch_size", config.eval.batch_size),
     mirror_axes=mirror_axes,
   )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resfuse_jax import backend as backends
 from resfuse_jax.errors import ConfigError
 from resfuse_jax.models import layers
 from resfuse_jax.models.a2fnet import A2FNet
@@ -28,8 +29,8 @@ from resfuse_jax.models.tsf_seq2seq import TSFSeq2Seq
 
 __all__ = ["FUSION_TERMS", "build", "compute_dtype", "count_params", "names"]
 
-# (model config, num_outputs, dtype, resolved conv_impl) -> module
-Builder = Callable[[Any, int, Any, str], nn.Module]
+# (model config, num_outputs, dtype, resolved layers.ConvPlan) -> module
+Builder = Callable[[Any, int, Any, layers.ConvPlan], nn.Module]
 
 
 def _resunet(inputs: str) -> Builder:
@@ -43,7 +44,7 @@ def _resunet(inputs: str) -> Builder:
   )
 
 
-def _resfuse(cfg: Any, num_outputs: int, dtype: Any, conv_impl: str) -> nn.Module:
+def _resfuse(cfg: Any, num_outputs: int, dtype: Any, conv_impl: layers.ConvPlan) -> nn.Module:
   levels = cfg.get("fuse_levels", None)
   return ResFuse(
     tuple(cfg.features),
@@ -81,15 +82,15 @@ def names() -> list[str]:
 
 
 def build(model_config: Any, num_outputs: int, dtype: Any = jnp.float32) -> nn.Module:
-  """Builds ``model_config.name`` with its ``conv_impl`` (default auto) resolved for this backend.
+  """Builds ``model_config.name`` with its conv plan (`layers.resolve_conv_plan`) for this backend.
 
   Unknown names or conv implementations raise ``ConfigError`` listing the valid ones.
   """
   name = model_config.name
   if name not in _REGISTRY:
     raise ConfigError(f"Unknown model.name {name!r}; registered models: {', '.join(names())}")
-  conv_impl = layers.resolve_conv_impl(model_config.get("conv_impl", "auto"))
-  return _REGISTRY[name](model_config, num_outputs, dtype, conv_impl)
+  plan = layers.resolve_conv_plan(model_config)
+  return _REGISTRY[name](model_config, num_outputs, dtype, plan)
 
 
 def count_params(params: Any) -> int:
@@ -97,12 +98,10 @@ def count_params(params: Any) -> int:
   return sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params))
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+def compute_dtype(train_config: Any, backend: str | None = None) -> Any:
+  """``train.compute_dtype`` (auto | float32 | bfloat16): activations and matmuls.
 
-
-def compute_dtype(train_config: Any) -> Any:
-  """``train.compute_dtype``: activations and matmuls; parameters stay float32."""
-  name = train_config.get("compute_dtype", "float32")
-  if name not in COMPUTE_DTYPES:
-    raise ConfigError(f"train.compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
-  return jnp.dtype(name)
+  Parameters stay float32. ``auto`` is the backend's default (`resfuse_jax.backend`).
+  """
+  name = train_config.get("compute_dtype", "auto")
+  return jnp.dtype(backends.resolve("compute_dtype", name, backend, "train.compute_dtype"))

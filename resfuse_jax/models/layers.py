@@ -6,13 +6,17 @@ two patterns a U-Net needs: the backward pass of strided convolutions and
 rewrites instead (space-to-depth + unstrided conv; 1x1x1 conv + depth-to-space),
 keeping the parameter shapes of the textbook layers. All tensors are NDHWC.
 
-Every module with 3x3x3 convolutions has a ``conv_impl`` field ("xla" or
-"planes", see `conv3d`); `resolve_conv_impl` picks one for a backend, outside
-traced code, so the choice is part of the model (and of jit's cache key).
+Every module with convolutions has a ``conv_impl`` field: a `ConvPlan` (or
+just the 3x3x3 impl's name, "xla" or "planes", see `conv3d`) that also says
+how stride-2 convs and transposed convs are computed. `resolve_conv_plan`
+fills it for a backend (``resfuse_jax.backend``), outside traced code, so the
+choice is part of the model (and of jit's cache key). Every plan has the same
+parameters, so a checkpoint serves all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resfuse_jax import backend as backends
 from resfuse_jax.errors import ConfigError
 
 Dtype = Any
@@ -67,6 +72,19 @@ def stride2_kernel_as_s2d(kernel: jax.Array) -> jax.Array:
 CONV_IMPLS = ("auto", "xla", "planes")
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvPlan:
+  """How each kind of convolution is computed (every choice is exact; speed differs)."""
+
+  conv: str = "xla"  # 3x3x3: "xla" (XLA's 3D conv) | "planes" (2D convs over depth)
+  downsample: str = "space_to_depth"  # stride 2: "space_to_depth" | "strided" (XLA's)
+  upsample: str = "depth_to_space"  # k2 s2 transposed: "depth_to_space" | "transpose"
+
+
+def as_plan(conv_impl: str | ConvPlan) -> ConvPlan:
+  return conv_impl if isinstance(conv_impl, ConvPlan) else ConvPlan(conv=conv_impl)
+
+
 def resolve_conv_impl(name: str, backend: str | None = None) -> str:
   """``model.conv_impl`` (auto | xla | planes) -> the `conv3d` impl for ``backend``.
 
@@ -77,9 +95,20 @@ def resolve_conv_impl(name: str, backend: str | None = None) -> str:
   """
   if name not in CONV_IMPLS:
     raise ConfigError(f"model.conv_impl must be one of {', '.join(CONV_IMPLS)}; got {name!r}")
-  if name != "auto":
-    return name
-  return "planes" if (backend or jax.default_backend()) == "cpu" else "xla"
+  return backends.resolve("conv_impl", name, backend, "model.conv_impl")
+
+
+def resolve_conv_plan(model_config: Any, backend: str | None = None) -> ConvPlan:
+  """``model.conv_impl``, ``model.downsample`` and ``model.upsample`` for ``backend``."""
+  return ConvPlan(
+    conv=resolve_conv_impl(model_config.get("conv_impl", "auto"), backend),
+    downsample=backends.resolve(
+      "downsample", model_config.get("downsample", "auto"), backend, "model.downsample"
+    ),
+    upsample=backends.resolve(
+      "upsample", model_config.get("upsample", "auto"), backend, "model.upsample"
+    ),
+  )
 
 
 _DN3 = ("NDHWC", "DHWIO", "NDHWC")
@@ -145,27 +174,27 @@ _conv3d_planes.defvjp(_conv3d_planes_fwd, _conv3d_planes_bwd)
 
 
 class Conv3(nn.Module):
-  """3x3x3 convolution, SAME padding, stride 1 or 2 (via space-to-depth)."""
+  """3x3x3 convolution, SAME padding, stride 1 or 2 (space-to-depth or XLA's strided conv)."""
 
   features: int
   strides: int = 1
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   kernel_init: Callable = conv_init
-  conv_impl: str = "xla"  # "xla" | "planes", see `conv3d`
+  conv_impl: str | ConvPlan = "xla"  # see `ConvPlan`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    plan = as_plan(self.conv_impl)
     kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if self.strides == 1:
-      y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), ((1, 1),) * 3, self.conv_impl)
+      y = conv3d(x, kernel, ((1, 1),) * 3, plan.conv)
+    elif self.strides == 2 and plan.downsample == "strided":
+      # SAME for k3 s2 on even sizes pads (0, 1), as the space-to-depth form reads.
+      y = jax.lax.conv_general_dilated(x, kernel, (2, 2, 2), ((0, 1),) * 3, dimension_numbers=_DN3)
     elif self.strides == 2:
-      y = conv3d(
-        space_to_depth(x).astype(self.dtype),
-        stride2_kernel_as_s2d(kernel).astype(self.dtype),
-        ((0, 1),) * 3,
-        self.conv_impl,
-      )
+      y = conv3d(space_to_depth(x), stride2_kernel_as_s2d(kernel), ((0, 1),) * 3, plan.conv)
     else:
       raise ValueError(f"Conv3 supports strides 1 or 2, got {self.strides}")
     if self.use_bias:
@@ -192,23 +221,51 @@ class Conv1(nn.Module):
     )(x)
 
 
+class _Kernel(nn.Module):
+  """A bare ``kernel`` parameter at the path ``nn.Dense`` would give it."""
+
+  shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("kernel", conv_init, self.shape)
+
+
 class UpConv(nn.Module):
   """Transposed conv k2 s2, written as a 1x1x1 conv to 8*features + depth-to-space.
 
   One bias per output channel, added after depth-to-space: exactly the
-  parameters (and function) of ``ConvTranspose3d(kernel=2, stride=2)``.
+  parameters (and function) of ``ConvTranspose3d(kernel=2, stride=2)``, which
+  ``upsample="transpose"`` runs instead (XLA's ``conv_transpose``), same parameters.
   """
 
   features: int
   dtype: Dtype = jnp.float32
+  conv_impl: str | ConvPlan = "xla"  # see `ConvPlan`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.Dense(
-      8 * self.features, use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="dense"
-    )(x)
+    if as_plan(self.conv_impl).upsample == "transpose":
+      kernel = _Kernel((x.shape[-1], 8 * self.features), name="dense")()
+      y = conv_transpose_k2s2(x.astype(self.dtype), kernel.astype(self.dtype))
+    else:
+      y = nn.Dense(
+        8 * self.features, use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="dense"
+      )(x)
+      y = depth_to_space(y)
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return depth_to_space(y) + bias.astype(self.dtype)  # [B, 2D, 2H, 2W, features]
+    return y + bias.astype(self.dtype)  # [B, 2D, 2H, 2W, features]
+
+
+def conv_transpose_k2s2(x: jax.Array, dense_kernel: jax.Array) -> jax.Array:
+  """[B, D, H, W, I] x [I, 8F] (channels (pd, ph, pw, F)) -> [B, 2D, 2H, 2W, F] via XLA.
+
+  ``conv_transpose`` without kernel transposition correlates the stride-dilated
+  input, so output phase p reads kernel tap 1 - p: the taps are flipped.
+  """
+  i, f8 = dense_kernel.shape
+  kernel = dense_kernel.reshape(i, 2, 2, 2, f8 // 8).transpose(1, 2, 3, 0, 4)[::-1, ::-1, ::-1]
+  return jax.lax.conv_transpose(x, kernel, (2, 2, 2), "VALID", dimension_numbers=_DN3)
 
 
 def instance_norm(name: str, dtype: Dtype) -> nn.Module:
@@ -320,7 +377,7 @@ class Decoder(nn.Module):
     x = skips[-1]
     levels = [x]
     for level in range(len(skips) - 2, -1, -1):
-      x = UpConv(self.features[level], self.dtype, name=f"up{level}")(x)
+      x = UpConv(self.features[level], self.dtype, self.conv_impl, name=f"up{level}")(x)
       x = jnp.concatenate([x, skips[level]], axis=-1)
       x = ResidualUnit(
         self.features[level], 1, True, self.dtype, conv_impl=self.conv_impl, name=f"level{level}"

@@ -17,11 +17,12 @@ REGIONS = ((1, 2, 3), (1, 3), (3,))
 MESHES = {"data8": (8, 1), "data4_spatial2": (4, 2)}
 
 
-def batches(n, batch=8, size=16):
+def batches(n, crop, batch=8):
+  """Host crops (with the augmentation margin) of random scans and labels."""
   rng = np.random.default_rng(0)
   for _ in range(n):
-    pre = rng.normal(size=(batch, size, size, size, 1)).astype(np.float32)
-    label = rng.integers(0, 4, size=(batch, size, size, size)).astype(np.int32)
+    pre = rng.normal(size=(batch, *crop, 1)).astype(np.float32)
+    label = rng.integers(0, 4, size=(batch, *crop)).astype(np.uint8)
     yield {"pre": pre, "post": pre + (label[..., None] == 3), "label": label}
 
 
@@ -32,16 +33,15 @@ def run(config, data, spatial, steps):
   init = functools.partial(train.init_state, model, tx, tuple(config.data.patch_size))
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
   step = train.compile_train_step(config, model, tx, REGIONS, mesh)
+  crop, in_sharding = train.crop_shape(config), train.input_sharding(config, mesh)
   losses = []
-  for b in batches(steps):
-    state, metrics = step(state, sharding.put_batch(b, sharding.data_sharding(mesh)))
+  for b in batches(steps, crop):
+    state, metrics = step(state, sharding.put_batch(b, in_sharding))
     losses.append(float(metrics.compute()["loss"]))
   conv_inputs = sorted(
     {
       line.split("=")[1].split("{")[0].strip()
-      for line in step.lower(
-        state, sharding.put_batch(next(batches(1)), sharding.data_sharding(mesh))
-      )
+      for line in step.lower(state, sharding.put_batch(next(batches(1, crop)), in_sharding))
       .compile()
       .as_text()
       .splitlines()
@@ -66,6 +66,12 @@ def main():
   config.train.warmup_steps = 0
   config.train.lr = 1e-1
   config.train.batch_size = 8
+  # Augmentation inside the step, every transform on every row: the rows' draws and the
+  # resampling must not depend on how the batch is split.
+  config.data.augment.preset = "nnunet"
+  for name in config_lib.AUGMENT_FIELDS:
+    if name.startswith("p_") and name != "p_mirror":
+      config.data.augment[name] = 1.0
   steps = 3
   out = {"devices": jax.device_count()}
   ref_losses, ref_params, _ = run(config, 1, 1, steps)

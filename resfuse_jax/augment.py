@@ -1,0 +1,407 @@
+"""nnU-Net's default augmentation as pure JAX, run inside the jitted train step.
+
+The host pipeline only cuts a patch with the margin rotation needs
+(`Spec.crop_shape`); everything random happens here, on the device. Each row of
+the global batch gets its own key, folded from the run's seed, the step and
+the row's index (`sample_keys`), so a batch is the same on any number of
+devices and after a resume. A row draws its parameters (`draw`) and is
+transformed (`apply`): one affine resampling of pre, post and label together
+(trilinear for the scans, nearest neighbour for the label), then the intensity
+transforms, then mirroring.
+
+Intensity transforms act on pre and post *jointly* (one draw and one set of
+statistics for both scans), so the enhancement post − pre keeps its sign:
+noise adds the same field to both (the difference is unchanged); brightness,
+contrast and gamma are one non-decreasing map of both scans (sign(post − pre)
+is kept voxel by voxel); blur and low-resolution simulation are one linear
+smoothing with non-negative weights (a non-negative enhancement stays
+non-negative). nnU-Net draws these per channel; BUILD_NOTES.md §9 says why not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resfuse_jax.errors import ConfigError
+
+Batch = dict[str, jax.Array]
+
+# Folded into the run's seed so augmentation draws never coincide with initialisation's.
+_AUGMENT_STREAM = 0x617567
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Probabilities (per sample unless noted) and ranges; all ``p_*`` = 0 is no augmentation."""
+
+  p_rotation: float = 0.0  # one draw; then each axis's angle is uniform in ±rotation_degrees
+  rotation_degrees: float = 30.0
+  p_scale: float = 0.0
+  scale_range: tuple[float, float] = (0.7, 1.4)  # zoom of the content: > 1 magnifies
+  p_noise: float = 0.0
+  noise_variance: tuple[float, float] = (0.0, 0.1)
+  p_blur: float = 0.0
+  blur_sigma: tuple[float, float] = (0.5, 1.0)  # voxels, drawn per axis
+  p_brightness: float = 0.0
+  brightness_range: tuple[float, float] = (0.75, 1.25)
+  p_contrast: float = 0.0
+  contrast_range: tuple[float, float] = (0.75, 1.25)
+  p_lowres: float = 0.0
+  lowres_zoom: tuple[float, float] = (0.5, 1.0)
+  p_gamma_inverted: float = 0.0
+  p_gamma: float = 0.0
+  gamma_range: tuple[float, float] = (0.7, 1.5)
+  p_mirror: float = 0.0  # per axis of mirror_axes
+  mirror_axes: tuple[int, ...] = (0, 1, 2)
+  # The smallest zoom the host crop holds whole (nnU-Net's get_patch_size uses 0.85 for a
+  # (0.7, 1.4) range): a stronger zoom-out shows zeros beyond the crop, as nnU-Net's does.
+  crop_zoom: float = 0.85
+
+  @property
+  def spatial(self) -> bool:
+    """Whether the affine resampling (and so the host margin) is needed at all."""
+    return self.p_rotation > 0 or self.p_scale > 0
+
+  @property
+  def identity(self) -> bool:
+    return all(getattr(self, f.name) == 0 for f in dataclasses.fields(self) if f.name[:2] == "p_")
+
+  def crop_shape(self, patch: tuple[int, ...]) -> tuple[int, ...]:
+    """The host crop: the patch's bounding box under each axis's largest rotation, / crop_zoom.
+
+    Rounded up so that crop − patch is even: the patch sits exactly in the middle.
+    """
+    patch_arr = np.asarray(patch, np.float64)
+    if not self.spatial:
+      return tuple(int(p) for p in patch)
+    extent = patch_arr.copy()
+    if self.p_rotation > 0:
+      a = math.radians(self.rotation_degrees)
+      for plane in ((1, 2), (0, 2), (0, 1)):
+        extent = np.maximum(extent, np.abs(_plane_rotation(a, plane)) @ patch_arr)
+    if self.p_scale > 0:
+      extent = extent / min(self.crop_zoom, 1.0)
+    crop = np.ceil(extent - 1e-6).astype(int)
+    return tuple(int(c + (c - p) % 2) for c, p in zip(crop, patch))
+
+
+PRESETS = {
+  "none": Spec(),
+  # The phantom's measured set (BUILD_NOTES.md §2): mirroring only.
+  "light": Spec(p_mirror=0.5),
+  # nnU-Net v2's default training transforms, in its order and with its probabilities.
+  "nnunet": Spec(
+    p_rotation=0.2,
+    p_scale=0.2,
+    p_noise=0.1,
+    p_blur=0.2,
+    p_brightness=0.15,
+    p_contrast=0.15,
+    p_lowres=0.25,
+    p_gamma_inverted=0.1,
+    p_gamma=0.3,
+    p_mirror=0.5,
+  ),
+}
+FIELDS = tuple(f.name for f in dataclasses.fields(Spec))
+
+
+def spec_from_config(cfg: Any) -> Spec:
+  """``data.augment``: a preset, then every field that is not None overrides it."""
+  preset = cfg.get("preset", "nnunet")
+  if preset not in PRESETS:
+    raise ConfigError(f"data.augment.preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+  unknown = sorted(set(cfg.keys()) - set(FIELDS) - {"preset"})
+  if unknown:
+    raise ConfigError(f"data.augment has unknown fields {unknown}; known: {', '.join(FIELDS)}")
+  values = {}
+  for name in FIELDS:
+    value = cfg.get(name, None)
+    if value is not None:
+      values[name] = tuple(value) if isinstance(value, list | tuple) else value
+  spec = dataclasses.replace(PRESETS[preset], **values)
+  _check(spec)
+  return spec
+
+
+def _check(spec: Spec) -> None:
+  for f in dataclasses.fields(spec):
+    value = getattr(spec, f.name)
+    if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
+      raise ConfigError(f"data.augment.{f.name} must be a probability in [0, 1]; got {value}")
+    if f.name.endswith(("_range", "_variance", "_sigma", "_zoom")) and f.name != "crop_zoom":
+      if len(value) != 2 or not 0 <= value[0] <= value[1]:
+        raise ConfigError(
+          f"data.augment.{f.name} must be (low, high), 0 <= low <= high; got {value}"
+        )
+  if not set(spec.mirror_axes) <= {0, 1, 2}:
+    raise ConfigError(f"data.augment.mirror_axes must be axes of 0..2; got {spec.mirror_axes}")
+  if spec.scale_range[0] <= 0 or spec.lowres_zoom[0] <= 0 or spec.crop_zoom <= 0:
+    raise ConfigError("data.augment.scale_range, lowres_zoom and crop_zoom must be positive")
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+def _plane_rotation(angle, plane: tuple[int, int], xp: Any = np):
+  """3x3 rotation by ``angle`` in the plane of two axes."""
+  i, j = plane
+  c, s = xp.cos(angle), xp.sin(angle)
+  m = [[1.0 if r == k else 0.0 for k in range(3)] for r in range(3)]
+  m[i][i], m[i][j], m[j][i], m[j][j] = c, -s, s, c
+  return xp.stack([xp.stack([xp.asarray(v, dtype=xp.float32) for v in row]) for row in m])
+
+
+def _split_range(key, low: float, high: float):
+  """nnU-Net's BGContrast draw: half the time below 1 (if the range reaches there), else above."""
+  k_side, k_value = jax.random.split(key)
+  below = jax.random.uniform(k_value, (), minval=low, maxval=min(high, 1.0))
+  above = jax.random.uniform(k_value, (), minval=max(low, 1.0), maxval=high)
+  if low >= 1.0:
+    return above
+  if high <= 1.0:
+    return below
+  return jnp.where(jax.random.uniform(k_side) < 0.5, below, above)
+
+
+def identity_params() -> dict[str, jax.Array]:
+  """Parameters under which `apply` returns the centre of the crop unchanged."""
+  f = jnp.float32
+  return {
+    "angles": jnp.zeros(3, f),
+    "zoom": jnp.ones((), f),
+    "noise": jnp.zeros((), bool),
+    "noise_sigma": jnp.zeros((), f),
+    "noise_key": jax.random.key_data(jax.random.key(0)),
+    "blur": jnp.zeros((), bool),
+    "blur_sigma": jnp.ones(3, f),
+    "brightness": jnp.ones((), f),
+    "contrast": jnp.zeros((), bool),
+    "contrast_factor": jnp.ones((), f),
+    "lowres": jnp.zeros((), bool),
+    "lowres_zoom": jnp.ones((), f),
+    "gamma_inverted": jnp.zeros((), bool),
+    "gamma_inverted_value": jnp.ones((), f),
+    "gamma": jnp.zeros((), bool),
+    "gamma_value": jnp.ones((), f),
+    "mirror": jnp.zeros(3, bool),
+  }
+
+
+def draw(spec: Spec, key: jax.Array) -> dict[str, jax.Array]:
+  """One sample's transform parameters (the `identity_params` structure)."""
+  k = dict(zip(FIELDS, jax.random.split(key, len(FIELDS))))
+
+  def coin(name):
+    return jax.random.uniform(jax.random.fold_in(k[name], 1)) < getattr(spec, name)
+
+  def uniform(name, shape=()):
+    lo, hi = getattr(spec, name)
+    return jax.random.uniform(k[name], shape, minval=lo, maxval=hi)
+
+  max_angle = math.radians(spec.rotation_degrees)
+  angles = jax.random.uniform(k["rotation_degrees"], (3,), minval=-max_angle, maxval=max_angle)
+  p = identity_params()
+  p["angles"] = jnp.where(coin("p_rotation"), angles, p["angles"])
+  p["zoom"] = jnp.where(coin("p_scale"), uniform("scale_range"), 1.0)
+  p["noise"] = coin("p_noise")
+  p["noise_sigma"] = jnp.sqrt(uniform("noise_variance"))
+  p["noise_key"] = jax.random.key_data(k["p_noise"])
+  p["blur"] = coin("p_blur")
+  p["blur_sigma"] = uniform("blur_sigma", (3,))
+  p["brightness"] = jnp.where(
+    coin("p_brightness"), _split_range(k["brightness_range"], *spec.brightness_range), 1.0
+  )
+  p["contrast"] = coin("p_contrast")
+  p["contrast_factor"] = _split_range(k["contrast_range"], *spec.contrast_range)
+  p["lowres"] = coin("p_lowres")
+  p["lowres_zoom"] = uniform("lowres_zoom")
+  p["gamma_inverted"] = coin("p_gamma_inverted")
+  p["gamma_inverted_value"] = _split_range(k["p_gamma_inverted"], *spec.gamma_range)
+  p["gamma"] = coin("p_gamma")
+  p["gamma_value"] = _split_range(k["gamma_range"], *spec.gamma_range)
+  allowed = jnp.array([a in spec.mirror_axes for a in range(3)])
+  p["mirror"] = allowed & (jax.random.uniform(k["p_mirror"], (3,)) < spec.p_mirror)
+  return p
+
+
+# --- spatial ----------------------------------------------------------------------------------
+
+
+def affine_matrix(angles: jax.Array, zoom: jax.Array) -> jax.Array:
+  """Output offset -> input offset (voxels): rotations about axes 0, 1, 2, then 1/zoom."""
+  rotation = jnp.eye(3, dtype=jnp.float32)
+  for angle, plane in zip(angles, ((1, 2), (0, 2), (0, 1))):
+    rotation = _plane_rotation(angle, plane, jnp) @ rotation
+  return rotation / zoom
+
+
+def sample_grid(matrix: jax.Array, crop: tuple[int, ...], patch: tuple[int, ...]) -> jax.Array:
+  """[3, *patch] input coordinates of every output voxel, about the two centres."""
+  grid = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in patch], indexing="ij"))
+  out_centre = (jnp.asarray(patch, jnp.float32) - 1) / 2
+  in_centre = (jnp.asarray(crop, jnp.float32) - 1) / 2
+  offsets = grid - out_centre[:, None, None, None]
+  return jnp.einsum("ij,j...->i...", matrix, offsets) + in_centre[:, None, None, None]
+
+
+def _inside(index: list[jax.Array], shape) -> jax.Array:
+  return functools.reduce(operator.and_, [(i >= 0) & (i < n) for i, n in zip(index, shape)])
+
+
+def _gather(volume: jax.Array, index: list[jax.Array]) -> jax.Array:
+  clipped = [jnp.clip(i, 0, n - 1) for i, n in zip(index, volume.shape)]
+  return volume[clipped[0], clipped[1], clipped[2]]
+
+
+def trilinear(volume: jax.Array, coords: jax.Array) -> jax.Array:
+  """[D, H, W, C] sampled at [3, *out] -> [*out, C]; zero outside the volume.
+
+  At integer coordinates the other corners' weights are exactly 0, so an
+  identity grid returns the voxels bit for bit.
+  """
+  low = jnp.floor(coords)
+  frac = coords - low
+  low = low.astype(jnp.int32)
+  out = jnp.zeros((*coords.shape[1:], volume.shape[-1]), volume.dtype)
+  for corner in itertools.product((0, 1), repeat=3):
+    index = [low[a] + corner[a] for a in range(3)]
+    weight = math.prod(frac[a] if corner[a] else 1 - frac[a] for a in range(3))
+    weight = jnp.where(_inside(index, volume.shape), weight, 0.0)
+    out = out + weight[..., None] * _gather(volume, index)
+  return out
+
+
+def nearest(volume: jax.Array, coords: jax.Array) -> jax.Array:
+  """[D, H, W] label sampled at [3, *out] by its nearest voxel -> [*out]; 0 outside."""
+  index = [jnp.round(c).astype(jnp.int32) for c in coords]
+  return jnp.where(_inside(index, volume.shape), _gather(volume, index), 0).astype(volume.dtype)
+
+
+def centre_crop(x: jax.Array, patch: tuple[int, ...]) -> jax.Array:
+  start = [(n - p) // 2 for n, p in zip(x.shape, patch)]
+  return x[tuple(slice(s, s + p) for s, p in zip(start, patch))]
+
+
+# --- intensity (on [D, H, W, 2]: pre and post as channels) ------------------------------------
+
+
+def _gaussian_blur(x: jax.Array, sigmas: jax.Array, radius: int) -> jax.Array:
+  """Separable Gaussian per axis (mirror-padded, as scipy's default), one kernel for both scans."""
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  for axis in range(3):
+    weights = jnp.exp(-0.5 * (taps / sigmas[axis]) ** 2)
+    weights = weights / weights.sum()
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(x, pad, mode="symmetric")
+    n = x.shape[axis]
+    x = sum(
+      weights[t] * jax.lax.slice_in_dim(padded, t, t + n, axis=axis) for t in range(2 * radius + 1)
+    )
+  return x
+
+
+def _low_resolution(x: jax.Array, zoom: jax.Array) -> jax.Array:
+  """Nearest-neighbour downsampling by ``zoom`` then linear upsampling, axis by axis.
+
+  Sizes stay static (the coarse grid is indexed, not materialised); zoom 1 is
+  the identity. nnU-Net upsamples cubically; linear keeps the weights non-negative.
+  """
+  for axis in range(3):
+    n = x.shape[axis]
+    m = jnp.maximum(jnp.round(n * zoom), 1.0)
+    down, up = m / n, n / m  # scalars: exactly 1 at zoom 1, so the identity is exact
+    coarse = jnp.clip((jnp.arange(n, dtype=jnp.float32) + 0.5) * down - 0.5, 0.0, m - 1)
+    j0 = jnp.floor(coarse)
+    j1 = jnp.minimum(j0 + 1, m - 1)
+    t = coarse - j0
+
+    def source(j, n=n, up=up):
+      return jnp.clip(jnp.floor((j + 0.5) * up), 0, n - 1).astype(jnp.int32)
+
+    shape = [1] * x.ndim
+    shape[axis] = n
+    t = t.reshape(shape)
+    x = (1 - t) * jnp.take(x, source(j0), axis=axis) + t * jnp.take(x, source(j1), axis=axis)
+  return x
+
+
+def _gamma(x: jax.Array, gamma: jax.Array, invert: bool) -> jax.Array:
+  """x -> x^gamma on the joint [min, max] of both scans, keeping their joint mean and std."""
+  if invert:
+    x = -x
+  mean, std = x.mean(), x.std()
+  low, high = x.min(), x.max()
+  span = jnp.maximum(high - low, 1e-7)
+  y = ((x - low) / span) ** gamma * span + low
+  y = (y - y.mean()) / jnp.maximum(y.std(), 1e-7) * std + mean
+  return -y if invert else y
+
+
+def _intensity(spec: Spec, p: dict, x: jax.Array) -> jax.Array:
+  """nnU-Net's order: noise, blur, brightness, contrast, low resolution, gamma (inverted, plain)."""
+  if spec.p_noise > 0:
+    field = jax.random.normal(jax.random.wrap_key_data(p["noise_key"]), x.shape[:-1], x.dtype)
+    x = jnp.where(p["noise"], x + p["noise_sigma"] * field[..., None], x)
+  if spec.p_blur > 0:
+    radius = max(1, math.ceil(3 * spec.blur_sigma[1]))
+    x = jnp.where(p["blur"], _gaussian_blur(x, p["blur_sigma"], radius), x)
+  if spec.p_brightness > 0:
+    x = x * p["brightness"]
+  if spec.p_contrast > 0:
+    mean, low, high = x.mean(), x.min(), x.max()
+    contrasted = jnp.clip((x - mean) * p["contrast_factor"] + mean, low, high)
+    x = jnp.where(p["contrast"], contrasted, x)
+  if spec.p_lowres > 0:
+    x = jnp.where(p["lowres"], _low_resolution(x, p["lowres_zoom"]), x)
+  if spec.p_gamma_inverted > 0:
+    x = jnp.where(p["gamma_inverted"], _gamma(x, p["gamma_inverted_value"], True), x)
+  if spec.p_gamma > 0:
+    x = jnp.where(p["gamma"], _gamma(x, p["gamma_value"], False), x)
+  return x
+
+
+# --- one sample, a batch ----------------------------------------------------------------------
+
+
+def apply(spec: Spec, p: dict, sample: Batch, patch: tuple[int, ...]) -> Batch:
+  """One sample {'pre','post': [*crop, 1], 'label': [*crop]} -> the same at ``patch``."""
+  scans = jnp.concatenate([sample["pre"], sample["post"]], axis=-1).astype(jnp.float32)
+  label = sample["label"]
+  crop = tuple(label.shape)
+  if spec.spatial:
+    grid = sample_grid(affine_matrix(p["angles"], p["zoom"]), crop, patch)
+    scans, label = trilinear(scans, grid), nearest(label, grid)
+  elif crop != tuple(patch):
+    scans, label = centre_crop(scans, patch), centre_crop(label, patch)
+  scans = _intensity(spec, p, scans)
+  if spec.p_mirror > 0:
+    for axis in range(3):
+      scans = jnp.where(p["mirror"][axis], jnp.flip(scans, axis), scans)
+      label = jnp.where(p["mirror"][axis], jnp.flip(label, axis), label)
+  return {"pre": scans[..., :1], "post": scans[..., 1:], "label": label}
+
+
+def sample_keys(seed: int, step: jax.Array, batch_size: int) -> jax.Array:
+  """One key per row of the global batch: (seed, step, row) alone decide a row's draw."""
+  step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _AUGMENT_STREAM), step)
+  return jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(batch_size))
+
+
+def augment_batch(spec: Spec, batch: Batch, keys: jax.Array, patch: tuple[int, ...]) -> Batch:
+  """[B, *crop(, 1)] host crops -> [B, *patch(, 1)] augmented patches, row i drawn from keys[i]."""
+  if spec.identity and tuple(batch["label"].shape[1:]) == tuple(patch):
+    return batch
+  params = jax.vmap(lambda key: draw(spec, key))(keys)
+  out = jax.vmap(lambda p, s: apply(spec, p, s, patch))(params, batch)
+  return {**batch, **out}

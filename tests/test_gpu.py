@@ -1,0 +1,88 @@
+"""On a CUDA GPU only (``pytest -m gpu``; benchmarks/gpu_check.sh runs it): the whole path.
+
+A 20-step bf16 phantom training with nnU-Net's augmentation on the device, `predict`
+on a case, and `export` reloaded and called on the GPU. Skipped where JAX has no GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import ROOT
+
+pytestmark = [
+  pytest.mark.gpu,
+  pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU"),
+]
+
+
+def run(module, *args):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  cmd = [sys.executable, "-m", module, *args]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+  return proc
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("gpu") / "run"
+  proc = run(
+    "resfuse_jax.main",
+    "--config=configs/phantom.py:resfuse,smoke",
+    f"--workdir={workdir}",
+    "--config.train.steps=20",
+    "--config.train.log_every=10",
+    "--config.train.compute_dtype=bfloat16",
+    "--config.data.augment.preset=nnunet",
+    "--config.eval.every_steps=20",
+    "--config.checkpoint.every_steps=10",
+  )
+  return workdir, proc
+
+
+def test_bf16_training_with_device_augmentation_runs_on_the_gpu(gpu_run):
+  workdir, proc = gpu_run
+  assert "cuda" in proc.stderr.lower() or "gpu" in proc.stderr.lower()  # the logged devices
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["train"]["compute_dtype"] == "bfloat16"
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["step"] == 20
+  assert all(np.isfinite(v) for v in results["dice"].values())
+
+
+def test_predict_on_the_gpu_writes_a_label_map(gpu_run, small_phantom, tmp_path):
+  workdir, _ = gpu_run
+  root, _ = small_phantom
+  case = sorted(p for p in root.iterdir() if p.is_dir())[0]
+  out = tmp_path / "seg.nii.gz"
+  run(
+    "resfuse_jax.predict",
+    f"--workdir={workdir}",
+    f"--pre={case / f'{case.name}-t1n.nii.gz'}",
+    f"--post={case / f'{case.name}-t1c.nii.gz'}",
+    f"--out={out}",
+  )
+  labels = np.asarray(nib.load(out).dataobj)
+  assert labels.shape == (32, 32, 32) and set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_the_export_reloads_and_runs_on_the_gpu(gpu_run, tmp_path):
+  from resfuse_jax.eval import exporting, predictor
+  from resfuse_jax.eval.predictor import Predictor
+
+  workdir, _ = gpu_run
+  out = tmp_path / "model"
+  run("resfuse_jax.export", f"--workdir={workdir}", f"--output={out}")
+  loaded = Predictor.load(out)
+  patch = tuple(loaded.config.data.patch_size)
+  tiles = np.random.default_rng(0).normal(size=(3, *patch, 2)).astype(np.float32)
+  served = exporting.load_serving(out).call(jax.device_put(tiles, jax.devices("gpu")[0]))
+  assert served.devices() == {jax.devices("gpu")[0]}
+  expected = predictor.window_probabilities(loaded.model, loaded.params, tiles)
+  np.testing.assert_allclose(np.asarray(served), np.asarray(expected), atol=2e-2)
