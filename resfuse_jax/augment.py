@@ -15,7 +15,7 @@ noise adds the same field to both (the difference is unchanged); brightness,
 contrast and gamma are one non-decreasing map of both scans (sign(post − pre)
 is kept voxel by voxel); blur and low-resolution simulation are one linear
 smoothing with non-negative weights (a non-negative enhancement stays
-non-negative). nnU-Net draws these per channel; BUILD_NOTES.md §9 says why not.
+non-negative). nnU-Net draws these per channel; BUILD_NOTES.md §8 says why not.
 """
 
 from __future__ import annotations

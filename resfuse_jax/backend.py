@@ -2,11 +2,11 @@
 
 Each is a config field whose value ``auto`` is resolved here, outside traced
 code, for the backend JAX runs on. The CPU column is measured (BUILD_NOTES.md
-§3, benchmarks/results/cpu.md). The GPU column has NOT been measured yet: it is
+§6, benchmarks/results/cpu.md). The GPU column has NOT been measured yet: it is
 the choice that avoids XLA's known GPU pitfalls (conv_transpose and strided-conv
 backward passes, jax#31662), with cuDNN's 3D convolutions and bf16 compute.
 ``python -m benchmarks.gpu_check`` times every alternative on a GPU and prints
-the column it measured; copy that here (BUILD_NOTES.md §10 has the procedure).
+the column it measured; copy that here (BUILD_NOTES.md §8 has the procedure).
 """
 
 from __future__ import annotations

@@ -81,3 +81,25 @@ def test_mirroring_tta_averages_a_non_equivariant_function():
   np.testing.assert_allclose(tta[..., 0], np.full((8, 8, 8), 3.5), atol=1e-6)
   with pytest.raises(ValueError, match="mirror_axes"):
     sliding_window.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(3,))
+
+
+@pytest.mark.parametrize("shape, batch", [((21, 13, 30), 3), ((6, 8, 8), 2)])
+def test_the_device_tiler_equals_the_host_sliding_window(shape, batch):
+  """A window-position-dependent function, so the Gaussian blending of overlaps must agree."""
+  import jax
+
+  rng = np.random.default_rng(2)
+  vol = rng.normal(size=(*shape, 2)).astype(np.float32)
+  w = rng.normal(size=(2, 3)).astype(np.float32)
+  pattern = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
+
+  def forward(params, tiles):
+    return jax.nn.sigmoid(tiles @ params + pattern)
+
+  expected = sliding_window.sliding_window(
+    lambda t: np.asarray(forward(w, t)), vol, (8, 8, 8), 3, overlap=0.5, batch_size=batch
+  )
+  tiler = sliding_window.make_device_tiler(forward, vol.shape, (8, 8, 8), 3, 0.5, batch)
+  got = np.asarray(tiler(w, vol))
+  assert got.shape == (*shape, 3)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -86,6 +86,71 @@ def sliding_window(
   return out[: shape[0], : shape[1], : shape[2]]
 
 
+def make_device_tiler(
+  forward: Callable,
+  shape: Sequence[int],
+  window: Sequence[int],
+  num_outputs: int,
+  overlap: float = 0.5,
+  batch_size: int = 4,
+) -> Callable:
+  """`sliding_window`'s tiling as one jitted program: (params, [D, H, W, C]) -> probabilities.
+
+  Tiles are cut, predicted and Gaussian-accumulated on the device (a scan over
+  batches of window corners), so only the volume goes in and the probabilities
+  come out: on an accelerator the host's per-tile copies and numpy
+  accumulation would cost more than the network. ``forward(params, tiles)``:
+  [batch_size, *window, C] -> [batch_size, *window, num_outputs]. Compiled once
+  per volume shape; padded corners of the last batch carry zero weight.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  window = tuple(int(w) for w in window)
+  spatial = tuple(int(s) for s in shape[:3])
+  padded = tuple(max(s, w) for s, w in zip(spatial, window))
+  starts = window_starts(padded, window, overlap)
+  n_batches = -(-len(starts) // batch_size)
+  extra = n_batches * batch_size - len(starts)
+  corners = np.array(starts + [starts[-1]] * extra, np.int32).reshape(n_batches, batch_size, 3)
+  valid = np.array([1.0] * len(starts) + [0.0] * extra, np.float32).reshape(n_batches, batch_size)
+  weights = gaussian_importance(window)[..., None]
+
+  def accumulate(array, corner, values):
+    index = (*corner, 0)
+    size = (*window, array.shape[-1])
+    return jax.lax.dynamic_update_slice(
+      array, jax.lax.dynamic_slice(array, index, size) + values, index
+    )
+
+  def run(params, volume):
+    pad = [(0, p - s) for p, s in zip(padded, spatial)] + [(0, 0)]
+    vol = jnp.pad(volume.astype(jnp.float32), pad)
+    channels = vol.shape[-1]
+
+    def body(carry, xs):
+      acc, norm = carry
+      batch_corners, batch_valid = xs
+      tiles = jax.vmap(lambda c: jax.lax.dynamic_slice(vol, (*c, 0), (*window, channels)))(
+        batch_corners
+      )
+      probs = forward(params, tiles).astype(jnp.float32)
+      for j in range(batch_size):
+        w = weights * batch_valid[j]
+        acc = accumulate(acc, batch_corners[j], probs[j] * w)
+        norm = accumulate(norm, batch_corners[j], w)
+      return (acc, norm), None
+
+    init = (
+      jnp.zeros((*padded, num_outputs), jnp.float32),
+      jnp.zeros((*padded, 1), jnp.float32),
+    )
+    (acc, norm), _ = jax.lax.scan(body, init, (corners, valid))
+    return (acc / norm)[: spatial[0], : spatial[1], : spatial[2]]
+
+  return jax.jit(run)
+
+
 def _predict_mirrored(predict: Callable, tiles: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
   """Average of predictions over every subset of flipped spatial ``axes``."""
   if any(a not in (0, 1, 2) for a in axes):
