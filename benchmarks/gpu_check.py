@@ -246,8 +246,9 @@ def monai_volume(size: dict, eval_batch: int) -> dict:
 # --- the host data path --------------------------------------------------------------------------
 
 
-def data_path(size: dict, workers: int, batches: int = 20) -> dict:
-  """Patches/s out of Grain (memory-mapped cases, nnU-Net's crop) with ``workers`` processes."""
+def data_path(size: dict, workers: int, threads: int = 8, batches: int = 40) -> dict:
+  """Patches/s out of Grain (memory-mapped cases, nnU-Net's crop): ``workers`` processes,
+  ``threads`` reading threads each; timed after the prefetch buffer has drained once."""
   from absl import flags
 
   from resfuse_jax import data, train
@@ -282,14 +283,16 @@ def data_path(size: dict, workers: int, batches: int = 20) -> dict:
         seed=0,
         crop_shape=crop,
         workers=workers,
+        read_threads=threads,
       )
     )
-    next(it)
+    for _ in range(10):  # past the start-up and the first fill of the buffer
+      next(it)
     t = time.perf_counter()
     for _ in range(batches):
       next(it)
     rate = batches * size["batch"] / (time.perf_counter() - t)
-  return {"patches_per_s": rate, "workers": workers, "crop": list(crop)}
+  return {"patches_per_s": rate, "workers": workers, "threads": threads, "crop": list(crop)}
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -313,6 +316,7 @@ def plan(size: dict) -> list[tuple[str, float, object]]:
     ("torch_step/resfuse/bfloat16", 15, lambda: torch_step("resfuse", size, "bfloat16")),
     ("augmentation/resfuse/bfloat16", 60, lambda: augmentation_share(size)),
     ("data/workers=0", 20, lambda: data_path(size, 0)),
+    ("data/workers=0,threads=16", 20, lambda: data_path(size, 0, threads=16)),
     (f"data/workers={min(16, os.cpu_count() or 1)}", 25,
      lambda: data_path(size, min(16, os.cpu_count() or 1))),  # fmt: skip
     ("volume/jax/eval_batch=4", 30, lambda: jax_volume(size, 4)),

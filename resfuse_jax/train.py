@@ -401,6 +401,8 @@ def make_input(config: ml_collections.ConfigDict, run: RunData, mesh) -> Any:
       seed=config.seed,
       crop_shape=crop_shape(config),
       workers=config.data.workers,
+      prefetch=config.data.get("prefetch", 16),
+      read_threads=config.data.get("read_threads", 8),
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
     )

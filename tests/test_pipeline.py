@@ -153,3 +153,23 @@ def test_process_shards_together_give_the_single_process_batches(small_cases):
     for key in ("pre", "post", "label"):
       rows = np.concatenate([shards[0][step][key], shards[1][step][key]])
       np.testing.assert_array_equal(rows, batch[key])
+
+
+def test_the_stream_holds_only_a_bounded_number_of_crops_ahead(small_cases, monkeypatch):
+  """A slow step must not let the reader run ahead without bound (Grain's default is 500)."""
+  import threading
+  import time
+
+  calls, lock = [0], threading.Lock()
+  cut = pipeline.PairedPatchSampler.random_map
+
+  def counted(self, index, rng):
+    with lock:
+      calls[0] += 1
+    return cut(self, index, rng)
+
+  monkeypatch.setattr(pipeline.PairedPatchSampler, "random_map", counted)
+  it = iter(make(small_cases, batch_size=2, prefetch=6, read_threads=2))
+  next(it)
+  time.sleep(1.0)  # a consumer far slower than the reader
+  assert 2 <= calls[0] <= 2 + 6 + 2  # one batch taken, at most `prefetch` ahead (+ one in flight)

@@ -103,10 +103,14 @@ def train_dataset(
   workers: int = 0,
   shard_index: int = 0,
   shard_count: int = 1,
+  prefetch: int = 16,
+  read_threads: int = 8,
 ) -> grain.IterDataset:
   """Infinite, deterministic stream of crops {'pre','post': [B,*crop,1], 'label': [B,*crop]}.
 
-  ``crop_shape`` defaults to ``patch_size`` (no margin).
+  ``crop_shape`` defaults to ``patch_size`` (no margin). ``read_threads`` cut
+  crops concurrently and at most ``prefetch`` crops wait ahead of the consumer
+  (Grain's default of 500 would hold 39 GB of 206³ crops on a slow step).
   ``batch_size`` is this process's share; ``shard_index/count`` give each
   process its own slice of the shuffled case stream. With a local batch of 1,
   process p's k-th batch is row p of the single-process run's k-th batch.
@@ -117,7 +121,10 @@ def train_dataset(
   # stream, so N processes together see exactly the batches one process would (MapDataset is
   # lazy: a process only computes its own elements).
   ds = ds[shard_index::shard_count].batch(batch_size, drop_remainder=True)
-  it = ds.to_iter_dataset()
+  # The stream's elements are batches here: the buffer holds prefetch // batch_size of them.
+  buffer = max(1, prefetch // batch_size)
+  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer)
+  it = ds.to_iter_dataset(options)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it
