@@ -316,7 +316,7 @@ def plan(size: dict) -> list[tuple[str, float, object]]:
     ("torch_step/resfuse/bfloat16", 15, lambda: torch_step("resfuse", size, "bfloat16")),
     ("augmentation/resfuse/bfloat16", 60, lambda: augmentation_share(size)),
     ("data/workers=0", 20, lambda: data_path(size, 0)),
-    ("data/workers=0,threads=16", 20, lambda: data_path(size, 0, threads=16)),
+    ("data/threads=16", 20, lambda: data_path(size, 0, threads=16)),
     (f"data/workers={min(16, os.cpu_count() or 1)}", 25,
      lambda: data_path(size, min(16, os.cpu_count() or 1))),  # fmt: skip
     ("volume/jax/eval_batch=4", 30, lambda: jax_volume(size, 4)),

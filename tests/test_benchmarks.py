@@ -141,6 +141,7 @@ def run_gpu_check(out, *flags):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_the_gpu_check_script_runs_its_kinds_of_measurement_at_toy_sizes(tmp_path):
   """One of each kind (JAX step, PyTorch step, data path, MONAI, a fresh-process layout flag)."""
   proc = run_gpu_check(tmp_path, f"--only={GPU_CHECK_SUBSET}")
@@ -155,6 +156,16 @@ def test_the_gpu_check_script_runs_its_kinds_of_measurement_at_toy_sizes(tmp_pat
   assert step["dtype"] == "bfloat16" and "conv='xla'" in step["plan"]  # the GPU column
   assert "| variant/conv_layout=nhwc |" in (tmp_path / "gpu.md").read_text()
   assert (tmp_path / "pytest_gpu.log").exists()  # pytest -m gpu ran (skipped without a GPU)
+
+
+def test_the_gpu_check_script_installs_nothing_it_has_and_writes_its_files(tmp_path):
+  """The shell script's own flow, with one cheap measurement (the kinds are a slow test)."""
+  proc = run_gpu_check(tmp_path, "--only=data/workers=0")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "pytest -m gpu exit 0, measurements exit 0" in proc.stdout
+  res = json.loads((tmp_path / "gpu.json").read_text())
+  assert list(res["results"]) == ["data/workers=0"] and res["results"]["data/workers=0"]["crop"]
+  assert (tmp_path / "gpu.md").exists() and (tmp_path / "pytest_gpu.log").exists()
 
 
 @pytest.mark.slow
