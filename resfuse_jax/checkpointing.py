@@ -3,19 +3,34 @@
 Orbax writes each step into a temporary folder and renames it when complete,
 so a run killed mid-save leaves no step that ``latest_step`` would restore.
 A training checkpoint step holds ``state`` (the TrainState: step, params,
-opt_state) and ``data`` (the Grain iterator position); an export folder holds
-``params`` only. Names say what they restore.
+opt_state), ``data`` (the Grain iterator position) and ``digests`` (a SHA-256,
+dtype, shape and finiteness per array, computed from the state being saved);
+an export folder holds ``params`` only, its digests in ``export.json``. Names
+say what they restore.
+
+Orbax's atomic rename guards against a kill mid-save, not against a bit flip,
+a truncated file or a step written by something else; every restore here
+checks the digests, so such a step is reported by step and reason and never
+used: training resumes from the newest step that verifies (moving the bad ones
+to ``W/corrupt_checkpoints/``), and ``predict``/``export`` refuse it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resfuse_jax.errors import CheckpointError
@@ -23,6 +38,100 @@ from resfuse_jax.errors import CheckpointError
 BEST_METRIC = "val_dice_mean"
 EXPORT_FORMAT = "resfuse_jax-export-1"
 EXPORT_SERVING_FILE = "serving/window.jax_export"
+DIGESTS_ITEM = "digests"
+DIGESTS_FILE = f"{DIGESTS_ITEM}/metadata"  # where Orbax's JsonSave puts the item
+QUARANTINE = "corrupt_checkpoints"
+
+
+# ----- Digests: what a restored array must match ---------------------------------------
+
+
+def _key_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _host_copy(leaf) -> np.ndarray:
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if not leaf.is_fully_replicated:
+      raise NotImplementedError("digests of arrays sharded across processes")
+    leaf = leaf.addressable_data(0)
+  return np.asarray(leaf)
+
+
+def array_digests(tree: Any, prefix: str) -> dict[str, dict]:
+  """``{'<prefix>/<path>': {sha256, dtype, shape, finite}}`` of every array in ``tree``."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(_host_copy(leaf))
+    finite = bool(np.isfinite(a).all())
+    out["/".join([prefix, *map(_key_name, path)])] = {
+      "sha256": hashlib.sha256(a.tobytes()).hexdigest(),
+      "dtype": str(a.dtype),
+      "shape": list(a.shape),
+      "finite": finite,
+    }
+  return out
+
+
+STATE_FIELDS = ("step", "params", "opt_state")
+
+
+def _field(state: Any, name: str) -> Any:
+  return state[name] if isinstance(state, dict) else getattr(state, name)
+
+
+def _restored_digests(state: Any) -> dict[str, dict]:
+  out = {}
+  for name in STATE_FIELDS:
+    out.update(array_digests(_field(state, name), name))
+  return out
+
+
+def state_digests(state: Any) -> dict:
+  """The record saved beside a TrainState: one digest per step/params/opt_state array."""
+  arrays = _restored_digests(state)
+  return {"version": 1, "arrays": arrays, "finite": all(d["finite"] for d in arrays.values())}
+
+
+def digest_problem(recorded: dict, restored: dict) -> str | None:
+  """Why ``restored`` digests (a subset, by key) do not match ``recorded``; None if they do."""
+  if not recorded:
+    return "no checksum record"
+  missing = sorted(set(restored) - set(recorded))
+  if missing:
+    return f"arrays {missing[:3]} have no recorded checksum (another model?)"
+  bad = [k for k, d in restored.items() if d != recorded[k]]
+  if bad:
+    return (
+      f"{len(bad)} array(s) differ from the checksums recorded at save, first {bad[0]} "
+      "(the files were damaged or changed after the save)"
+    )
+  nonfinite = [k for k, d in restored.items() if not d["finite"]]
+  if nonfinite:
+    return f"arrays {nonfinite[:3]} hold NaN or Inf"
+  return None
+
+
+def read_digests(step_dir: Path) -> dict:
+  path = step_dir / DIGESTS_FILE
+  if not path.is_file():
+    raise CheckpointError(
+      f"{step_dir} has no checksum record ({DIGESTS_FILE}): written by an older version "
+      "or by something else, so it cannot be verified"
+    )
+  try:
+    record = json.loads(path.read_text())
+    return dict(record["arrays"])
+  except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path}: the checksum record is damaged ({e})") from None
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def make_manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
@@ -38,9 +147,12 @@ def make_manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
     preservation_policy=preservation, create=True, enable_async_checkpointing=True
   )
-  return ocp.CheckpointManager(
-    Path(directory).absolute(), options=options, item_names=("state", "data")
-  )
+  try:
+    return ocp.CheckpointManager(
+      Path(directory).absolute(), options=options, item_names=("state", "data", DIGESTS_ITEM)
+    )
+  except Exception as e:  # a damaged step's metadata can fail the manager's scan
+    raise CheckpointError(f"cannot open the checkpoints in {directory}: {_reason(e)}") from e
 
 
 def save(
@@ -50,8 +162,11 @@ def save(
   data_iterator: Any,
   metrics: dict[str, float] | None = None,
 ) -> None:
+  """Saves ``state``, the iterator position and the state's digests as step ``step``."""
   args = ocp.args.Composite(
-    state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+    state=ocp.args.StandardSave(state),
+    data=grain.checkpoint.CheckpointSave(data_iterator),
+    digests=ocp.args.JsonSave(state_digests(state)),
   )
   manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -59,12 +174,95 @@ def save(
 def restore_train_state(
   manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any
 ) -> Any:
-  """The whole TrainState (shardings from ``abstract_state``); the iterator in place."""
+  """The whole TrainState (shardings from ``abstract_state``); the iterator in place.
+
+  Unverified: ``restore_verified`` is what training calls.
+  """
   args = ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract_state),
     data=grain.checkpoint.CheckpointRestore(data_iterator),
   )
   return manager.restore(step, args=args).state
+
+
+def _all_agree(ok: bool) -> bool:
+  """True on every process iff ``ok`` on every process (they must decide alike)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _step_problem(manager, step: int, abstract_state: Any, data_iterator: Any):
+  """(state, None) if step ``step`` restores and matches its digests; else (None, reason)."""
+  step_dir = Path(manager.directory) / str(step)
+  try:
+    recorded = read_digests(step_dir)
+    if data_iterator is None:
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      state = manager.restore(step, args=args).state
+    else:
+      state = restore_train_state(manager, step, abstract_state, data_iterator)
+    restored = _restored_digests(state)
+    saved_step = int(np.asarray(_host_copy(_field(state, "step"))))
+    if saved_step != step:
+      return None, f"holds the state of step {saved_step}"
+    problem = digest_problem(recorded, restored)
+    return (None, problem) if problem else (state, None)
+  except Exception as e:  # Orbax, tensorstore and JSON raise many types for damaged files
+    return None, _reason(e)
+
+
+def quarantine(manager, steps: list[int]) -> Path:
+  """Moves steps out of the manager's folder (kept for inspection) and reloads it."""
+  target = Path(manager.directory).parent / QUARANTINE
+  if jax.process_index() == 0:
+    target.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step in steps:
+      shutil.move(str(Path(manager.directory) / str(step)), str(target / f"{step}-{stamp}"))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("checkpoint quarantine")
+  manager.reload()
+  return target
+
+
+def restore_verified(
+  manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any
+) -> tuple[Any, int] | tuple[None, None]:
+  """The newest step that restores and verifies: (state, step), the iterator in place.
+
+  Newer steps that fail are logged by step and reason and moved to
+  ``W/corrupt_checkpoints/``; (None, None) if the manager holds no step. If no
+  step verifies, nothing is moved and a ``CheckpointError`` lists them all.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  failures = []
+  for step in steps:
+    state, problem = _step_problem(manager, step, abstract_state, data_iterator)
+    if _all_agree(problem is None):
+      if failures:
+        where = quarantine(manager, [s for s, _ in failures])
+        for s, why in failures:
+          logging.warning("checkpoint step %d fails verification (%s); moved to %s", s, why, where)
+        logging.warning("resuming from step %d, the newest checkpoint that verifies", step)
+      return state, step
+    failures.append((step, problem or "failed on another process"))
+  if failures:
+    listing = "; ".join(f"step {s}: {why}" for s, why in failures)
+    raise CheckpointError(
+      f"no checkpoint under {manager.directory} verifies ({listing}). Move that folder "
+      "aside to train from scratch"
+    )
+  return None, None
+
+
+def newest_verified_step(manager: ocp.CheckpointManager, abstract_state: Any) -> int | None:
+  """The newest saved step whose state restores and matches its digests (None if none)."""
+  manager.wait_until_finished()
+  for step in sorted(manager.all_steps(), reverse=True):
+    if _step_problem(manager, step, abstract_state, None)[1] is None:
+      return step
+  return None
 
 
 def checkpoint_steps(directory: str | Path) -> list[int]:
@@ -93,7 +291,18 @@ def restore_params(directory: str | Path, step: int | None, abstract_params: Any
   args = ocp.args.PyTreeRestore(
     item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
   )
-  restored = ocp.PyTreeCheckpointer().restore(directory / str(step) / "state", args=args)
+  where = f"checkpoint step {step} in {directory}"
+  try:
+    recorded = read_digests(directory / str(step))
+  except CheckpointError as e:
+    raise CheckpointError(f"{where}: {e}") from None
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(directory / str(step) / "state", args=args)
+  except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+    raise CheckpointError(f"{where} cannot be read: {_reason(e)}") from e
+  problem = digest_problem(recorded, array_digests(restored["params"], "params"))
+  if problem:
+    raise CheckpointError(f"{where}: {problem}; refusing to use it (choose another with --step)")
   return restored["params"], step
 
 
@@ -128,11 +337,24 @@ def read_config(path: str | Path) -> ml_collections.ConfigDict:
     raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
 
 
-def save_export_params(path: str | Path, params: Any) -> None:
+def save_export_params(path: str | Path, params: Any) -> dict:
+  """Writes ``params/``; returns their digests, which ``export.json`` records."""
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save((Path(path) / "params").absolute(), params)
   checkpointer.wait_until_finished()
+  return array_digests(params, "params")
 
 
 def load_export_params(path: str | Path, abstract_params: Any) -> Any:
-  return ocp.StandardCheckpointer().restore((Path(path) / "params").absolute(), abstract_params)
+  """The export's parameters, verified against the digests in ``export.json``."""
+  recorded = export_metadata(path).get("param_digests", {})
+  try:
+    params = ocp.StandardCheckpointer().restore((Path(path) / "params").absolute(), abstract_params)
+  except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+    raise CheckpointError(f"export {path}: params/ cannot be read: {_reason(e)}") from e
+  problem = digest_problem(recorded, array_digests(params, "params"))
+  if problem:
+    raise CheckpointError(
+      f"export {path}: {problem}; refusing to use it (export the workdir again)"
+    )
+  return params

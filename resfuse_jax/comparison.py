@@ -95,7 +95,11 @@ def compare(
   """Trains (or reuses) every model of ``names`` for ``config_spec`` ('configs/x.py[:args]')."""
   workdir = Path(workdir)
   configs = {n: config_lib.load(config_lib.with_model(config_spec, n), overrides) for n in names}
-  workdir.mkdir(parents=True, exist_ok=True)
+  with files.exclusive_lock(workdir, "comparison"):
+    return _compare(configs, names, workdir, reference, seeds)
+
+
+def _compare(configs: dict, names: list[str], workdir: Path, reference: str, seeds) -> dict:
   runs = {}
   for name, config in configs.items():
     per_seed = []

@@ -26,5 +26,13 @@ class CheckpointError(UserError, ValueError):
   """A workdir, checkpoint or export that is missing, incomplete or of another model."""
 
 
+class OutputError(UserError, OSError):
+  """An output path that cannot be written (read-only, full, wrong type); names the path."""
+
+
+class WorkdirBusy(UserError):
+  """Another run holds the workdir's lock; the message names its host and PID."""
+
+
 class Preempted(Exception):
   """Training stopped at a step boundary on request; the workdir resumes from there."""

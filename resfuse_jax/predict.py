@@ -32,6 +32,13 @@ def define_flags() -> None:
   flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes (8 passes).")
   flags.DEFINE_bool("probabilities", False, "Also write <name>_probabilities.nii.gz [D,H,W,R].")
   flags.DEFINE_bool("figures", False, "Also write <name>.png: scans, subtraction, prediction.")
+  flags.DEFINE_enum(
+    "on_bad_case",
+    "error",
+    ["error", "skip"],
+    "With --input: stop at the first case whose input is bad, or skip it and list it in "
+    "OUTPUT/bad_cases.json.",
+  )
 
 
 def main(argv):
@@ -52,8 +59,13 @@ def main(argv):
     out = prediction.predict_pair(predictor, FLAGS.pre, FLAGS.post, FLAGS.out, *options)
     print(f"wrote {out}")
   else:
-    written = prediction.predict_folder(predictor, FLAGS.input, FLAGS.output, *options)
-    print(f"wrote {len(written)} label maps to {FLAGS.output} (checkpoint step {predictor.step})")
+    written, bad = prediction.predict_folder(
+      predictor, FLAGS.input, FLAGS.output, *options, on_bad_case=FLAGS.on_bad_case
+    )
+    print(
+      f"wrote {len(written)} label maps to {FLAGS.output} (checkpoint step {predictor.step})"
+      + (f"; skipped {len(bad)} bad case(s), see {FLAGS.output}/bad_cases.json" if bad else "")
+    )
 
 
 def run():

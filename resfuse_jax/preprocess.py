@@ -4,7 +4,9 @@
       --config.data.root=/data/BraTS2023 --workers=8
 
 Training builds (or reuses) the same cache by itself; running this first lets
-a cluster job start training at once. Interrupted runs resume.
+a cluster job start training at once. Interrupted runs resume. A cached case
+whose arrays do not match their recorded shape, dtype and size is rebuilt;
+``--verify`` also checks their hashes.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ def define_flags() -> None:
   """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
   flags.DEFINE_integer("workers", None, "Parallel processes (default: data.preprocess_workers).")
+  flags.DEFINE_bool(
+    "verify", False, "Also check every cached array against its SHA-256; rebuild those that differ."
+  )
   flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  out, good, bad = data.prepare(FLAGS.config.data, workers=FLAGS.workers)
+  out, good, bad = data.prepare(FLAGS.config.data, workers=FLAGS.workers, verify=FLAGS.verify)
   print(
     f"{len(good)} cases ready in {out}"
     + (f"; {len(bad)} skipped, see {out}/bad_cases.json" if bad else "")

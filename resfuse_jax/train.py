@@ -7,6 +7,7 @@ logging, validation, checkpoints, preemption) and ``write_results``
 is the pure ``train_step``.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,7 +42,7 @@ from resfuse_jax import (
   writers,
 )
 from resfuse_jax.data import pipeline
-from resfuse_jax.errors import ConfigError, DataError, Preempted
+from resfuse_jax.errors import CheckpointError, ConfigError, DataError, Preempted
 from resfuse_jax.eval import evaluation, metrics, predictor
 
 
@@ -309,12 +310,17 @@ class StopRequest:
     self._previous = {}
 
 
-def _raise_if_nonfinite(first_bad_step: int, manager) -> None:
+def _raise_if_nonfinite(first_bad_step: int, manager, state: TrainState) -> None:
+  """Stops on a non-finite step, naming the newest checkpoint that verifies on disk."""
   if first_bad_step != NO_NONFINITE_STEP:
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    good = checkpointing.newest_verified_step(manager, abstract)
+    kept = "no checkpoint verifies" if good is None else f"step {good} verifies"
     raise FloatingPointError(
       f"non-finite training loss or gradient at step {first_bad_step} (that update was not "
-      f"applied); stopping. The last good checkpoint is kept: step {manager.latest_step()} in "
-      f"{manager.directory}"
+      f"applied); stopping. The last good checkpoint is kept: {kept}, in {manager.directory}"
     )
 
 
@@ -355,7 +361,7 @@ class RunData:
 def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> RunData:
   """Preprocessed cache (process 0 builds, the others then reuse it), splits, cases.
 
-  Writes ``W/config.json``, ``W/splits.json`` and, for skipped cases, ``W/bad_cases.json``.
+  Writes ``W/splits.json`` and, for skipped cases, ``W/bad_cases.json``.
   """
   is_main = jax.process_index() == 0
   dataset = data.get_dataset(config.data.name)
@@ -368,7 +374,6 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> RunData:
     cache_dir, good_ids, bad = data.prepare(config.data, files_, progress=False)
   splits = load_or_make_splits(workdir, good_ids, config.data)
   if is_main:
-    files.write_json(workdir / "config.json", config.to_dict())
     files.write_json(workdir / "splits.json", splits)
     if bad:
       files.write_json(workdir / "bad_cases.json", bad)
@@ -429,14 +434,13 @@ def build_or_restore_state(
       config.model.get("conv_impl", "auto"),
       parameter_overview.get_parameter_overview(state.params),
     )
-  step = manager.latest_step()
-  if step is None:
+  if manager.latest_step() is None:
     return state, 0
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )
-  state = checkpointing.restore_train_state(manager, step, abstract, train_iter)
-  logging.info("Resumed from %s at step %d", manager.directory, step)
+  state, step = checkpointing.restore_verified(manager, abstract, train_iter)
+  logging.info("Resumed from %s at step %d (verified)", manager.directory, step)
   return state, step
 
 
@@ -521,7 +525,7 @@ def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunD
       is_save = is_eval or preempted or step % config.checkpoint.every_steps == 0
       if is_log or is_save:  # the finiteness check rides on the logging sync
         computed = {k: np.asarray(v) for k, v in pending.compute().items()}
-        _raise_if_nonfinite(int(computed.pop("nonfinite_step")), loop.manager)
+        _raise_if_nonfinite(int(computed.pop("nonfinite_step")), loop.manager, state)
       if is_log:
         pending = None
         _log_train(step, total, computed, progress, loop.writer)
@@ -532,6 +536,7 @@ def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunD
         progress.last_time = time.perf_counter()  # keep evaluation out of steps/s
       if is_save:
         checkpointing.save(loop.manager, step, state, loop.train_iter, ckpt_metrics)
+        loop.writer.flush()  # a killed run keeps its curves up to its last checkpoint
       if preempted:
         loop.manager.wait_until_finished()
         raise Preempted(
@@ -569,10 +574,69 @@ def write_results(config, workdir: Path, loop: Loop, state, run: RunData, val) -
   return results
 
 
+# Settings that change neither the parameters nor the data: a resumed run may differ in them.
+RUNTIME_ONLY = {
+  "model": {"conv_impl", "downsample", "upsample", "conv_layout"},
+  "data": {
+    "workers", "prefetch", "read_threads", "preprocess_workers", "cache_dir", "on_bad_case",
+    "max_voxels", "max_bytes", "spacing_range",
+  },
+}  # fmt: skip
+
+
+def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """``section.key: saved -> new`` for every model/data setting a resume may not change."""
+  new = json.loads(json.dumps(config.to_dict()))
+  out = []
+  for section, runtime in RUNTIME_ONLY.items():
+    old_s, new_s = saved.get(section, {}), new.get(section, {})
+    for key in sorted((set(old_s) | set(new_s)) - runtime):
+      if old_s.get(key, "(unset)") != new_s.get(key, "(unset)"):
+        out.append(
+          f"{section}.{key}: {old_s.get(key, '(unset)')!r} -> {new_s.get(key, '(unset)')!r}"
+        )
+  return out
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Refuses a rerun whose model or data differ from ``W/config.json``, then writes it.
+
+  Checked before anything is written, so a refused run leaves the workdir as it was.
+  """
+  path = workdir / "config.json"
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(
+        f"{path} cannot be read ({e}); it describes this workdir's run"
+      ) from None
+    conflicts = resume_conflicts(saved, config)
+    if conflicts:
+      raise CheckpointError(
+        f"{workdir} holds a run of another model or data; resuming it with this config would "
+        f"mix the two. Differences from {path}: {'; '.join(conflicts[:6])}"
+        + (f" (and {len(conflicts) - 6} more)" if len(conflicts) > 6 else "")
+        + ". Use a new --workdir, or the workdir's own settings"
+      )
+  files.write_json(path, config.to_dict())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains ``config.model`` on ``config.data``, resuming from ``workdir``; returns results."""
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  """Trains ``config.model`` on ``config.data``, resuming from ``workdir``; returns results.
+
+  Process 0 holds ``W/.lock`` for the whole run: a second run on the same workdir
+  fails at once, naming the holder.
+  """
+  workdir = files.make_dirs(workdir)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      stack.enter_context(files.exclusive_lock(workdir, "training run"))
+      claim_workdir(config, workdir)
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   run = prepare_data(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   train_iter = make_input(config, run, mesh)
@@ -583,6 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, start_step = build_or_restore_state(config, model, tx, mesh, manager, train_iter)
     if start_step == 0:
       writer.write_hparams(dict(config.to_dict()))
+      writer.flush()
     regions = tuple(run.dataset.regions.values())
     loop = Loop(
       step_fn=compile_train_step(config, model, tx, regions, mesh),

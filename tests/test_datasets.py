@@ -110,7 +110,7 @@ def test_manifest_relative_paths_and_errors(tmp_path):
     data.DataError, match=r"line 2 \(case c0\): post file .*nope.nii.gz not found"
   ):
     manifest.find_cases(bad)
-  with pytest.raises(data.DataError, match="manifest not found"):
+  with pytest.raises(data.DataError, match=r"manifest .*missing.csv not found"):
     manifest.find_cases(tmp_path / "missing.csv")
 
 

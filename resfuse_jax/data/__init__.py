@@ -13,7 +13,7 @@ from absl import logging
 
 from resfuse_jax import files as file_io
 from resfuse_jax.data import cache
-from resfuse_jax.data.common import Case, CaseFiles, DataError
+from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits
 from resfuse_jax.data.datasets import (
   Dataset,
   default_cache_dir,
@@ -30,6 +30,8 @@ __all__ = [
   "DataError",
   "Dataset",
   "PrepSettings",
+  "InputLimits",
+  "input_limits",
   "get_dataset",
   "names",
   "find_cases",
@@ -59,6 +61,11 @@ def prep_settings(cfg: Any) -> PrepSettings:
   )
 
 
+def input_limits(cfg: Any) -> InputLimits:
+  """``data.max_voxels`` / ``max_bytes`` / ``spacing_range`` (defaults for older configs)."""
+  return InputLimits.from_config(cfg)
+
+
 def cache_dir(cfg: Any) -> Path:
   """``<cache root>/<dataset tag>-<hash of the preprocessing settings>``."""
   root = Path(cfg.get("cache_dir", "") or default_cache_dir() / "preprocessed")
@@ -67,11 +74,15 @@ def cache_dir(cfg: Any) -> Path:
 
 
 def prepare(
-  cfg: Any, files: list[CaseFiles] | None = None, workers: int | None = None, progress: bool = True
+  cfg: Any,
+  files: list[CaseFiles] | None = None,
+  workers: int | None = None,
+  progress: bool = True,
+  verify: bool = False,
 ) -> tuple[Path, list[str], list[dict]]:
   """Builds or reuses the preprocessed cache; returns (cache folder, good ids, bad cases).
 
-  Bad cases (``data.on_bad_case='skip'``) are also listed in ``<cache>/bad_cases.json``.
+  ``verify`` also checks every cached array's hash (damaged cases are rebuilt). Bad cases (``data.on_bad_case='skip'``) are also listed in ``<cache>/bad_cases.json``.
   """
   dataset = get_dataset(cfg.name)
   files = find_cases(cfg) if files is None else files
@@ -85,6 +96,8 @@ def prepare(
     workers=cfg.get("preprocess_workers", 1) if workers is None else workers,
     on_bad_case=cfg.get("on_bad_case", "error"),
     progress=progress,
+    limits=input_limits(cfg),
+    verify=verify,
   )
   if bad:
     logging.warning(
@@ -100,14 +113,19 @@ def prepare(
 
 
 def read_cases(
-  files: list[CaseFiles], dataset: Dataset, settings: PrepSettings | None = None
+  files: list[CaseFiles],
+  dataset: Dataset,
+  settings: PrepSettings | None = None,
+  limits: InputLimits | None = None,
 ) -> list[Case]:
   """Preprocesses cases in memory, without the cache (small data, tests)."""
-  return [preprocess_case(f, dataset.label_values, settings or PrepSettings()) for f in files]
+  settings, limits = settings or PrepSettings(), limits or InputLimits()
+  return [preprocess_case(f, dataset.label_values, settings, limits) for f in files]
 
 
 def load_cases(out_dir: Path, case_ids: list[str]) -> list[Case]:
-  return [cache.load_case(Path(out_dir) / cid) for cid in case_ids]
+  where = f"case folder in {out_dir}"
+  return [cache.load_case(file_io.under(out_dir, file_io.check_name(c, where))) for c in case_ids]
 
 
 def make_splits(case_ids: list[str], fold: int, num_folds: int, seed: int = 12345) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from resfuse_jax import files as file_io
 from resfuse_jax.data.common import CaseFiles, DataError
 
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
@@ -25,7 +26,7 @@ def find_cases(root: str | Path, require_label: bool = True) -> list[CaseFiles]:
     raise DataError(f"BraTS data folder not found: data.root={str(root or '')!r}. {SOURCE_HINT}")
   cases = []
   for case_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("BraTS-")):
-    cid = case_dir.name
+    cid = file_io.check_name(case_dir.name, f"case folder {case_dir}")
     files = {
       "pre": case_dir / f"{cid}-t1n.nii.gz",
       "post": case_dir / f"{cid}-t1c.nii.gz",
@@ -33,8 +34,8 @@ def find_cases(root: str | Path, require_label: bool = True) -> list[CaseFiles]:
     }
     for kind in ("pre", "post"):
       if not files[kind].is_file():
-        raise DataError(f"case {cid}: missing {kind}-contrast scan {files[kind]}")
-    if not files["label"].is_file():
+        file_io.require_file(files[kind], f"case {cid}: {kind}-contrast scan")
+    if not files["label"].is_file() and not files["label"].is_symlink():
       if require_label:
         raise DataError(f"case {cid}: missing segmentation {files['label']}")
       files["label"] = None

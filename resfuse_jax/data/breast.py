@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from resfuse_jax import files as file_io
 from resfuse_jax.data.common import CaseFiles, DataError
 
 REGIONS = {"lesion": (1,)}
@@ -33,12 +34,12 @@ def find_cases(
     )
   cases = []
   for case_dir in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
-    cid = case_dir.name
+    cid = file_io.check_name(case_dir.name, f"case folder {case_dir}")
     pre = case_dir / f"{cid}_0000.nii.gz"
     post = case_dir / f"{cid}_{post_phase:04d}.nii.gz"
     label = root / "segmentations" / "expert" / f"{cid}.nii.gz"
     if not pre.is_file():
-      raise DataError(f"case {cid}: missing pre-contrast phase {pre}")
+      file_io.require_file(pre, f"case {cid}: pre-contrast phase")
     if not post.is_file():
       phases = sorted(p.name for p in case_dir.glob(f"{cid}_*.nii.gz"))
       raise DataError(f"case {cid}: missing post-contrast phase {post} (found: {phases})")

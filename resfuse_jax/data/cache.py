@@ -7,6 +7,11 @@ hashes the preprocessing settings, so changing them builds a new cache beside
 the old one. Each case is written into a temporary folder and renamed into
 place, so an interrupted build leaves only complete cases and resumes from
 there; a case whose source files changed (size or mtime) is rebuilt.
+
+``meta.json`` records every array file's shape, dtype, byte size and SHA-256.
+Loading checks shape, dtype and size (cheap: headers and ``stat``); a build
+checks the same before it trusts a case, and ``verify=True`` (``preprocess
+--verify``) also checks the hashes. A case that fails is rebuilt from its sources.
 """
 
 from __future__ import annotations
@@ -23,14 +28,20 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
+from resfuse_jax import files as file_io
 from resfuse_jax.data import foreground
-from resfuse_jax.data.common import Case, CaseFiles, DataError
+from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits
 from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
-from resfuse_jax.errors import ConfigError
+from resfuse_jax.errors import ConfigError, OutputError
 
-VERSION = 1
+VERSION = 2  # 2: meta.json records each array's shape, dtype, size and hash
 STALE_TMP_S = 3600.0
+META_KEYS = (
+  "version", "case_id", "sources", "affine", "shape", "crop", "spacing", "original_spacing",
+  "normalization", "fg_locations", "has_label", "arrays",
+)  # fmt: skip
 
 
 def settings_key(dataset: str, settings: PrepSettings) -> str:
@@ -54,24 +65,96 @@ def _source_stamp(files: CaseFiles) -> dict:
   return out
 
 
-def is_complete(case_dir: Path, files: CaseFiles) -> bool:
-  meta_path = case_dir / "meta.json"
-  if not meta_path.is_file():
-    return False
+def file_sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(8 * 2**20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _array_record(path: Path) -> dict:
+  array = np.load(path, mmap_mode="r")
+  return {
+    "shape": list(array.shape),
+    "dtype": str(array.dtype),
+    "bytes": path.stat().st_size,
+    "sha256": file_sha256(path),
+  }
+
+
+def read_meta(case_dir: Path) -> dict:
+  """``meta.json`` of a cached case, with every key this version writes (else DataError)."""
+  path = case_dir / "meta.json"
   try:
-    meta = json.loads(meta_path.read_text())
-  except (OSError, json.JSONDecodeError):
-    return False
-  return meta.get("version") == VERSION and meta.get("sources") == _source_stamp(files)
+    meta = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: cannot read the cached case's metadata: {e}") from None
+  if not isinstance(meta, dict) or meta.get("version") != VERSION:
+    found = meta.get("version") if isinstance(meta, dict) else type(meta).__name__
+    raise DataError(f"{path}: cache format {found!r}, this version writes {VERSION}")
+  missing = [k for k in META_KEYS if k not in meta]
+  if missing:
+    raise DataError(f"{path}: metadata lacks {missing}")
+  return meta
+
+
+def array_problem(case_dir: Path, meta: dict, hashes: bool = False) -> str | None:
+  """Why the case's array files do not match ``meta['arrays']``, or None if they do."""
+  for name, record in meta["arrays"].items():
+    path = case_dir / name
+    if not path.is_file():
+      return f"{path} is missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+      return f"{path} has {size} bytes, {record['bytes']} were written (truncated or replaced)"
+    try:
+      array = np.load(path, mmap_mode="r")
+    except Exception as e:  # numpy raises ValueError, EOFError, OSError for a bad header
+      return f"{path} is not a readable .npy file ({type(e).__name__}: {e})"
+    if list(array.shape) != record["shape"] or str(array.dtype) != record["dtype"]:
+      return (
+        f"{path} holds {array.dtype} {list(array.shape)}, "
+        f"{record['dtype']} {record['shape']} were written"
+      )
+    if hashes and file_sha256(path) != record["sha256"]:
+      return f"{path} differs from the SHA-256 recorded when it was written (modified since)"
+  return None
+
+
+def case_problem(case_dir: Path, files: CaseFiles, hashes: bool = False) -> str | None:
+  """None if ``case_dir`` is a complete, intact cache of ``files``; else why not."""
+  if not (case_dir / "meta.json").is_file():
+    return "not built"
+  try:
+    meta = read_meta(case_dir)
+  except DataError as e:
+    return str(e)
+  if meta["sources"] != _source_stamp(files):
+    return "its source files changed"
+  return array_problem(case_dir, meta, hashes)
+
+
+def is_complete(case_dir: Path, files: CaseFiles) -> bool:
+  return case_problem(case_dir, files) is None
 
 
 def write_case(
-  files: CaseFiles, out_dir: Path, settings: PrepSettings, regions: dict, label_values: tuple
+  files: CaseFiles,
+  out_dir: Path,
+  settings: PrepSettings,
+  regions: dict,
+  label_values: tuple,
+  limits: InputLimits = InputLimits(),
 ) -> str:
   """Preprocesses one case into ``out_dir/<case_id>`` atomically; returns the case id."""
-  case = preprocess_case(files, label_values, settings)
+  final = file_io.under(out_dir, file_io.check_name(files.case_id, f"case folder in {out_dir}"))
+  case = preprocess_case(files, label_values, settings, limits)
   tmp = out_dir / f".tmp-{files.case_id}-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir(parents=True)
+  try:
+    tmp.mkdir(parents=True)
+  except OSError as e:
+    raise file_io.output_error(tmp, e) from None
   try:
     np.save(tmp / "pre.npy", case.pre)
     np.save(tmp / "post.npy", case.post)
@@ -94,9 +177,9 @@ def write_case(
       "normalization": case.normalization,
       "fg_locations": fg_files,
       "has_label": case.label is not None,
+      "arrays": {p.name: _array_record(p) for p in sorted(tmp.glob("*.npy"))},
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    final = out_dir / files.case_id
     if final.exists():  # stale (sources changed): move aside, then drop
       trash = out_dir / f".old-{files.case_id}-{uuid.uuid4().hex[:8]}"
       final.rename(trash)
@@ -107,6 +190,11 @@ def write_case(
       if not is_complete(final, files):
         raise
       shutil.rmtree(tmp, ignore_errors=True)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OutputError):
+      raise
+    raise OutputError(f"cannot write the cache of case {files.case_id} in {out_dir}: {e}") from e
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -131,22 +219,33 @@ def build(
   workers: int = 1,
   on_bad_case: str = "error",
   progress: bool = True,
+  limits: InputLimits = InputLimits(),
+  verify: bool = False,
 ) -> tuple[list[str], list[dict]]:
   """Brings ``out_dir`` up to date for ``files``; returns (good case ids, bad cases).
 
+  A cached case is trusted only if its arrays match their recorded shape, dtype and
+  size (and, with ``verify``, hash); one that does not is rebuilt, with a warning.
   ``on_bad_case='error'`` raises the first bad case's ``DataError``; ``'skip'``
   leaves bad cases out and reports them as ``{'case_id', 'error'}``.
   """
   if on_bad_case not in ("error", "skip"):
     raise ConfigError(f"data.on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
-  out_dir.mkdir(parents=True, exist_ok=True)
+  file_io.make_dirs(out_dir)
   for leftover in out_dir.glob(".tmp-*"):  # a killed build's: never used; an hour old so that
     if time.time() - leftover.stat().st_mtime > STALE_TMP_S:  # a concurrent build's survives
       shutil.rmtree(leftover, ignore_errors=True)
-  todo = [f for f in files if not is_complete(out_dir / f.case_id, f)]
+  todo = []
+  for f in files:
+    case_dir = file_io.under(out_dir, file_io.check_name(f.case_id, f"case folder in {out_dir}"))
+    problem = case_problem(case_dir, f, hashes=verify)
+    if problem is not None:
+      if problem not in ("not built", "its source files changed"):
+        logging.warning("cached case %s is damaged, rebuilding it: %s", f.case_id, problem)
+      todo.append(f)
   bad: list[dict] = []
   if todo:
-    args = (out_dir, settings, regions, label_values)
+    args = (out_dir, settings, regions, label_values, limits)
     desc = f"preprocessing {len(todo)} cases -> {out_dir}"
 
     def record(error: DataError, f: CaseFiles) -> None:
@@ -178,8 +277,17 @@ def build(
 
 
 def load_case(case_dir: Path) -> Case:
-  """A cached case with its volumes memory-mapped (nothing read until sliced)."""
-  meta = json.loads((case_dir / "meta.json").read_text())
+  """A cached case with its volumes memory-mapped (nothing read until sliced).
+
+  Its arrays are checked against ``meta.json`` first (shape, dtype, size).
+  """
+  meta = read_meta(case_dir)
+  problem = array_problem(case_dir, meta)
+  if problem is not None:
+    raise DataError(
+      f"cached case {meta['case_id']}: {problem}; rebuild it with python -m "
+      "resfuse_jax.preprocess (the same config)"
+    )
   label = np.load(case_dir / "label.npy", mmap_mode="r") if meta["has_label"] else None
   case = Case(
     case_id=meta["case_id"],

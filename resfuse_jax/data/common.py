@@ -8,9 +8,37 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from resfuse_jax import files
 from resfuse_jax.errors import DataError
 
-__all__ = ["Case", "CaseFiles", "DataError", "load_canonical"]
+__all__ = ["Case", "CaseFiles", "DataError", "InputLimits", "load_canonical"]
+
+MiB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+  """What a scan may claim in its header before any voxel is read (``data.max_voxels`` ...).
+
+  The defaults admit every BraTS (240x240x155, 9 M voxels) and breast DCE-MRI scan
+  (at most ~512x512x200, 52 M) with a wide margin: 512^3 voxels, 2 GiB in memory.
+  They keep a damaged or hostile header (30000^3 voxels, a gzip bomb) from being read
+  until memory runs out, and a spacing that is not a spacing (0, NaN, 1e30 mm) out of
+  resampling and HD95. They change no cached array, so they are not in the cache key.
+  """
+
+  max_voxels: int = 2**27
+  max_bytes: int = 2**31
+  spacing_range: tuple[float, float] = (0.05, 20.0)  # mm, per axis
+
+  @classmethod
+  def from_config(cls, cfg) -> InputLimits:
+    d = cls()
+    return cls(
+      max_voxels=int(cfg.get("max_voxels", d.max_voxels)),
+      max_bytes=int(cfg.get("max_bytes", d.max_bytes)),
+      spacing_range=tuple(float(s) for s in cfg.get("spacing_range", d.spacing_range)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,23 +72,73 @@ class Case:
   fg_locations: list[np.ndarray] | None = None  # per region: [N, 3] voxel indices
 
 
+def check_header(img, path: Path, case_id: str, kind: str, limits: InputLimits) -> None:
+  """Refuses, from the header alone, a volume that is not a real 3-D scan of sane size."""
+  where = f"case {case_id}: {kind} file {path}"
+  header = img.header
+  shape = tuple(int(s) for s in header.get_data_shape())
+  if len(shape) == 4 and shape[-1] == 1:
+    shape = shape[:3]
+  if len(shape) != 3:
+    raise DataError(f"{where} is {len(shape)}-D {shape}, expected a 3-D volume")
+  if min(shape) < 1:
+    raise DataError(f"{where} has an empty shape {shape}")
+  dtype = np.dtype(header.get_data_dtype())
+  if dtype.kind not in "biuf":
+    raise DataError(f"{where} has data type {dtype}; expected real integer or float voxels")
+  voxels = int(np.prod(shape, dtype=np.int64))
+  slope, inter = header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None)
+  itemsize = 8 if (slope not in (None, 1.0) or inter not in (None, 0.0)) else dtype.itemsize
+  if voxels > limits.max_voxels or voxels * itemsize > limits.max_bytes:
+    raise DataError(
+      f"{where}: its header claims {'x'.join(map(str, shape))} voxels "
+      f"({voxels * itemsize / MiB:.0f} MiB in memory), over data.max_voxels={limits.max_voxels} "
+      f"/ data.max_bytes={limits.max_bytes}; not read (raise the limits if the scan is real)"
+    )
+  zooms = [float(z) for z in header.get_zooms()[:3]]
+  lo, hi = limits.spacing_range
+  if not all(np.isfinite(z) and lo <= z <= hi for z in zooms):
+    raise DataError(
+      f"{where} has voxel spacing {zooms} mm, outside data.spacing_range=({lo}, {hi}) mm"
+    )
+  affine = np.asarray(img.affine, np.float64)
+  linear = affine[:3, :3]
+  if not np.isfinite(affine).all() or not linear.any():
+    raise DataError(f"{where} has a zero or non-finite affine (voxel-to-world matrix)")
+  if np.linalg.cond(linear) > 1e8:
+    raise DataError(
+      f"{where} has a singular affine (voxel-to-world matrix {linear.tolist()}): its axes "
+      "do not span 3-D space, so its orientation is undefined"
+    )
+
+
 def load_canonical(
-  path: Path, case_id: str, kind: str
+  path: Path, case_id: str, kind: str, limits: InputLimits = InputLimits()
 ) -> tuple[np.ndarray, nib.Nifti1Image, tuple[float, float, float]]:
   """Reads a volume reoriented to the closest canonical (RAS+) orientation.
 
-  Returns the canonical voxels, the original image (for its affine and shape)
-  and the canonical voxel spacing in mm.
+  The header is checked against ``limits`` before any voxel is read. Returns the
+  canonical voxels, the original image (for its affine and shape) and the
+  canonical voxel spacing in mm.
   """
+  files.require_file(path, f"case {case_id}: {kind} file")
   try:
     img = nib.load(str(path))
+  except Exception as e:  # nibabel raises many types for damaged files
+    raise DataError(f"case {case_id}: cannot read {kind} file {path}: {e}") from e
+  check_header(img, path, case_id, kind, limits)
+  try:
     canonical = nib.as_closest_canonical(img)
     data = np.asarray(canonical.dataobj)
-  except Exception as e:  # nibabel raises many types for damaged files
+  except MemoryError:
+    shape = "x".join(map(str, img.header.get_data_shape()))
+    raise DataError(
+      f"case {case_id}: out of memory reading {kind} file {path} ({shape} voxels of "
+      f"{img.header.get_data_dtype()})"
+    ) from None
+  except Exception as e:
     raise DataError(f"case {case_id}: cannot read {kind} file {path}: {e}") from e
   if data.ndim == 4 and data.shape[-1] == 1:
     data = data[..., 0]
-  if data.ndim != 3:
-    raise DataError(f"case {case_id}: {kind} file {path} is {data.ndim}-D, expected a 3-D volume")
   spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
   return data, img, spacing

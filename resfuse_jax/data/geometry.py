@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from resfuse_jax import files
 from resfuse_jax.data.common import Case
 
 
@@ -46,9 +47,15 @@ def to_original_grid(volume: np.ndarray, case: Case) -> np.ndarray:
   return np.ascontiguousarray(nib.orientations.apply_orientation(full, back))  # undo reorientation
 
 
+def save_nifti(img: nib.Nifti1Image, path) -> None:
+  """Atomic ``nib.save``: a full disk or a kill never leaves a partial ``path``."""
+  with files.atomic_path(path) as tmp:
+    nib.save(img, str(tmp))
+
+
 def save_label_map(volume: np.ndarray, case: Case, path) -> None:
   """Writes a preprocessed-grid label map as uint8 NIfTI in the case's own geometry."""
   data = to_original_grid(volume.astype(np.uint8), case)
   img = nib.Nifti1Image(data, case.affine)
   img.set_data_dtype(np.uint8)
-  nib.save(img, str(path))
+  save_nifti(img, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from resfuse_jax import files as file_io
 from resfuse_jax.data.common import CaseFiles, DataError
 
 COLUMNS = ("case_id", "pre", "post", "label")
@@ -16,11 +17,16 @@ COLUMNS = ("case_id", "pre", "post", "label")
 
 def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFiles]:
   path = Path(manifest) if manifest else None
-  if path is None or not path.is_file():
+  if path is None:
     raise DataError(
-      f"manifest not found: data.manifest={str(path or '')!r}; expected a CSV with columns "
-      f"{','.join(COLUMNS)}"
+      f"no manifest given: data.manifest=''; expected a CSV with columns {','.join(COLUMNS)}"
     )
+  try:
+    file_io.require_file(path, "manifest")
+  except DataError as e:
+    raise DataError(
+      f"{e} (data.manifest); expected a CSV with columns {','.join(COLUMNS)}"
+    ) from None
   with path.open(newline="") as f:
     reader = csv.DictReader(f)
     missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
@@ -32,6 +38,7 @@ def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFil
     cid = (row["case_id"] or "").strip()
     if not cid:
       raise DataError(f"manifest {path} line {line}: empty case_id")
+    file_io.check_name(cid, f"manifest {path} line {line}")
     if cid in seen:
       raise DataError(f"manifest {path} line {line}: case_id {cid!r} appears twice")
     seen.add(cid)
@@ -44,9 +51,9 @@ def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFil
           continue
         raise DataError(f"manifest {path} line {line} (case {cid}): empty {column!r} path")
       p = Path(value) if Path(value).is_absolute() else path.parent / value
-      if not p.is_file():
-        raise DataError(f"manifest {path} line {line} (case {cid}): {column} file {p} not found")
-      files[column] = p
+      files[column] = file_io.require_file(
+        p, f"manifest {path} line {line} (case {cid}): {column} file"
+      )
     cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"]))
   if not cases:
     raise DataError(f"manifest {path} lists no cases")

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from resfuse_jax.data.common import Case, CaseFiles, DataError, load_canonical
+from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits, MiB, load_canonical
 
 NORMALIZATIONS = ("zscore", "joint")
 
@@ -100,16 +100,41 @@ def _check_affine(cid: str, kind: str, path, affine, ref_affine, ref_path, tol: 
     )
 
 
+def resampled_shape(shape, spacing, target) -> tuple[int, ...]:
+  """The shape ``ndimage.zoom`` gives ``shape`` resampled from ``spacing`` to ``target``."""
+  return tuple(int(round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+
+
 def preprocess_case(
-  files: CaseFiles, label_values: tuple[int, ...], settings: PrepSettings = PrepSettings()
+  files: CaseFiles,
+  label_values: tuple[int, ...],
+  settings: PrepSettings = PrepSettings(),
+  limits: InputLimits = InputLimits(),
 ) -> Case:
-  """Loads, checks, crops, resamples and normalises one case."""
+  """Loads, checks, crops, resamples and normalises one case.
+
+  Every failure is a ``DataError`` naming the case (so ``data.on_bad_case=skip``
+  covers it); running out of memory says so, with what was being read.
+  """
+  try:
+    return _preprocess_case(files, label_values, settings, limits)
+  except DataError:
+    raise
+  except MemoryError:
+    raise DataError(
+      f"case {files.case_id}: out of memory while preprocessing {files.pre} and {files.post}"
+    ) from None
+  except Exception as e:
+    raise DataError(f"case {files.case_id}: preprocessing failed: {type(e).__name__}: {e}") from e
+
+
+def _preprocess_case(files: CaseFiles, label_values, settings, limits) -> Case:
   cid = files.case_id
-  pre, pre_img, spacing = load_canonical(files.pre, cid, "pre-contrast")
-  post, post_img, _ = load_canonical(files.post, cid, "post-contrast")
+  pre, pre_img, spacing = load_canonical(files.pre, cid, "pre-contrast", limits)
+  post, post_img, _ = load_canonical(files.post, cid, "post-contrast", limits)
   label, label_img = None, None
   if files.label is not None:
-    label_raw, label_img, _ = load_canonical(files.label, cid, "label")
+    label_raw, label_img, _ = load_canonical(files.label, cid, "label", limits)
     if not np.isfinite(label_raw).all():
       raise DataError(f"case {cid}: label file {files.label} contains NaN or Inf voxels")
     label = np.rint(label_raw).astype(np.int64)
@@ -144,6 +169,15 @@ def preprocess_case(
   target = spacing
   if settings.target_spacing is not None:
     target = tuple(float(t) for t in settings.target_spacing)
+    new_shape = resampled_shape(pre.shape, spacing, target)
+    voxels = int(np.prod(new_shape, dtype=np.int64))
+    if voxels > limits.max_voxels or voxels * 4 > limits.max_bytes:
+      raise DataError(
+        f"case {cid}: resampling {files.pre} from {spacing} mm to data.target_spacing="
+        f"{target} mm would make {'x'.join(map(str, new_shape))} voxels "
+        f"({voxels * 4 / MiB:.0f} MiB per scan), over data.max_voxels={limits.max_voxels} / "
+        f"data.max_bytes={limits.max_bytes}"
+      )
     pre = resample(pre, spacing, target, settings.resample_order)
     post = resample(post, spacing, target, settings.resample_order)
     if label is not None:

@@ -115,7 +115,7 @@ def evaluate_workdir(
   cache, _, _ = data.prepare(config.data, progress=False)
   cases = data.load_cases(cache, json.loads(splits_path.read_text())["val"])
   out = eval_dir(workdir, predictor.step, tta)
-  out.mkdir(parents=True, exist_ok=True)
+  files.make_dirs(out)
   figure = _figure_writer(out / "figures", predictor) if figures else None
 
   def log_case(case, probs, masks, row):

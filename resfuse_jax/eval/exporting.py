@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from resfuse_jax import checkpointing, files
-from resfuse_jax.errors import CheckpointError
+from resfuse_jax.errors import CheckpointError, UserError
 from resfuse_jax.eval import postprocess
 from resfuse_jax.eval.predictor import Predictor, window_probabilities
 
@@ -82,15 +82,22 @@ def export_model(workdir: str | Path, output: str | Path, step: int | None = Non
     raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
   predictor = Predictor.load(workdir, step)
   tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-  tmp.mkdir(parents=True)
+  files.make_dirs(tmp)
   try:
     files.write_json(tmp / "config.json", predictor.config.to_dict())
-    checkpointing.save_export_params(tmp, predictor.params)
+    digests = checkpointing.save_export_params(tmp, predictor.params)
     serving = tmp / checkpointing.EXPORT_SERVING_FILE
     serving.parent.mkdir()
     serving.write_bytes(serving_function(predictor).serialize())
-    files.write_json(tmp / "export.json", _metadata(predictor, workdir))
+    files.write_json(
+      tmp / "export.json", {**_metadata(predictor, workdir), "param_digests": digests}
+    )
     tmp.rename(output)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, UserError):
+      raise
+    raise files.output_error(output, e) from e
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -1,16 +1,23 @@
-"""New scans -> label maps written in each input's own grid, affine and orientation."""
+"""New scans -> label maps written in each input's own grid, affine and orientation.
+
+Every output is written atomically (a temporary name, then a rename) and stays
+inside the folder asked for; a model whose probabilities are not finite (a
+damaged checkpoint) is refused rather than written as an all-background map.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from absl import logging
 
-from resfuse_jax import checkpointing, data
+from resfuse_jax import checkpointing, data, files
 from resfuse_jax.data import geometry
-from resfuse_jax.errors import CheckpointError, DataError
+from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
 from resfuse_jax.eval import postprocess
 from resfuse_jax.eval.predictor import Predictor
 
@@ -27,13 +34,20 @@ def predict_case(
   [D, H, W, R] and ``<name>.png`` beside it."""
   config = predictor.config
   case = data.preprocess_case(
-    files, predictor.dataset.label_values, data.prep_settings(config.data)
+    files,
+    predictor.dataset.label_values,
+    data.prep_settings(config.data),
+    data.input_limits(config.data),
   )
   probs = predictor.probabilities(case, tta)
+  if not np.isfinite(probs).all():
+    raise CheckpointError(
+      f"the model (checkpoint step {predictor.step}) gave non-finite probabilities for case "
+      f"{files.case_id}; its parameters are damaged. Nothing was written to {out}"
+    )
   labels = postprocess.probabilities_to_labels(
     probs, predictor.dataset.regions, **postprocess.settings_from_config(config.eval)
   )
-  out.parent.mkdir(parents=True, exist_ok=True)
   geometry.save_label_map(labels, case, out)
   name = out.name.removesuffix(".nii.gz")
   if figure:
@@ -52,9 +66,9 @@ def predict_case(
     maps = np.stack(
       [geometry.to_original_grid(probs[..., r], case) for r in range(probs.shape[-1])], -1
     )
-    nib.save(
+    geometry.save_nifti(
       nib.Nifti1Image(maps.astype(np.float32), case.affine),
-      str(out.with_name(f"{name}_probabilities.nii.gz")),
+      out.with_name(f"{name}_probabilities.nii.gz"),
     )
 
 
@@ -69,26 +83,66 @@ def predict_pair(
   predictor: Predictor, pre: str, post: str, out: str, tta: bool, probs: bool, figure: bool
 ) -> Path:
   """One case given as two files."""
-  files = data.CaseFiles(Path(pre).name, Path(pre), Path(post), None)
-  for p in (files.pre, files.post):
-    if not p.is_file():
-      raise DataError(f"input file {p} not found")
-  predict_case(predictor, files, Path(out), tta, probs, figure)
-  return Path(out)
+  case_files = data.CaseFiles(Path(pre).name, Path(pre), Path(post), None)
+  files.require_file(case_files.pre, "--pre")
+  files.require_file(case_files.post, "--post")
+  out = Path(out)
+  if out.is_dir():
+    raise OutputError(f"--out={out} is a folder; give the label map's file name")
+  check_writable(out.parent, "--out")
+  predict_case(predictor, case_files, out, tta, probs, figure)
+  return out
+
+
+def check_writable(folder: Path, flag: str) -> None:
+  """Fails before any inference if ``folder`` cannot take the outputs."""
+  if folder.exists() and not folder.is_dir():
+    raise OutputError(f"{flag}: {folder} is a file, expected a folder")
+  files.make_dirs(folder)
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+  except OSError as e:
+    raise OutputError(f"{flag}: cannot write into {folder}: {e.strerror}") from None
+  os.close(fd)
+  os.unlink(probe)
 
 
 def predict_folder(
-  predictor: Predictor, input_path: str, output: str, tta: bool, probs: bool, figure: bool
-) -> list[Path]:
+  predictor: Predictor,
+  input_path: str,
+  output: str,
+  tta: bool,
+  probs: bool,
+  figure: bool,
+  on_bad_case: str = "error",
+) -> tuple[list[Path], list[dict]]:
   """Every case of a folder in the training dataset's layout, or of a CSV manifest.
 
   BraTS outputs are named ``BraTS-GLI-XXXXX-YYY.nii.gz`` as the challenge expects.
+  ``on_bad_case='skip'`` goes on past a case whose input is bad and lists it in
+  ``OUT/bad_cases.json``. Returns (written label maps, skipped cases).
   """
+  if on_bad_case not in ("error", "skip"):
+    raise ConfigError(f"--on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
+  output = Path(output)
   cases = data.find_input_cases(input_path, predictor.config.data)
-  written = []
-  for i, files in enumerate(cases, 1):
-    out = Path(output) / f"{files.case_id}.nii.gz"
-    predict_case(predictor, files, out, tta, probs, figure)
-    logging.info("[%d/%d] %s -> %s", i, len(cases), files.case_id, out)
+  check_writable(output, "--output")
+  written, bad = [], []
+  for i, case_files in enumerate(cases, 1):
+    name = files.check_name(case_files.case_id, f"--input={input_path}")
+    out = files.under(output, f"{name}.nii.gz")
+    try:
+      predict_case(predictor, case_files, out, tta, probs, figure)
+    except DataError as e:
+      if on_bad_case == "error":
+        raise
+      logging.warning("[%d/%d] %s skipped: %s", i, len(cases), case_files.case_id, e)
+      bad.append({"case_id": case_files.case_id, "error": str(e)})
+      continue
+    logging.info("[%d/%d] %s -> %s", i, len(cases), case_files.case_id, out)
     written.append(out)
-  return written
+  if bad:
+    files.write_json(output / "bad_cases.json", bad)
+    if not written:
+      raise DataError(f"every case of --input={input_path} was bad; see {output}/bad_cases.json")
+  return written, bad

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from resfuse_jax import files  # noqa: E402
+
 # label value -> RGB (BraTS: 1 NCR green, 2 ED blue, 3 ET red; a binary lesion is red)
 BRATS_COLOURS = {1: (0.0, 1.0, 0.0), 2: (0.0, 0.3, 1.0), 3: (1.0, 0.0, 0.0)}
 LESION_COLOURS = {1: (1.0, 0.0, 0.0)}
@@ -75,7 +77,9 @@ def case_figure(
     ax.axis("off")
   fig.suptitle(f"{case_id}, axial slice {z}", fontsize=10)
   fig.tight_layout()
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  try:
+    with files.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=80)
+  finally:
+    plt.close(fig)
   return z
