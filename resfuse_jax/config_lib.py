@@ -69,10 +69,19 @@ def parse_arg(arg: str | None) -> tuple[str, set[str]]:
   return model, options
 
 
+def add_input_limits(data: ml_collections.ConfigDict) -> None:
+  """What a scan's header may claim before any voxel is read (``data.common.InputLimits``).
+
+  The defaults admit any BraTS or breast scan with a wide margin (512³ voxels, 2 GiB).
+  """
+  data.max_voxels = 2**27  # per scan, also after resampling to target_spacing
+  data.max_bytes = 2**31  # in memory, per scan
+  data.spacing_range = (0.05, 20.0)  # mm, per axis
+
+
 def base_config(variant: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-
   name, overrides = VARIANTS[variant]
   c.model = ml_collections.ConfigDict()
   c.model.name = name
@@ -111,11 +120,7 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # "" = $RESFUSE_CACHE/preprocessed (~/.cache/resfuse_jax/preprocessed)
   c.data.preprocess_workers = 2
   c.data.on_bad_case = "error"  # error | skip (skipped cases go to W/bad_cases.json)
-  # What a scan's header may claim before any voxel is read (data.common.InputLimits): the
-  # defaults admit any BraTS or breast scan with a wide margin (512³ voxels, 2 GiB in memory).
-  c.data.max_voxels = 2**27  # per scan, also after resampling to target_spacing
-  c.data.max_bytes = 2**31  # in memory, per scan
-  c.data.spacing_range = (0.05, 20.0)  # mm, per axis
+  add_input_limits(c.data)
   # Augmentation runs on the device, inside the jitted step (resfuse_jax/augment.py): a preset
   # (nnunet | light | none), then any field set here overrides it, e.g.
   # --config.data.augment.p_rotation=0.5. The host only crops with the margin it needs.

@@ -170,6 +170,8 @@ def exclusive_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
         f"{folder} is in use by another {what}: {holder} holds {path}. Wait for it to "
         "finish or choose another folder"
       ) from None
+    except OSError as e:  # e.g. ENOSYS/ENOLCK: a file system without locks (Lustre sans flock)
+      raise OutputError(f"cannot lock {path}: {e.strerror}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
     try:

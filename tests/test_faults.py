@@ -8,6 +8,7 @@ correct result, with nothing written outside the folders named and nothing lost.
 import contextlib
 import gzip
 import json
+import logging
 import os
 import shutil
 import signal
@@ -75,9 +76,14 @@ def copy_run(trained, tmp_path) -> Path:
   return Path(shutil.copytree(trained, tmp_path / "run"))
 
 
-def flip_byte(folder: Path) -> Path:
-  """Flips one byte in the middle of the largest file under ``folder`` (the array data)."""
-  target = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def flip_byte(folder: Path, pattern: str = "*") -> Path:
+  """Flips one byte in the middle of the largest file under ``folder`` matching ``pattern``.
+
+  In an Orbax step, ``d/*`` are the arrays' data chunks; the largest file overall is the
+  tree metadata (JSON) for a model this small.
+  """
+  candidates = [p for p in folder.rglob(pattern) if p.is_file()]
+  target = max(candidates, key=lambda p: p.stat().st_size)
   blob = bytearray(target.read_bytes())
   blob[len(blob) // 2] ^= 0xFF
   target.write_bytes(bytes(blob))
@@ -136,10 +142,12 @@ def test_predict_folder_with_a_traversal_id_writes_nothing(
 
 
 def test_flipped_byte_in_the_latest_step_resumes_from_the_previous_one(
-  trained, tmp_path, monkeypatch
+  trained, tmp_path, monkeypatch, caplog
 ):
+  """Orbax reads such a flip without complaint; only the checksums catch it."""
+  caplog.set_level(logging.WARNING)
   workdir = copy_run(trained, tmp_path)
-  flip_byte(workdir / "checkpoints" / "4" / "state")
+  flip_byte(workdir / "checkpoints" / "4" / "state", "d/*")  # in the arrays' data
   restored = {}
   real = checkpointing.restore_verified
 
@@ -151,6 +159,7 @@ def test_flipped_byte_in_the_latest_step_resumes_from_the_previous_one(
   monkeypatch.setattr(checkpointing, "restore_verified", spy)
   results = train.train_and_evaluate(smoke_config(**{**TRAIN, "train.steps": 6}), str(workdir))
   assert restored["step"] == 2 and results["steps"] == 6
+  assert "checkpoint step 4 fails verification (1 array(s) differ from the checksums" in caplog.text
   (moved,) = (workdir / checkpointing.QUARANTINE).iterdir()
   assert moved.name.startswith("4-") and (moved / "state").is_dir()  # kept for inspection
   assert 6 in checkpointing.checkpoint_steps(workdir / "checkpoints")
@@ -183,7 +192,7 @@ def test_checkpoints_whose_arrays_differ_from_their_checksums_are_never_used(tra
 
 def test_predict_and_export_refuse_a_damaged_checkpoint(trained, tmp_path, small_phantom):
   workdir = copy_run(trained, tmp_path)
-  flip_byte(workdir / "checkpoints" / "4" / "state")
+  flip_byte(workdir / "checkpoints" / "4" / "state")  # in the tree's metadata
   case = phantom_case(small_phantom)
   out = tmp_path / "seg.nii.gz"
   proc = cli(

@@ -83,7 +83,7 @@ def _figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
   def write(case, probs, masks, row):
     del probs, row
     visualize.case_figure(
-      folder / f"{case.case_id}.png",
+      files.under(folder, f"{files.check_name(case.case_id, str(folder))}.png"),
       case.case_id,
       case.pre,
       case.post,
