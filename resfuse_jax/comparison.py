@@ -45,7 +45,14 @@ def run_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[dict, l
     logging.info("%s: finished run found, not retrained", workdir)
   else:
     train.train_and_evaluate(config, str(workdir))
-  return json.loads(results_path.read_text()), metrics.read_csv(rows_path)
+  rows = metrics.read_csv(rows_path)
+  after_path = workdir / "metrics_postprocessed.csv"
+  if after_path.exists():  # the same cases after the post-processing chosen on them
+    after = {row["case"]: row for row in metrics.read_csv(after_path)}
+    rows = [
+      row | {f"pp_{k}": v for k, v in after[row["case"]].items() if k != "case"} for row in rows
+    ]
+  return json.loads(results_path.read_text()), rows
 
 
 def paired_test(ours: list[float], reference: list[float]) -> dict:
@@ -58,12 +65,18 @@ def paired_test(ours: list[float], reference: list[float]) -> dict:
   return {"mean_diff": float(np.mean(diff)), "p_value": p, "test": "wilcoxon signed-rank"}
 
 
+EXTRA_METRICS = ("lesion_dice", "pp_dice", "pp_lesion_dice")  # when every run has them
+
+
 def summarize(
   name: str, results: dict, per_seed: list[list[dict]], regions: list[str], flops: float
 ) -> dict:
   """Per metric and region: mean ± std over cases of the seed-averaged per-case value."""
   entry = {"model": name, "params": results["params"], "train_flops_per_step": flops}
-  for m in METRICS:
+  present = [
+    m for m in EXTRA_METRICS if all(f"{m}_{regions[0]}" in row for rows in per_seed for row in rows)
+  ]
+  for m in (*METRICS, *present):
     # [seeds, cases] per region, plus the per-case mean over regions
     values = {
       r: np.array([[row[f"{m}_{r}"] for row in rows] for rows in per_seed]) for r in regions
@@ -181,6 +194,19 @@ def comparison_markdown(c: dict) -> str:
     + ("; each case's metric averaged over the seeds first" if multi_seed else "")
     + "); GFLOP/step: one training step (forward, backward, update) by XLA's cost analysis.",
   ]
+  lesion = [m for m in ("lesion_dice", "pp_lesion_dice") if all(m in e for e in c["models"])]
+  if lesion:
+    title = {"lesion_dice": "lesion-wise DSC", "pp_lesion_dice": "post-processed lesion-wise DSC"}
+    lines += [""] + markdown_table(
+      ["Methodology"] + [f"{title[m]} {label[r]} (%)" for m in lesion for r in cols],
+      [[e["model"]] + [_pm(e[m][r]) for m in lesion for r in cols] for e in c["models"]],
+    )
+    lines += [
+      "",
+      "BraTS 2023 lesion-wise Dice (each spurious component counts as a missed lesion); "
+      "post-processed: after the rules each model's own validation chose "
+      "(`W/<model>/postprocessing.json`).",
+    ]
   if multi_seed:
     spread = "; ".join(
       f"{e['model']} " + ", ".join(f"{label[r]} {100 * e['dice'][r]['seed_std']:.2f}" for r in cols)

@@ -1,10 +1,12 @@
 """Evaluates a trained workdir on its validation cases: ``python -m resfuse_jax.evaluate``.
 
   python -m resfuse_jax.evaluate --workdir=W [--tta] [--step=N] [--nofigures]
+  python -m resfuse_jax.evaluate --pool_folds=W0,W1,W2,W3,W4 --output=postprocessing.json
 
 Writes its own folder ``W/eval-<step>[-tta]/``: ``metrics.csv`` (one row per
-case), ``results.json`` (the training contract's keys, plus standard deviations
-and, for BraTS, lesion-wise metrics), ``report.md`` (the paper's Table 1 / 2
+case), ``results.json`` (the training contract's keys, plus standard deviations,
+for BraTS lesion-wise metrics, and the same after the post-processing chosen on
+these cases), ``postprocessing.json``, ``report.md`` (the paper's Table 1 / 2
 layout) and ``figures/<case>.png``. Training's ``W/results.json`` and
 ``W/metrics.csv`` are never touched.
 """
@@ -25,11 +27,28 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes.")
   flags.DEFINE_bool("figures", True, "Write figures/<case>.png for every validation case.")
+  flags.DEFINE_list(
+    "pool_folds",
+    None,
+    "Instead: choose the post-processing on the validation cases of these workdirs together "
+    "(the folds of a cross-validation) and write it to --output.",
+  )
+  flags.DEFINE_string("output", None, "With --pool_folds: the postprocessing.json to write.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.pool_folds:
+    if not FLAGS.output:
+      raise app.UsageError("--pool_folds needs --output=postprocessing.json")
+    record = evaluation.pool_folds(FLAGS.pool_folds, FLAGS.output)
+    print(
+      f"post-processing chosen on {record['cases']} validation cases of "
+      f"{len(FLAGS.pool_folds)} workdirs: {record['describe']}; wrote {FLAGS.output} "
+      "(apply it with predict --postprocess=FILE)"
+    )
+    return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   out, _ = evaluation.evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures)

@@ -32,6 +32,12 @@ def define_flags() -> None:
   flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes (8 passes).")
   flags.DEFINE_bool("probabilities", False, "Also write <name>_probabilities.nii.gz [D,H,W,R].")
   flags.DEFINE_bool("figures", False, "Also write <name>.png: scans, subtraction, prediction.")
+  flags.DEFINE_string(
+    "postprocess",
+    "auto",
+    "auto: the post-processing chosen on validation (W/postprocessing.json, carried into "
+    "exports) when there is one; none: thresholds only; or a postprocessing.json to apply.",
+  )
   flags.DEFINE_enum(
     "on_bad_case",
     "error",
@@ -53,7 +59,7 @@ def main(argv):
     raise app.UsageError("--pre, --post and --out go together")
   if folder and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--input and --output go together")
-  predictor = prediction.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.step)
+  predictor = prediction.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.step, FLAGS.postprocess)
   options = (FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
   if pair:
     out = prediction.predict_pair(predictor, FLAGS.pre, FLAGS.post, FLAGS.out, *options)

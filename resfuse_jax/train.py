@@ -43,7 +43,7 @@ from resfuse_jax import (
 )
 from resfuse_jax.data import pipeline
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, Preempted
-from resfuse_jax.eval import evaluation, metrics, predictor
+from resfuse_jax.eval import evaluation, metrics, postprocess_selection, predictor
 
 
 @flax.struct.dataclass
@@ -445,9 +445,18 @@ def build_or_restore_state(
 
 
 def validate(
-  window_fn: Callable, params: Any, cases: list[data.Case], config, mesh
+  window_fn: Callable,
+  params: Any,
+  cases: list[data.Case],
+  config,
+  mesh,
+  collector: postprocess_selection.Collector | None = None,
 ) -> metrics.RegionMetrics:
-  """Validation through the one evaluation path, windows split over the mesh's 'data'."""
+  """Validation through the one evaluation path, windows split over the mesh's 'data'.
+
+  With ``collector`` (the final validation): BraTS lesion-wise metrics too, and every
+  case's masks kept for choosing the post-processing.
+  """
   n = mesh.shape[sharding.DATA]
   batch = -(-backend.resolve("eval_batch_size", config.eval.batch_size) // n) * n
   tiles_sharding = sharding.data_sharding(mesh)
@@ -455,7 +464,10 @@ def validate(
   def predict(tiles: np.ndarray) -> np.ndarray:
     return np.asarray(window_fn(params, sharding.put_global(tiles, tiles_sharding)))
 
-  return evaluation.evaluate_cases(predict, cases, config, batch_size=batch)
+  lesion_wise = collector is not None and data.get_dataset(config.data.name).brats_like
+  return evaluation.evaluate_cases(
+    predict, cases, config, batch_size=batch, lesion_wise=lesion_wise, on_case=collector
+  )
 
 
 @dataclasses.dataclass
@@ -468,6 +480,7 @@ class Loop:
   manager: Any
   writer: Any
   mesh: Any
+  final_masks: list | None = None  # the final validation's cropped masks
 
 
 def _log_train(step: int, total: int, computed: dict, progress: Progress, writer) -> None:
@@ -486,7 +499,10 @@ def _log_train(step: int, total: int, computed: dict, progress: Progress, writer
 
 def _validate_and_log(config, loop: Loop, state, run: RunData, step: int):
   t0 = time.perf_counter()
-  val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh)
+  final = step == config.train.steps
+  collector = postprocess_selection.Collector(config.eval, run.dataset.regions) if final else None
+  val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh, collector)
+  loop.final_masks = collector.cases if final else None
   summary = val.summary()
   loop.writer.write_scalars(
     step, {f"val/{m}_{r}": v for m, d in summary.items() for r, v in d.items()}
@@ -560,18 +576,48 @@ def write_results(config, workdir: Path, loop: Loop, state, run: RunData, val) -
     jax.process_count(),
     parameter_checksum(state.params),
   )
-  if val is None:
-    val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh)
+  if val is None or loop.final_masks is None:
+    collector = postprocess_selection.Collector(config.eval, run.dataset.regions)
+    val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh, collector)
+    loop.final_masks = collector.cases
   step = int(jax.device_get(state.step))
   results = evaluation.results_record(config, step, models.count_params(state.params), val)
   if jax.process_index() == 0:
+    after, rules = choose_postprocessing(workdir, loop.final_masks, run.dataset)
+    results["postprocessed"] = after.summary() | {"rules": rules}
     val.write_csv(workdir / "metrics.csv")
+    after.write_csv(workdir / "metrics_postprocessed.csv")
     files.write_json(workdir / "results.json", results)
     print(
       f"Validation Dice over {results['cases']} cases ({config.model.name}, step {step}): "
       + ", ".join(f"{r} {v:.4f}" for r, v in results["dice"].items())
     )
+    if "lesion_dice" in results:
+      print(
+        "Lesion-wise Dice before / after post-processing: "
+        + ", ".join(
+          f"{r} {results['lesion_dice'][r]:.4f} / {results['postprocessed']['lesion_dice'][r]:.4f}"
+          for r in run.dataset.region_names
+        )
+      )
   return results
+
+
+def choose_postprocessing(
+  workdir: Path, cases: list, dataset: data.Dataset
+) -> tuple[metrics.RegionMetrics, dict[str, str]]:
+  """Writes ``W/postprocessing.json`` and ``W/validation_masks.npz``.
+
+  Returns the validation metrics after the chosen rules, and the rules in words.
+  """
+  names, brats_like = dataset.region_names, dataset.brats_like
+  postprocess_selection.save_masks(workdir / postprocess_selection.MASKS_FILE, cases)
+  record = postprocess_selection.determine(cases, names, brats_like)
+  files.write_json(workdir / postprocess_selection.FILE, record)
+  rules = postprocess_selection.rules_from_record(record, names, str(workdir))
+  after = postprocess_selection.evaluate_rules(cases, rules, names, lesion_wise=brats_like)
+  logging.info("post-processing chosen on %d validation cases: %s", len(cases), record["describe"])
+  return after, record["describe"]
 
 
 # Settings that change neither the parameters nor the data: a resumed run may differ in them.

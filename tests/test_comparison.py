@@ -70,8 +70,11 @@ def test_compare_writes_the_papers_table_layout(compared):
   for column in ["Params", "GFLOP/step", "DSC WT", "DSC TC", "DSC EN", "DSC Mean", "Recall EN"]:
     assert column in header
   rows = [line for line in md.splitlines() if line.startswith("| res")]
-  assert [r.split("|")[1].strip() for r in rows] == ["resfuse", "resunet", "resunet"]
+  # Table 2, the lesion-wise table (before and after each model's post-processing), Δ table
+  names = ["resfuse", "resunet", "resfuse", "resunet", "resunet"]
+  assert [r.split("|")[1].strip() for r in rows] == names
   assert "±" in rows[0] and "ΔDSC EN" in md
+  assert "| lesion-wise DSC WT (%)" in md and "post-processed lesion-wise DSC EN (%)" in md
   assert md in proc.stdout
 
 

@@ -31,10 +31,15 @@ def test_evaluate_cases_scores_every_case_with_the_metrics_functions(small_cases
 
 
 def test_evaluate_cases_applies_the_configs_post_processing(small_cases):
-  config = smoke_config(**{"eval.thresholds": (0.95, 0.5, 0.5)})
+  config = smoke_config(**{"eval.thresholds": (0.5, 0.95, 0.95)})
   (row,) = evaluation.evaluate_cases(constant(0.9), small_cases[:1], config).rows
-  # WT is below its threshold: an empty prediction scores 0 against a present tumour
-  assert row["dice_WT"] == 0.0 and row["recall_WT"] == 0.0 and row["dice_TC"] > 0.0
+  # TC and ET are below their thresholds: an empty prediction scores 0 against a present one
+  assert row["dice_TC"] == 0.0 and row["recall_ET"] == 0.0 and row["dice_WT"] > 0.0
+  # Masks are scored as the label map reads them: a TC voxel is a WT voxel, whatever WT's
+  # own threshold said.
+  config = smoke_config(**{"eval.thresholds": (0.95, 0.5, 0.5)})
+  (nested,) = evaluation.evaluate_cases(constant(0.9), small_cases[:1], config).rows
+  assert nested["dice_WT"] == row["dice_WT"] and nested["recall_WT"] == 1.0
 
 
 def test_evaluate_cases_adds_lesion_wise_scores_and_tta_is_consistent(small_cases):

@@ -144,7 +144,8 @@ def test_predict_folder_with_a_traversal_id_writes_nothing(
 def test_flipped_byte_in_the_latest_step_resumes_from_the_previous_one(
   trained, tmp_path, monkeypatch, caplog
 ):
-  """Orbax reads such a flip without complaint; only the checksums catch it."""
+  """Depending on where it lands, Orbax fails to read such a flip or reads it without
+  complaint (then only the checksums catch it); either way the step is never used."""
   caplog.set_level(logging.WARNING)
   workdir = copy_run(trained, tmp_path)
   flip_byte(workdir / "checkpoints" / "4" / "state", "d/*")  # in the arrays' data
@@ -159,7 +160,7 @@ def test_flipped_byte_in_the_latest_step_resumes_from_the_previous_one(
   monkeypatch.setattr(checkpointing, "restore_verified", spy)
   results = train.train_and_evaluate(smoke_config(**{**TRAIN, "train.steps": 6}), str(workdir))
   assert restored["step"] == 2 and results["steps"] == 6
-  assert "checkpoint step 4 fails verification (1 array(s) differ from the checksums" in caplog.text
+  assert "checkpoint step 4 fails verification (" in caplog.text
   (moved,) = (workdir / checkpointing.QUARANTINE).iterdir()
   assert moved.name.startswith("4-") and (moved / "state").is_dir()  # kept for inspection
   assert 6 in checkpointing.checkpoint_steps(workdir / "checkpoints")

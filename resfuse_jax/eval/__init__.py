@@ -3,7 +3,8 @@
 - ``sliding_window``: Gaussian-weighted whole-volume tiling (nnU-Net's);
 - ``predictor``: the one forward pass (``window_probabilities``) and ``Predictor``,
   which loads a training workdir or an export folder (parameters only);
-- ``postprocess``: thresholds, small-component removal, nested BraTS labels;
+- ``postprocess``: thresholds, post-processing rules, nested BraTS labels;
+- ``postprocess_selection``: the rules chosen on validation (``postprocessing.json``);
 - ``metrics``: Dice, recall, precision, HD95, BraTS lesion-wise scores;
 - ``evaluation``: ``evaluate_cases`` (used by training AND the evaluate command)
   and ``evaluate_workdir`` (writes ``W/eval-<step>[-tta]/``);

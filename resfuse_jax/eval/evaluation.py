@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resfuse_jax import data, files
+from resfuse_jax import checkpointing, data, files
 from resfuse_jax.errors import CheckpointError
-from resfuse_jax.eval import metrics, postprocess, report, sliding_window
+from resfuse_jax.eval import metrics, postprocess, postprocess_selection, report, sliding_window
 from resfuse_jax.eval.predictor import Predictor
 
 CaseHook = Callable[[data.Case, np.ndarray, np.ndarray, dict], None]
@@ -32,6 +32,7 @@ def evaluate_cases(
   tta: bool = False,
   lesion_wise: bool = False,
   on_case: CaseHook | None = None,
+  rules: list[postprocess.Rule] | None = None,
 ) -> metrics.RegionMetrics:
   """Sliding-window prediction of whole volumes, post-processed, scored per case.
 
@@ -42,6 +43,8 @@ def evaluate_cases(
     tta: average the 8 mirrored predictions.
     lesion_wise: add BraTS 2023 lesion-wise Dice and HD95.
     on_case: called with (case, probabilities [D, H, W, R], masks [D, H, W, R], metrics row).
+    rules: post-processing per region (default none); masks are nested either way, as the
+      label map ``predict`` writes reads them.
   """
   dataset = data.get_dataset(config.data.name)
   settings = postprocess.settings_from_config(config.eval)
@@ -52,7 +55,7 @@ def evaluate_cases(
     probs = sliding_window.predict_volume(
       predict, case, config, batch_size, mirror_axes=(0, 1, 2) if tta else ()
     )
-    masks = postprocess.probabilities_to_masks(probs, **settings)
+    masks = postprocess.probabilities_to_masks(probs, **settings, rules=rules, spacing=case.spacing)
     reference = postprocess.region_masks(np.asarray(case.label), dataset.regions)
     row = acc.add(case.case_id, masks, reference, case.spacing)
     if on_case is not None:
@@ -102,9 +105,12 @@ def evaluate_workdir(
   """Evaluates a trained workdir on every case of its validation fold.
 
   Writes ``W/eval-<step>[-tta]/``: ``results.json`` (training's keys plus
-  standard deviations, the TTA flag and, for BraTS regions, lesion-wise
-  metrics), ``metrics.csv`` (one row per case), ``report.md`` (the paper's
-  table layout) and ``figures/<case>.png``. Returns (that folder, results).
+  standard deviations, the TTA flag, for BraTS regions lesion-wise metrics, and
+  ``postprocessed``: the same after the rules chosen on these cases),
+  ``postprocessing.json`` (those rules and every candidate's score),
+  ``metrics.csv`` and ``metrics_postprocessed.csv`` (one row per case),
+  ``report.md`` (the paper's table layout) and ``figures/<case>.png``. Returns
+  (that folder, results).
   """
   workdir = Path(workdir)
   predictor = Predictor.load(workdir, step)
@@ -118,7 +124,10 @@ def evaluate_workdir(
   files.make_dirs(out)
   figure = _figure_writer(out / "figures", predictor) if figures else None
 
+  collector = postprocess_selection.Collector(config.eval, dataset.regions)
+
   def log_case(case, probs, masks, row):
+    collector(case, probs, masks, row)
     if figure is not None:
       figure(case, probs, masks, row)
     dice = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("dice_"))
@@ -132,12 +141,41 @@ def evaluate_workdir(
     lesion_wise=dataset.brats_like,
     on_case=log_case,
   )
+  names, brats_like = dataset.region_names, dataset.brats_like
+  record = postprocess_selection.determine(collector.cases, names, brats_like)
+  rules = postprocess_selection.rules_from_record(record, names, str(out))
+  after = postprocess_selection.evaluate_rules(collector.cases, rules, names, brats_like)
   results = {
     **results_record(config, predictor.step, predictor.num_params, acc),
     "std": acc.std(),
     "tta": tta,
+    "postprocessed": {**after.summary(), "std": after.std(), "rules": record["describe"]},
   }
+  files.write_json(out / postprocess_selection.FILE, record)
+  after.write_csv(out / "metrics_postprocessed.csv")
   acc.write_csv(out / "metrics.csv")
   files.write_json(out / "results.json", results)
   files.write_text(out / "report.md", report.results_markdown([results], dataset.region_names))
   return out, results
+
+
+def pool_folds(workdirs: list[str | Path], output: str | Path) -> dict:
+  """Post-processing chosen on the validation cases of several folds together.
+
+  Reads each workdir's ``validation_masks.npz`` (saved by its final validation) and
+  writes the choice to ``output``; ``predict --postprocess=OUTPUT`` applies it.
+  """
+  if not workdirs:
+    raise CheckpointError("give the workdirs of the folds to pool")
+  names = set()
+  for w in workdirs:
+    config = checkpointing.read_config(w)
+    names.add(config.data.name)
+  if len(names) > 1:
+    raise CheckpointError(f"the workdirs were trained on different datasets: {sorted(names)}")
+  dataset = data.get_dataset(names.pop())
+  record = postprocess_selection.determine_from_workdirs(
+    workdirs, dataset.region_names, dataset.brats_like
+  )
+  files.write_json(output, record)
+  return record

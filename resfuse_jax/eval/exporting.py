@@ -7,6 +7,8 @@
 - ``export.json``: step, source workdir, regions and label values, parameter count,
   library versions and the serving signature;
 - ``params/``: the parameters as an Orbax checkpoint (no optimiser state);
+- ``postprocessing.json``: the post-processing chosen on validation, when the workdir has
+  one (``predict --model=E`` applies it by default);
 - ``serving/window.jax_export``: a serialized ``jax.export`` of the window function
   ``tiles [n, d, h, w, 2] float32 (pre, post) -> region probabilities [n, d, h, w, R]``
   with the parameters embedded and a symbolic batch ``n``, lowered for CPU and CUDA, for
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 from resfuse_jax import checkpointing, files
 from resfuse_jax.errors import CheckpointError, UserError
-from resfuse_jax.eval import postprocess
+from resfuse_jax.eval import postprocess, postprocess_selection
 from resfuse_jax.eval.predictor import Predictor, window_probabilities
 
 PLATFORMS = ("cpu", "cuda")
@@ -85,6 +87,9 @@ def export_model(workdir: str | Path, output: str | Path, step: int | None = Non
   files.make_dirs(tmp)
   try:
     files.write_json(tmp / "config.json", predictor.config.to_dict())
+    chosen = workdir / postprocess_selection.FILE
+    if chosen.is_file():  # the post-processing chosen on validation travels with the model
+      files.write_bytes(tmp / postprocess_selection.FILE, chosen.read_bytes())
     digests = checkpointing.save_export_params(tmp, predictor.params)
     serving = tmp / checkpointing.EXPORT_SERVING_FILE
     serving.parent.mkdir()

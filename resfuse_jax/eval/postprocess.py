@@ -1,11 +1,18 @@
-"""Region masks <-> label maps: thresholds, small-component removal, BraTS nesting.
+"""Region masks <-> label maps: thresholds, post-processing rules, BraTS nesting.
 
 Regions are nested (BraTS: WT ⊇ TC ⊇ ET), so a label map is painted outer
 region first: WT∖TC -> 2 (ED), TC∖ET -> 1 (NCR), ET -> 3; a single lesion
-region paints 1.
+region paints 1. Thresholded masks are nested the way that painting reads them
+(an inner voxel belongs to every outer region), then each region's ``Rule``
+runs, outer region first, and an inner region keeps only what its processed
+outer region kept: the masks scored are exactly the label map written.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -40,10 +47,94 @@ def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
   return np.isin(comp, np.flatnonzero(sizes >= min_voxels) + 1)
 
 
-def probabilities_to_masks(
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One region's post-processing, in mm³ so that it carries across voxel spacings.
+
+  min_component_mm3: drop 26-connected components smaller than this;
+  largest_only: keep the largest component alone (one lesion expected: WT, breast);
+  relabel_below_mm3: if the region's total volume is under this, empty it (for ET:
+    its voxels stay in TC, so they become necrosis, BraTS 2023 winners' habit).
+  """
+
+  min_component_mm3: float = 0.0
+  largest_only: bool = False
+  relabel_below_mm3: float = 0.0
+
+  @property
+  def operations(self) -> int:
+    """How many operations the rule applies: ties go to the rule with fewer."""
+    return (self.min_component_mm3 > 0) + self.largest_only + (self.relabel_below_mm3 > 0)
+
+  def describe(self) -> str:
+    parts = []
+    if self.min_component_mm3 > 0:
+      parts.append(f"remove components < {self.min_component_mm3:g} mm³")
+    if self.largest_only:
+      parts.append("keep the largest component")
+    if self.relabel_below_mm3 > 0:
+      parts.append(f"empty if total < {self.relabel_below_mm3:g} mm³")
+    return ", ".join(parts) or "none"
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> Rule:
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown post-processing rule fields {sorted(unknown)}")
+    return cls(**d)
+
+
+NO_RULE = Rule()
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+  if not mask.any():
+    return mask
+  comp, n = ndimage.label(mask, structure=_CONN26)
+  if n == 1:
+    return mask
+  sizes = ndimage.sum_labels(mask, comp, index=np.arange(1, n + 1))
+  return comp == int(np.argmax(sizes)) + 1
+
+
+def apply_rule(mask: np.ndarray, rule: Rule, voxel_mm3: float) -> np.ndarray:
+  """One region's [D, H, W] mask after ``rule`` (components, largest, relabel)."""
+  if rule.min_component_mm3 > 0:
+    mask = remove_small_components(mask, math.ceil(rule.min_component_mm3 / voxel_mm3 - 1e-9))
+  if rule.largest_only:
+    mask = keep_largest_component(mask)
+  if rule.relabel_below_mm3 > 0 and mask.sum() * voxel_mm3 < rule.relabel_below_mm3:
+    mask = np.zeros_like(mask)
+  return mask
+
+
+def nest(masks: np.ndarray) -> np.ndarray:
+  """[..., R] masks, outer region first -> each region also holds every inner one."""
+  out = masks.copy()
+  for r in range(out.shape[-1] - 2, -1, -1):
+    out[..., r] |= out[..., r + 1]
+  return out
+
+
+def apply_rules(
+  masks: np.ndarray, rules: Sequence[Rule] | None, spacing: Sequence[float]
+) -> np.ndarray:
+  """[D, H, W, R] thresholded masks -> nested, post-processed masks (what is painted)."""
+  out = nest(masks)
+  voxel_mm3 = float(np.prod(spacing))
+  for r, rule in enumerate(rules or [NO_RULE] * out.shape[-1]):
+    region = apply_rule(out[..., r], rule, voxel_mm3) if rule != NO_RULE else out[..., r]
+    out[..., r] = region & out[..., r - 1] if r > 0 else region
+  return out
+
+
+def threshold(
   probs: np.ndarray, thresholds: list[float] | None = None, min_component_voxels: int = 0
 ) -> np.ndarray:
-  """[D, H, W, R] region probabilities -> [D, H, W, R] boolean masks."""
+  """[D, H, W, R] probabilities -> [D, H, W, R] masks, before nesting and rules."""
   thresholds = thresholds or [0.5] * probs.shape[-1]
   return np.stack(
     [
@@ -52,6 +143,17 @@ def probabilities_to_masks(
     ],
     axis=-1,
   )
+
+
+def probabilities_to_masks(
+  probs: np.ndarray,
+  thresholds: list[float] | None = None,
+  min_component_voxels: int = 0,
+  rules: Sequence[Rule] | None = None,
+  spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+  """[D, H, W, R] region probabilities -> [D, H, W, R] nested, post-processed masks."""
+  return apply_rules(threshold(probs, thresholds, min_component_voxels), rules, spacing)
 
 
 def masks_to_labels(masks: np.ndarray, regions: dict[str, tuple[int, ...]]) -> np.ndarray:
@@ -67,9 +169,12 @@ def probabilities_to_labels(
   regions: dict[str, tuple[int, ...]],
   thresholds: list[float] | None = None,
   min_component_voxels: int = 0,
+  rules: Sequence[Rule] | None = None,
+  spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> np.ndarray:
   """[D, H, W, R] region probabilities -> [D, H, W] uint8 labels."""
-  return masks_to_labels(probabilities_to_masks(probs, thresholds, min_component_voxels), regions)
+  masks = probabilities_to_masks(probs, thresholds, min_component_voxels, rules, spacing)
+  return masks_to_labels(masks, regions)
 
 
 def settings_from_config(eval_config) -> dict:

@@ -18,7 +18,7 @@ from absl import logging
 from resfuse_jax import checkpointing, data, files
 from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
-from resfuse_jax.eval import postprocess
+from resfuse_jax.eval import postprocess, postprocess_selection
 from resfuse_jax.eval.predictor import Predictor
 
 
@@ -46,7 +46,11 @@ def predict_case(
       f"{files.case_id}; its parameters are damaged. Nothing was written to {out}"
     )
   labels = postprocess.probabilities_to_labels(
-    probs, predictor.dataset.regions, **postprocess.settings_from_config(config.eval)
+    probs,
+    predictor.dataset.regions,
+    **postprocess.settings_from_config(config.eval),
+    rules=predictor.rules,
+    spacing=case.spacing,
   )
   geometry.save_label_map(labels, case, out)
   name = out.name.removesuffix(".nii.gz")
@@ -72,11 +76,31 @@ def predict_case(
     )
 
 
-def load_predictor(workdir: str | None, model: str | None, step: int | None) -> Predictor:
-  """A training workdir (``--workdir``) or an export folder (``--model``)."""
+def load_predictor(
+  workdir: str | None, model: str | None, step: int | None, postprocess_: str = "auto"
+) -> Predictor:
+  """A training workdir (``--workdir``) or an export folder (``--model``).
+
+  ``postprocess_``: ``auto`` applies the post-processing chosen on validation when the
+  workdir or export has one, ``none`` applies none, anything else is a
+  ``postprocessing.json`` file to apply.
+  """
   if model and not checkpointing.is_export(model):
     raise CheckpointError(f"--model={model} is not an export: export.json is missing")
-  return Predictor.load(workdir or model, step)
+  predictor = Predictor.load(workdir or model, step)
+  if postprocess_ == "none":
+    predictor.rules = None
+  elif postprocess_ != "auto":
+    predictor.rules = postprocess_selection.read_rules(postprocess_, predictor.dataset.region_names)
+  if predictor.rules is None:
+    logging.info("post-processing: none (thresholds and nesting only)")
+  else:
+    names = predictor.dataset.region_names
+    logging.info(
+      "post-processing: %s",
+      "; ".join(f"{n}: {r.describe()}" for n, r in zip(names, predictor.rules)),
+    )
+  return predictor
 
 
 def predict_pair(

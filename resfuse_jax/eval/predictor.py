@@ -20,7 +20,7 @@ import numpy as np
 
 from resfuse_jax import checkpointing, data, models, sharding
 from resfuse_jax.errors import CheckpointError
-from resfuse_jax.eval import sliding_window
+from resfuse_jax.eval import postprocess, postprocess_selection, sliding_window
 
 
 def window_probabilities(model: nn.Module, params: Any, tiles: jax.Array) -> jax.Array:
@@ -55,12 +55,19 @@ def abstract_params(model: nn.Module, patch_size, sharding_=None) -> Any:
 class Predictor:
   """A model with its parameters, one compiled window function for all cases."""
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    params: Any,
+    step: int,
+    rules: list[postprocess.Rule] | None = None,
+  ):
     self.config = config
     self.dataset = data.get_dataset(config.data.name)
     self.model = build_model(config)
     self.params = params
     self.step = int(step)
+    self.rules = rules  # post-processing per region (None: thresholds and nesting only)
     self._forward = jax.jit(lambda p, t: window_probabilities(self.model, p, t))
     self._fusion_terms = jax.jit(
       lambda p, t: self.model.apply(
@@ -72,19 +79,24 @@ class Predictor:
   def load(cls, path: str | Path, step: int | None = None) -> Predictor:
     """``path``: a training workdir (its latest or ``step`` checkpoint) or an export folder.
 
-    Parameters land on this machine's first device, whatever topology trained them.
+    Parameters land on this machine's first device, whatever topology trained them. The
+    post-processing chosen on validation (``path/postprocessing.json``) comes along.
     """
     path = Path(path)
     config = checkpointing.read_config(path)
+    rules = None
+    if (path / postprocess_selection.FILE).is_file():
+      regions = data.get_dataset(config.data.name).region_names
+      rules = postprocess_selection.read_rules(path / postprocess_selection.FILE, regions)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = abstract_params(build_model(config), tuple(config.data.patch_size), device)
     if checkpointing.is_export(path):
       exported_step = int(checkpointing.export_metadata(path)["step"])
       if step is not None and step != exported_step:
         raise CheckpointError(f"{path} is an export of step {exported_step}, not {step}")
-      return cls(config, checkpointing.load_export_params(path, abstract), exported_step)
+      return cls(config, checkpointing.load_export_params(path, abstract), exported_step, rules)
     params, step = checkpointing.restore_params(path / "checkpoints", step, abstract)
-    return cls(config, params, step)
+    return cls(config, params, step, rules)
 
   @property
   def num_params(self) -> int:

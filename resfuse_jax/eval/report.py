@@ -50,11 +50,26 @@ def results_markdown(all_results: list[dict], regions: list[str]) -> str:
       ],
       [
         [
-          r["model"],
-          *(f"{r['lesion_dice'][g]:.4f}" for g in regions),
-          *(f"{r['lesion_hd95'][g]:.2f}" for g in regions),
+          label,
+          *(f"{m['lesion_dice'][g]:.4f}" for g in regions),
+          *(f"{m['lesion_hd95'][g]:.2f}" for g in regions),
         ]
         for r in all_results
+        for label, m in _before_after(r)
       ],
     )
+  if "postprocessed" in r0:
+    rules = r0["postprocessed"].get("rules", {})
+    lines += ["", "Post-processing chosen on these cases: " + "; ".join(
+      f"{paper_name(g)}: {rules.get(g, 'none')}" for g in regions
+    ) + ". Voxel Dice after it: " + ", ".join(
+      f"{paper_name(g)} {pct(r0['postprocessed']['dice'][g])}" for g in regions
+    ) + "."]  # fmt: skip
   return "\n".join(lines) + "\n"
+
+
+def _before_after(result: dict) -> list[tuple[str, dict]]:
+  out = [(result["model"], result)]
+  if "lesion_dice" in result.get("postprocessed", {}):
+    out.append((f"{result['model']}, post-processed", result["postprocessed"]))
+  return out

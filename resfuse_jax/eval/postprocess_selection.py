@@ -1,0 +1,213 @@
+"""Post-processing chosen on validation, per region (nnU-Net's ``determine_postprocessing``).
+
+The final validation saves every case's thresholded masks and references once,
+cropped to the box of prediction ∪ reference plus a margin that keeps the
+lesion-wise matching (a 3-voxel dilation) and HD95 exact, so every candidate
+rule is scored without a second forward pass, and the folds of a cross-validation
+can be pooled. Regions are chosen outer first (an inner region only keeps what
+its processed outer region kept), each by the validation score: BraTS 2023
+lesion-wise Dice for BraTS regions, voxel Dice otherwise; ties go to the rule
+with fewer operations, then to the smaller threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from resfuse_jax import files
+from resfuse_jax.errors import CheckpointError, ConfigError
+from resfuse_jax.eval import metrics, postprocess
+from resfuse_jax.eval.postprocess import NO_RULE, Rule
+
+FILE = "postprocessing.json"
+MASKS_FILE = "validation_masks.npz"
+FORMAT = "resfuse_jax-postprocessing-1"
+MARGIN = metrics.LESION_DILATION + 2  # voxels kept around prediction ∪ reference
+MIN_COMPONENT_GRID_MM3 = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+RELABEL_GRID_MM3 = (50.0, 100.0, 200.0, 500.0, 1000.0)
+TOLERANCE = 1e-9
+
+
+@dataclasses.dataclass
+class CaseMasks:
+  """One validation case: pred [d, h, w, R] thresholded masks (before nesting and rules)
+  and ref [d, h, w, R] reference masks, cropped alike; spacing in mm."""
+
+  case_id: str
+  pred: np.ndarray
+  ref: np.ndarray
+  spacing: tuple[float, ...]
+
+
+def crop_case(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing) -> CaseMasks:
+  """The box of pred ∪ ref (any region) plus ``MARGIN`` voxels, clipped to the volume."""
+  occupied = pred.any(-1) | ref.any(-1)
+  if not occupied.any():
+    return CaseMasks(case_id, pred[:1, :1, :1], ref[:1, :1, :1], tuple(spacing))
+  box = []
+  for axis in range(3):
+    other = tuple(a for a in range(3) if a != axis)
+    idx = np.flatnonzero(occupied.any(axis=other))
+    box.append(slice(max(idx[0] - MARGIN, 0), min(idx[-1] + 1 + MARGIN, occupied.shape[axis])))
+  box = tuple(box)
+  return CaseMasks(case_id, pred[box].copy(), ref[box].copy(), tuple(float(s) for s in spacing))
+
+
+class Collector:
+  """An ``evaluate_cases`` hook keeping each case's cropped thresholded masks."""
+
+  def __init__(self, eval_config, regions: dict[str, tuple[int, ...]]):
+    self.settings = postprocess.settings_from_config(eval_config)
+    self.regions = regions
+    self.cases: list[CaseMasks] = []
+
+  def __call__(self, case, probs, masks, row) -> None:
+    del masks, row
+    pred = postprocess.threshold(probs, **self.settings)
+    ref = postprocess.region_masks(np.asarray(case.label), self.regions)
+    self.cases.append(crop_case(case.case_id, pred, ref, case.spacing))
+
+
+def save_masks(path: str | Path, cases: Sequence[CaseMasks]) -> Path:
+  arrays = {"case_ids": np.array([c.case_id for c in cases])}
+  for i, c in enumerate(cases):
+    arrays[f"pred_{i}"], arrays[f"ref_{i}"] = c.pred, c.ref
+    arrays[f"spacing_{i}"] = np.asarray(c.spacing, np.float64)
+  with files.atomic_path(path) as tmp:
+    np.savez_compressed(tmp, **arrays)
+  return Path(path)
+
+
+def load_masks(path: str | Path) -> list[CaseMasks]:
+  try:
+    with np.load(path) as z:
+      return [
+        CaseMasks(str(cid), z[f"pred_{i}"], z[f"ref_{i}"], tuple(z[f"spacing_{i}"]))
+        for i, cid in enumerate(z["case_ids"])
+      ]
+  except (OSError, KeyError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read the saved validation masks ({e})") from None
+
+
+def candidates(index: int) -> list[Rule]:
+  """none, then components under each size, then (outermost region) the largest alone."""
+  out = [NO_RULE] + [Rule(min_component_mm3=k) for k in MIN_COMPONENT_GRID_MM3]
+  if index == 0:
+    out.append(Rule(largest_only=True))
+  return out
+
+
+def region_score(pred: np.ndarray, ref: np.ndarray, spacing, lesion_wise: bool) -> float:
+  if lesion_wise:
+    return metrics.lesion_wise(pred, ref, spacing)["dice"]
+  return metrics.dice(pred, ref)
+
+
+def _score(cases, rules, index: int, lesion_wise: bool) -> float:
+  return float(
+    np.mean(
+      [
+        region_score(
+          postprocess.apply_rules(c.pred, rules, c.spacing)[..., index],
+          c.ref[..., index],
+          c.spacing,
+          lesion_wise,
+        )
+        for c in cases
+      ]
+    )
+  )
+
+
+def determine(cases: Sequence[CaseMasks], region_names: Sequence[str], brats_like: bool) -> dict:
+  """Chooses one rule per region; returns the ``postprocessing.json`` record.
+
+  BraTS ET also tries emptying a small total ET (it then counts as necrosis).
+  """
+  if not cases:
+    raise ValueError("no validation cases to choose post-processing on")
+  names = list(region_names)
+  chosen: list[Rule] = []
+  table = []
+  for r, name in enumerate(names):
+    best = {"rule": NO_RULE, "score": -np.inf}
+
+    def consider(rule: Rule, r=r, name=name, best=best) -> None:
+      rules = chosen + [rule] + [NO_RULE] * (len(names) - r - 1)
+      score = _score(cases, rules, r, brats_like)
+      table.append(
+        {"region": name, "rule": rule.to_dict(), "describe": rule.describe(), "score": score}
+      )
+      if score > best["score"] + TOLERANCE:
+        best.update(rule=rule, score=score)
+
+    for rule in candidates(r):
+      consider(rule)
+    if brats_like and name == "ET":  # then relabel a small total ET, keeping the component rule
+      component_rule = best["rule"]
+      for t in RELABEL_GRID_MM3:
+        consider(dataclasses.replace(component_rule, relabel_below_mm3=t))
+    chosen.append(best["rule"])
+  return {
+    "format": FORMAT,
+    "metric": "lesion_dice" if brats_like else "dice",
+    "cases": len(cases),
+    "case_ids": [c.case_id for c in cases],
+    "rules": {name: rule.to_dict() for name, rule in zip(names, chosen)},
+    "describe": {name: rule.describe() for name, rule in zip(names, chosen)},
+    "candidates": table,
+  }
+
+
+def evaluate_rules(
+  cases: Sequence[CaseMasks], rules: Sequence[Rule] | None, region_names, lesion_wise: bool
+) -> metrics.RegionMetrics:
+  """The validation metrics of ``rules`` from the saved masks (no forward pass)."""
+  acc = metrics.RegionMetrics(region_names, lesion_wise=lesion_wise)
+  for c in cases:
+    acc.add(c.case_id, postprocess.apply_rules(c.pred, rules, c.spacing), c.ref, c.spacing)
+  return acc
+
+
+def rules_from_record(record: dict, region_names: Sequence[str], where: str) -> list[Rule]:
+  """The rules of a ``postprocessing.json`` record, one per region, in region order."""
+  try:
+    if record.get("format") != FORMAT:
+      raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
+    rules = record["rules"]
+    missing = [n for n in region_names if n not in rules]
+    if missing or set(rules) - set(region_names):
+      raise ValueError(f"its regions {sorted(rules)} are not the model's {list(region_names)}")
+    return [Rule.from_dict(rules[n]) for n in region_names]
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: not a usable post-processing file: {e}") from None
+
+
+def read_rules(path: str | Path, region_names: Sequence[str]) -> list[Rule]:
+  files.require_file(path, "post-processing file")
+  try:
+    record = json.loads(Path(path).read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path}: cannot read the post-processing file ({e})") from None
+  return rules_from_record(record, region_names, str(path))
+
+
+def determine_from_workdirs(workdirs: Sequence[str | Path], region_names, brats_like) -> dict:
+  """Pools the saved validation masks of several folds' workdirs into one choice."""
+  cases, seen = [], set()
+  for w in workdirs:
+    path = Path(w) / MASKS_FILE
+    if not path.is_file():
+      raise CheckpointError(f"{path} is missing: train (or resume) that workdir to the end first")
+    for c in load_masks(path):
+      if c.case_id in seen:
+        raise CheckpointError(f"case {c.case_id} is in the validation set of two workdirs")
+      seen.add(c.case_id)
+      cases.append(c)
+  record = determine(cases, region_names, brats_like)
+  return {**record, "workdirs": [str(Path(w).absolute()) for w in workdirs]}
