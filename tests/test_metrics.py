@@ -129,3 +129,18 @@ def test_lesion_wise_ignores_small_lesions_and_predictions_on_them():
   assert out["lesions"] == 1 and out["false_positives"] == 0 and out["dice"] == 1.0
   missed_small = metrics.lesion_wise(cube(L, (5, 5, 5), 4), ref)
   assert missed_small["dice"] == 1.0
+
+
+def test_region_metrics_report_the_packages_rules_leaving_out_empty_cases():
+  ref = np.zeros((12, 12, 12, 1), bool)
+  ref[2:6, 2:6, 2:6] = True
+  pred = np.zeros_like(ref)
+  pred[2:6, 2:6, 3:6] = True
+  acc = metrics.RegionMetrics(["lesion"], lesion_wise=True)
+  row = acc.add("a", pred, ref, (1.0, 1.0, 1.0))
+  acc.add("empty", np.zeros_like(ref), np.zeros_like(ref), (1.0, 1.0, 1.0))
+  assert row["pkg_lesion_dice_lesion"] == pytest.approx(2 * 48 / (48 + 64))
+  summary = acc.summary()
+  assert summary["pkg_lesion_dice"]["lesion"] == row["pkg_lesion_dice_lesion"]  # NaN left out
+  assert summary["lesion_dice"]["lesion"] == pytest.approx((row["lesion_dice_lesion"] + 1.0) / 2)
+  assert acc.std()["pkg_lesion_f1"]["lesion"] == 0.0

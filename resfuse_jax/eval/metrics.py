@@ -114,6 +114,70 @@ def lesion_wise(
   }
 
 
+PACKAGE_METRICS = ("pkg_lesion_dice", "pkg_lesion_hd95", "pkg_lesion_f1")
+
+
+def hd95_pooled(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
+  """95th percentile of both directed surface distances pooled (panoptica's HD95), in mm."""
+  sp, sr = _surface(pred.astype(bool)), _surface(ref.astype(bool))
+  to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
+  to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
+  return float(np.percentile(np.concatenate([to_ref, to_pred]), 95))
+
+
+PANOPTICA_MATCH_THRESHOLD = 1e-6  # brats-evaluation's config_gli: matching Dice at least this
+
+
+def lesion_wise_panoptica(
+  pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> dict[str, float]:
+  """Lesion-wise scores by the rules of the organisers' current package.
+
+  ``brats-evaluation`` 0.0.10 (panoptica 2.1.7, config ``gli``): instances are the
+  26-connected components of prediction and reference (no dilation, no size
+  threshold), matched one to one by maximum bipartite Dice matching of pairs with
+  Dice >= 1e-6. ``dice``/``hd95`` are the means over matched pairs (its ``sq_dsc``,
+  ``sq_hd95``; HD95 pools both directed distances); missed and spurious lesions
+  enter only ``f1`` (its recognition quality ``rq``). No match: Dice 0, HD95 inf;
+  nothing in either mask: NaN, as the package reports.
+  """
+  from scipy.optimize import linear_sum_assignment
+
+  pred, ref = pred.astype(bool), ref.astype(bool)
+  pred_cc, n_pred = ndimage.label(pred, structure=_CONN26)
+  ref_cc, n_ref = ndimage.label(ref, structure=_CONN26)
+  if n_pred == 0 and n_ref == 0:
+    nan = float("nan")
+    return {"dice": nan, "hd95": nan, "f1": nan, "tp": 0, "fp": 0, "fn": 0}
+  cost = np.full((n_ref, n_pred), 1.0 + 1e-6)
+  overlap = pred_cc[ref_cc > 0], ref_cc[ref_cc > 0]
+  pairs = {(int(r), int(p)) for p, r in zip(*overlap) if p > 0}
+  ref_sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)
+  pred_sizes = np.bincount(pred_cc.ravel(), minlength=n_pred + 1)
+  for r, p in pairs:
+    inter = np.logical_and(ref_cc == r, pred_cc == p).sum()
+    score = 2.0 * inter / (ref_sizes[r] + pred_sizes[p])
+    if score >= PANOPTICA_MATCH_THRESHOLD:
+      cost[r - 1, p - 1] = 1.0 - score
+  matched = []
+  if n_ref and n_pred:
+    rows, cols = linear_sum_assignment(cost)
+    matched = [(r + 1, p + 1, 1.0 - cost[r, p]) for r, p in zip(rows, cols) if cost[r, p] < 1.0]
+  tp = len(matched)
+  fp, fn = n_pred - tp, n_ref - tp
+  if tp == 0:
+    return {"dice": 0.0, "hd95": float("inf"), "f1": 0.0, "tp": 0, "fp": fp, "fn": fn}
+  hds = [hd95_pooled(pred_cc == p, ref_cc == r, spacing) for r, p, _ in matched]
+  return {
+    "dice": float(np.mean([d for _, _, d in matched])),
+    "hd95": float(np.mean(hds)),
+    "f1": tp / (tp + 0.5 * fp + 0.5 * fn),
+    "tp": tp,
+    "fp": fp,
+    "fn": fn,
+  }
+
+
 class RegionMetrics:
   """Accumulates per-case Dice, recall and HD95 per region; reports case means."""
 
@@ -134,26 +198,36 @@ class RegionMetrics:
         lw = lesion_wise(pred[..., r], ref[..., r], spacing)
         row[f"lesion_dice_{name}"] = lw["dice"]
         row[f"lesion_hd95_{name}"] = lw["hd95"]
+        pkg = lesion_wise_panoptica(pred[..., r], ref[..., r], spacing)
+        row[f"pkg_lesion_dice_{name}"] = pkg["dice"]
+        row[f"pkg_lesion_hd95_{name}"] = min(pkg["hd95"], EMPTY_HD95)  # inf: no lesion matched
+        row[f"pkg_lesion_f1_{name}"] = pkg["f1"]
     self.rows.append(row)
     return row
 
   def summary(self) -> dict[str, dict[str, float]]:
     """{'dice': {region: mean, ..., 'mean': mean over regions}, 'recall': ..., 'hd95': ...}.
 
-    With ``lesion_wise`` also 'lesion_dice' and 'lesion_hd95' (BraTS 2023).
+    With ``lesion_wise`` also 'lesion_dice' and 'lesion_hd95' (BraTS 2023 rules) and
+    'pkg_lesion_dice', 'pkg_lesion_hd95', 'pkg_lesion_f1' (the organisers' current
+    package, ``lesion_wise_panoptica``; cases where both masks are empty are left out,
+    as the package's summary leaves out its NaN).
     """
     if not self.rows:
       raise ValueError("no cases were evaluated")
     out = {}
     metrics = ["dice", "recall", "precision", "hd95"]
     if self.lesion_wise:
-      metrics += ["lesion_dice", "lesion_hd95"]
+      metrics += ["lesion_dice", "lesion_hd95", *PACKAGE_METRICS]
     for metric in metrics:
-      per_region = {
-        name: float(np.mean([row[f"{metric}_{name}"] for row in self.rows]))
-        for name in self.region_names
-      }
-      per_region["mean"] = float(np.mean(list(per_region.values())))
+      mean = np.nanmean if metric in PACKAGE_METRICS else np.mean
+      per_region = {}
+      for name in self.region_names:
+        values = [row[f"{metric}_{name}"] for row in self.rows]
+        defined = not all(np.isnan(values)) or metric not in PACKAGE_METRICS
+        per_region[name] = float(mean(values)) if defined else float("nan")
+      values = list(per_region.values())
+      per_region["mean"] = float(mean(values)) if not all(np.isnan(values)) else float("nan")
       out[metric] = per_region
     return out
 
@@ -169,12 +243,14 @@ class RegionMetrics:
 
   def std(self) -> dict[str, dict[str, float]]:
     """Population standard deviation over cases, per metric of `summary` and region."""
-    return {
-      metric: {
-        r: float(np.std([row[f"{metric}_{r}"] for row in self.rows])) for r in self.region_names
-      }
-      for metric in self.summary()
-    }
+
+    def spread(metric: str, region: str) -> float:
+      values = np.array([row[f"{metric}_{region}"] for row in self.rows], np.float64)
+      if metric in PACKAGE_METRICS:
+        values = values[~np.isnan(values)]
+      return float(np.std(values)) if len(values) else float("nan")
+
+    return {m: {r: spread(m, r) for r in self.region_names} for m in self.summary()}
 
 
 def read_csv(path: str | Path) -> list[dict]:

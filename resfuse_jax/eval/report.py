@@ -58,6 +58,13 @@ def results_markdown(all_results: list[dict], regions: list[str]) -> str:
         for label, m in _before_after(r)
       ],
     )
+  if "pkg_lesion_dice" in r0:
+    lines += ["", "The organisers' current package (brats-evaluation 0.0.10, panoptica, config "
+      "gli: no dilation or size threshold, Dice over matched lesions, misses and spurious "
+      "lesions in F1): " + "; ".join(
+      f"{paper_name(g)} Dice {r0['pkg_lesion_dice'][g]:.4f}, HD95 "
+      f"{r0['pkg_lesion_hd95'][g]:.2f} mm, F1 {r0['pkg_lesion_f1'][g]:.4f}" for g in regions
+    ) + "."]  # fmt: skip
   if "postprocessed" in r0:
     rules = r0["postprocessed"].get("rules", {})
     lines += ["", "Post-processing chosen on these cases: " + "; ".join(
