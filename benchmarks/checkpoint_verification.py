@@ -10,23 +10,14 @@ a plain restore and a verified restore (paid once per resume), and their ratio.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import grain
 import jax
 
+from benchmarks.conv_kernels import best_of
 from resfuse_jax import checkpointing, config_lib, train
 from resfuse_jax.eval import predictor
-
-
-def best_of(fn, n: int = 3) -> float:
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
 
 
 def main(config_spec: str = "configs/brats.py:resfuse") -> dict:
