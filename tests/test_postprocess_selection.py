@@ -51,6 +51,12 @@ def test_rules_keep_regions_nested_and_relabelled_et_becomes_necrosis():
   labels = postprocess.masks_to_labels(out, brats.REGIONS)
   assert labels[4, 4, 4] == 1 and labels[2, 2, 2] == 2 and labels[12, 12, 12] == 0
   np.testing.assert_array_equal(postprocess.region_masks(labels, brats.REGIONS), out)
+  no_et = masks.copy()
+  no_et[..., 2] = False  # an empty ET stays empty under every rule, and WT/TC are unchanged
+  for rule in (Rule(min_component_mm3=10), Rule(relabel_below_mm3=1e6), Rule(largest_only=True)):
+    kept = postprocess.apply_rules(no_et, [NO_RULE, NO_RULE, rule], (1.0, 1.0, 1.0))
+    assert not kept[..., 2].any()
+    np.testing.assert_array_equal(kept[..., :2], postprocess.nest(no_et)[..., :2])
 
 
 def brats_case(case_id, pred_regions, ref_regions, shape=(24, 24, 24)) -> CaseMasks:
