@@ -150,12 +150,13 @@ def lesion_wise_panoptica(
     nan = float("nan")
     return {"dice": nan, "hd95": nan, "f1": nan, "tp": 0, "fp": 0, "fn": 0}
   cost = np.full((n_ref, n_pred), 1.0 + 1e-6)
-  overlap = pred_cc[ref_cc > 0], ref_cc[ref_cc > 0]
-  pairs = {(int(r), int(p)) for p, r in zip(*overlap) if p > 0}
+  both = (ref_cc > 0) & (pred_cc > 0)
+  pair_ids = ref_cc[both].astype(np.int64) * (n_pred + 1) + pred_cc[both]
+  pairs, intersections = np.unique(pair_ids, return_counts=True)  # one pass over the volume
   ref_sizes = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)
   pred_sizes = np.bincount(pred_cc.ravel(), minlength=n_pred + 1)
-  for r, p in pairs:
-    inter = np.logical_and(ref_cc == r, pred_cc == p).sum()
+  for pair, inter in zip(pairs, intersections):
+    r, p = divmod(int(pair), n_pred + 1)
     score = 2.0 * inter / (ref_sizes[r] + pred_sizes[p])
     if score >= PANOPTICA_MATCH_THRESHOLD:
       cost[r - 1, p - 1] = 1.0 - score
