@@ -170,6 +170,54 @@ def jax_inference(model_name: str, patch: int, batch: int, conv_impl: str | None
   return {"warmup_s": warm, "volume_s": time.perf_counter() - t, "out_shape": list(out.shape)}
 
 
+def onnx_export(model_name: str, patch: int, batch: int, path: str) -> dict:
+  """Writes the JAX worker's model and parameters (same init) as ``path`` (model.onnx)."""
+  import jax
+  import jax.numpy as jnp
+
+  from resfuse_jax.eval import predictor
+  from resfuse_jax.models import onnx_graph
+
+  config = brats_config(model_name, patch, batch)
+  model = predictor.build_model(config)
+  dummy = jnp.zeros((1, patch, patch, patch, 1))
+  params = jax.jit(model.init)(jax.random.key(0), dummy, dummy)["params"]
+  t = time.perf_counter()
+  Path(path).write_bytes(onnx_graph.to_onnx(model, params, (patch,) * 3).SerializeToString())
+  return {"export_s": time.perf_counter() - t, "bytes": Path(path).stat().st_size}
+
+
+def onnxruntime_inference(model_name: str, patch: int, batch: int, path: str) -> dict:
+  """``path`` (from `onnx_export`, another process, as a deployer has the file) run by
+  onnxruntime through the package's own sliding window, partial last batch as it is."""
+  import onnxruntime
+
+  from resfuse_jax.eval import onnx_window, sliding_window
+
+  predict = onnx_window.OnnxWindow(path)
+  volume = np.random.default_rng(0).normal(size=(*VOLUME, 2)).astype(np.float32)
+  t = time.perf_counter()
+  predict(np.zeros((batch, patch, patch, patch, 2), np.float32))
+  warm = time.perf_counter() - t
+  t = time.perf_counter()
+  out = sliding_window.sliding_window(
+    predict,
+    volume,
+    (patch,) * 3,
+    len(regions()),
+    overlap=0.5,
+    batch_size=batch,
+    fixed_batch=False,
+  )
+  return {
+    "warmup_s": warm,
+    "volume_s": time.perf_counter() - t,
+    "out_shape": list(out.shape),
+    "onnxruntime": onnxruntime.__version__,
+    "tiles_per_run": predict.max_batch,
+  }
+
+
 def monai_inference(model_name: str, patch: int, batch: int) -> dict:
   import torch
   from monai.inferers import sliding_window_inference
@@ -261,6 +309,8 @@ WORKERS = {
   "jax_augment": jax_augment,
   "torch_step": torch_step,
   "jax_inference": jax_inference,
+  "onnx_export": onnx_export,
+  "onnxruntime_inference": onnxruntime_inference,
   "monai_inference": monai_inference,
 }
 
@@ -293,6 +343,8 @@ def summary(r: dict) -> str:
     return f"step {np.median(r['step_times_s']):.2f}s, peak {r['peak_rss_mb']:.0f} MB"
   if "augment_s" in r:
     return f"augmentation {r['augment_s']:.2f}s = {r['augment_share_of_step']:.1%} of the step"
+  if "volume_s" not in r:
+    return f"exported in {r['export_s']:.1f}s"
   return f"volume {r['volume_s']:.1f}s"
 
 
@@ -314,6 +366,11 @@ def main(argv=None) -> dict:
     "--before",
     action="store_true",
     help="also time resfuse with XLA's 3D conv (the pre-rewrite code)",
+  )
+  p.add_argument(
+    "--only",
+    choices=["inference"],
+    help="run this section alone and merge it into an existing results/<name>.json",
   )
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--kwargs", help=argparse.SUPPRESS)
@@ -338,6 +395,8 @@ def main(argv=None) -> dict:
     "command": "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv),
     "date": time.strftime("%Y-%m-%d %H:%M"),
   }
+  if args.only == "inference":
+    return merge_section(args.name, "inference", inference_rows(args.patch), res)
   res["matmul_flops_per_s"] = matmul_rate()
   b, patch, steps = args.batch, args.patch, args.steps
   impls = ["auto", "xla"] if args.before else ["auto"]
@@ -361,24 +420,48 @@ def main(argv=None) -> dict:
       scale_rows.append(step_row({"framework": framework, **r}))
   res["train_step"] = steps_rows
   res["scaling"] = scale_rows
-  res["inference"] = [
-    {"framework": "jax", **run_worker("jax_inference", model_name="resfuse", patch=patch, batch=4)},
-    {
-      "framework": "monai",
-      **run_worker("monai_inference", model_name="resfuse", patch=patch, batch=4),
-    },
-  ]
+  res["inference"] = inference_rows(patch)
   print("... pipeline", flush=True)
   res["pipeline"] = pipeline_rate(patch, b, args.cases, batches=10)
   res["augmentation"] = run_worker(
     "jax_augment", model_name="resfuse", patch=patch, batch=b, steps=steps
   )
   res["ratios"] = ratios(res)
+  return write_results(args.name, res)
+
+
+def inference_rows(patch: int, batch: int = 4) -> list[dict]:
+  """One whole volume by each framework, one after another in this run."""
+  kw = {"model_name": "resfuse", "patch": patch, "batch": batch}
+  rows = [{"framework": "jax", **run_worker("jax_inference", **kw)}]
+  with tempfile.TemporaryDirectory() as tmp:
+    path = str(Path(tmp) / "model.onnx")
+    export = run_worker("onnx_export", **kw, path=path)
+    row = run_worker("onnxruntime_inference", **kw, path=path)
+    row.pop("path")
+    rows.append({"framework": "onnxruntime", **row, "export_s": export["export_s"]})
+  rows.append({"framework": "monai", **run_worker("monai_inference", **kw)})
+  return rows
+
+
+def merge_section(name: str, section: str, rows: list, header: dict) -> dict:
+  """Replaces one section of results/<name>.json (its command and date kept beside it)."""
+  path = ROOT / "benchmarks" / "results" / f"{name}.json"
+  if not path.is_file():
+    raise SystemExit(f"--only={section} merges into {path}, which does not exist: run the suite")
+  res = json.loads(path.read_text())
+  res[section] = rows
+  res.setdefault("sections", {})[section] = {k: header[k] for k in ("command", "date", "versions")}
+  res["ratios"] = ratios(res)
+  return write_results(name, res)
+
+
+def write_results(name: str, res: dict) -> dict:
   out = ROOT / "benchmarks" / "results"
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"{args.name}.json").write_text(json.dumps(res, indent=2))
+  (out / f"{name}.json").write_text(json.dumps(res, indent=2))
   table = markdown(res)
-  (out / f"{args.name}.md").write_text(table)
+  (out / f"{name}.md").write_text(table)
   print(table)
   return res
 
@@ -411,6 +494,11 @@ def ratios(res: dict) -> dict:
   out["resfuse_over_resunet_step_torch"] = t_fuse["step_s"] / t_unet["step_s"]
   inf = {r["framework"]: r for r in res["inference"]}
   out["monai_over_jax_inference"] = inf["monai"]["volume_s"] / inf["jax"]["volume_s"]
+  if "onnxruntime" in inf:
+    ort_row = inf["onnxruntime"]
+    out["monai_over_onnxruntime_inference"] = inf["monai"]["volume_s"] / ort_row["volume_s"]
+    out["onnxruntime_over_jax_inference"] = inf["jax"]["volume_s"] / ort_row["volume_s"]
+    out["peak_rss_monai_over_onnxruntime"] = inf["monai"]["peak_rss_mb"] / ort_row["peak_rss_mb"]
   consumed = fuse["batch"] / fuse["step_s"]
   out["pipeline_over_step_consumption"] = max(res["pipeline"].values()) / consumed
   if "augmentation" in res:
@@ -448,6 +536,9 @@ def markdown(res: dict) -> str:
       f"{gflops} | {r['peak_rss_mb']:,.0f} |"
     )
   lines += ["", "## Whole-volume inference (240×240×155, 2 sequences, 50% overlap, Gaussian)", ""]
+  if "inference" in res.get("sections", {}):
+    sec = res["sections"]["inference"]
+    lines += [f"Measured apart from the rest: `{sec['command']}` ({sec['date']}).", ""]
   lines += ["| framework | volume s | warm-up s | peak RSS MB |", "|---|---|---|---|"]
   for r in res["inference"]:
     lines.append(

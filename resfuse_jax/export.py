@@ -1,6 +1,6 @@
 """Inference-only export of a trained workdir: ``python -m resfuse_jax.export``.
 
-  python -m resfuse_jax.export --workdir=W --output=E [--step=N]
+  python -m resfuse_jax.export --workdir=W --output=E [--step=N] [--onnx=auto|yes|no]
   python -m resfuse_jax.predict --model=E --pre=t1n.nii.gz --post=t1c.nii.gz --out=seg.nii.gz
 
 What ``E/`` holds: ``resfuse_jax.eval.exporting``.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from resfuse_jax import cli
+from resfuse_jax import checkpointing, cli
 from resfuse_jax.eval import exporting
 
 FLAGS = flags.FLAGS
@@ -21,6 +21,13 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir to export.")
   flags.DEFINE_string("output", None, "Export folder to create (must not exist).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_enum(
+    "onnx",
+    "auto",
+    list(exporting.ONNX_MODES),
+    "Also write E/model.onnx: auto when the model has an ONNX form and the onnx package is "
+    "installed (export.json says why not otherwise); yes: fail if it cannot; no: never.",
+  )
 
 
 def main(argv):
@@ -28,8 +35,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
-  out = exporting.export_model(FLAGS.workdir, FLAGS.output, FLAGS.step)
-  print(f"exported {FLAGS.workdir} to {out}")
+  out = exporting.export_model(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.onnx)
+  onnx = checkpointing.export_metadata(out)["onnx"]
+  note = "with model.onnx" if onnx["written"] else f"without model.onnx ({onnx['reason']})"
+  print(f"exported {FLAGS.workdir} to {out} {note}")
 
 
 def run():

@@ -2,7 +2,8 @@
 
   python -m resfuse_jax.predict --workdir=W --pre=t1n.nii.gz --post=t1c.nii.gz --out=seg.nii.gz
   python -m resfuse_jax.predict --workdir=W --input=DIR --output=OUT [--tta] [--probabilities]
-  python -m resfuse_jax.predict --model=E ...   (an export: python -m resfuse_jax.export)
+  python -m resfuse_jax.predict --model=E [--backend=auto|jax|onnxruntime] ...
+      (an export: python -m resfuse_jax.export)
 
 ``--input`` is a folder in the layout of the training dataset (BraTS 2023 case folders, or the
 MAMA-MIA ``images/`` tree) or a CSV manifest; segmentations are not needed. BraTS outputs are
@@ -39,6 +40,14 @@ def define_flags() -> None:
     "exports) when there is one; none: thresholds only; or a postprocessing.json to apply.",
   )
   flags.DEFINE_enum(
+    "backend",
+    "auto",
+    ["auto", "jax", "onnxruntime"],
+    "What runs the network on each window: auto is onnxruntime for an export with "
+    "model.onnx when onnxruntime is installed and JAX runs on CPU, JAX otherwise. "
+    "Everything else (preprocessing, stitching, TTA, post-processing) is the same code.",
+  )
+  flags.DEFINE_enum(
     "on_bad_case",
     "error",
     ["error", "skip"],
@@ -59,7 +68,9 @@ def main(argv):
     raise app.UsageError("--pre, --post and --out go together")
   if folder and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--input and --output go together")
-  predictor = prediction.load_predictor(FLAGS.workdir, FLAGS.model, FLAGS.step, FLAGS.postprocess)
+  predictor = prediction.load_predictor(
+    FLAGS.workdir, FLAGS.model, FLAGS.step, FLAGS.postprocess, FLAGS.backend
+  )
   options = (FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
   if pair:
     out = prediction.predict_pair(predictor, FLAGS.pre, FLAGS.post, FLAGS.out, *options)
@@ -69,7 +80,8 @@ def main(argv):
       predictor, FLAGS.input, FLAGS.output, *options, on_bad_case=FLAGS.on_bad_case
     )
     print(
-      f"wrote {len(written)} label maps to {FLAGS.output} (checkpoint step {predictor.step})"
+      f"wrote {len(written)} label maps to {FLAGS.output} (checkpoint step {predictor.step}, "
+      f"{predictor.backend})"
       + (f"; skipped {len(bad)} bad case(s), see {FLAGS.output}/bad_cases.json" if bad else "")
     )
 

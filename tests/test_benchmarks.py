@@ -203,3 +203,36 @@ def test_the_gpu_check_recommends_only_what_it_measured():
     "volume <= 100 ms": True,  # the fastest whole-volume path counts
     "data path >= 2x step consumption": False,
   }
+
+
+def test_onnxruntime_rows_give_their_ratios_and_merge_alone(monkeypatch, tmp_path):
+  res = synthetic_results()
+  res["inference"].insert(
+    1, {"framework": "onnxruntime", "volume_s": 5.0, "warmup_s": 1.0, "peak_rss_mb": 0.5}
+  )
+  r = suite.ratios(res)
+  assert r["monai_over_onnxruntime_inference"] == pytest.approx(3.0)
+  assert r["onnxruntime_over_jax_inference"] == pytest.approx(2.0)
+  assert r["peak_rss_monai_over_onnxruntime"] == pytest.approx(2.0)
+  results = tmp_path / "benchmarks" / "results"
+  results.mkdir(parents=True)
+  (results / "t.json").write_text(json.dumps(synthetic_results()))
+  monkeypatch.setattr(suite, "ROOT", tmp_path)
+  header = {"command": "only inference", "date": "today", "versions": {"jax": "x"}}
+  merged = suite.merge_section("t", "inference", res["inference"], header)
+  on_disk = json.loads((results / "t.json").read_text())
+  assert on_disk == merged and on_disk["train_step"] == synthetic_results()["train_step"]
+  assert on_disk["sections"]["inference"]["command"] == "only inference"
+  assert on_disk["ratios"]["monai_over_onnxruntime_inference"] == pytest.approx(3.0)
+  assert "Measured apart from the rest: `only inference`" in (results / "t.md").read_text()
+
+
+def test_the_onnxruntime_workers_run_at_toy_size(monkeypatch, tmp_path):
+  pytest.importorskip("onnxruntime")
+  monkeypatch.setattr(suite, "VOLUME", (20, 18, 16))
+  path = str(tmp_path / "model.onnx")
+  exported = suite.onnx_export("resunet", 16, 2, path)
+  assert exported["bytes"] > 0
+  row = suite.onnxruntime_inference("resunet", 16, 2, path)
+  assert row["out_shape"] == [20, 18, 16, 3] and row["tiles_per_run"] == 1
+  assert row["volume_s"] > 0

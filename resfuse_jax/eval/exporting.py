@@ -12,7 +12,11 @@
 - ``serving/window.jax_export``: a serialized ``jax.export`` of the window function
   ``tiles [n, d, h, w, 2] float32 (pre, post) -> region probabilities [n, d, h, w, R]``
   with the parameters embedded and a symbolic batch ``n``, lowered for CPU and CUDA, for
-  serving without this package's model code (``jax.export.deserialize``).
+  serving without this package's model code (``jax.export.deserialize``);
+- ``model.onnx``: the same window function as an ONNX graph (`models.onnx_graph`:
+  ``pre, post [n, 1, d, h, w] -> logits, probabilities [n, R, d, h, w]``), for
+  onnxruntime, Triton, C++ or .NET without JAX; ``export.json``'s ``deploy`` section
+  says every step around it (preprocessing, stitching, labels, post-processing).
 
 The folder is written under a temporary name and renamed when complete, so a
 killed export never leaves a folder that looks finished.
@@ -20,6 +24,8 @@ killed export never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -27,13 +33,15 @@ from pathlib import Path
 import flax
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from resfuse_jax import checkpointing, files
-from resfuse_jax.errors import CheckpointError, UserError
-from resfuse_jax.eval import postprocess, postprocess_selection
+from resfuse_jax.errors import CheckpointError, ConfigError, UserError
+from resfuse_jax.eval import onnx_window, postprocess, postprocess_selection
 from resfuse_jax.eval.predictor import Predictor, window_probabilities
 
 PLATFORMS = ("cpu", "cuda")
+ONNX_MODES = ("auto", "yes", "no")
 
 
 def serving_function(predictor: Predictor) -> jax.export.Exported:
@@ -52,6 +60,133 @@ def load_serving(path: str | Path) -> jax.export.Exported:
   return jax.export.deserialize(
     bytearray((Path(path) / checkpointing.EXPORT_SERVING_FILE).read_bytes())
   )
+
+
+def deployment(predictor: Predictor, rules: list | None) -> dict:
+  """What a C++ / Triton deployer must reproduce around ``model.onnx``, step by step."""
+  config, dataset = predictor.config, predictor.dataset
+  d, e = config.data, config.eval
+  window = [int(w) for w in d.patch_size]
+  target = d.get("target_spacing", None)
+  thresholds = postprocess.settings_from_config(e)
+  names = list(dataset.region_names)
+  return {
+    "model_file": onnx_window.FILE,
+    "inputs": {
+      "pre": f"float32 [n, 1, {', '.join(map(str, window))}]: pre-contrast tiles, preprocessed",
+      "post": f"float32 [n, 1, {', '.join(map(str, window))}]: post-contrast tiles, same places",
+    },
+    "outputs": {
+      "logits": f"float32 [n, {len(names)}, ...]: one channel per region {names}",
+      "probabilities": "float32, sigmoid(logits): what the sliding window averages",
+    },
+    "preprocessing": [
+      "read pre and post (NIfTI); reorient each to the closest canonical RAS+ orientation "
+      "(nibabel.as_closest_canonical); they must share shape and affine "
+      f"(entries within {d.get('affine_tolerance', 1e-3)} mm)",
+      "crop both to the bounding box of the voxels that are non-zero in pre or post",
+      (
+        f"resample both to spacing {list(target)} mm, linear (scipy.ndimage.zoom order "
+        f"{d.get('resample_order', 1)}, mode nearest, grid_mode True)"
+        if target
+        else "no resampling: the model runs on the scans' own spacing"
+      ),
+      {
+        "zscore": "normalise each scan on its own: (x - mean) / std over the voxels non-zero "
+        "in pre or post; every other voxel is set to 0",
+        "joint": "normalise both scans with the pre-contrast scan's mean and std over the "
+        "voxels non-zero in pre or post; every other voxel is set to 0",
+      }[d.get("normalization", "zscore")],
+    ],
+    "sliding_window": {
+      "window": window,
+      "overlap": float(e.overlap),
+      "padding": "zero-pad the volume at the end of each axis up to the window where smaller",
+      "starts": "per axis of size S (padded), window w: 0 if S <= w, else n = ceil((S - w) / "
+      "max(1, int(w * (1 - overlap)))) + 1 starts, round(linspace(0, S - w, n)), duplicates "
+      "dropped; every combination of the three axes",
+      "weights": "Gaussian per tile: exp(-0.5 ((i - (w - 1) / 2) / (w / 8))^2) per axis, "
+      "multiplied, scaled to peak 1, values below the smallest positive one raised to it",
+      "stitch": "probabilities = sum(weights * tile probabilities) / sum(weights), then crop "
+      "the padding",
+      "test_time_augmentation": "optional (predict --tta): average the tile probabilities "
+      "over all 8 flip combinations of the three spatial axes, each flipped back",
+    },
+    "labels": {
+      "thresholds": thresholds["thresholds"] or [0.5] * len(names),
+      "threshold_then": "mask_r = probability_r > threshold_r; "
+      + (
+        f"drop components under {thresholds['min_component_voxels']} voxels; "
+        if thresholds["min_component_voxels"]
+        else ""
+      )
+      + "nest: each region also holds every inner one (region r |= region r+1, inner last)",
+      "regions": {n: list(v) for n, v in dataset.regions.items()},
+      "paint": "start from 0; paint each region's mask with its value in this order: "
+      f"{postprocess.region_label_values(dataset.regions)}",
+    },
+    "postprocessing": (
+      {
+        "file": postprocess_selection.FILE,
+        "rules": {n: r.to_dict() for n, r in zip(names, rules)},
+        "apply": "after nesting, outer region first, in mm^3 (voxel volume = product of the "
+        "spacing): remove 26-connected components under min_component_mm3; keep only the "
+        "largest component if largest_only; empty the region if its total volume is under "
+        "relabel_below_mm3; then each inner region keeps only voxels its outer region kept",
+      }
+      if rules
+      else None
+    ),
+    "output": "undo the resampling (nearest neighbour to the cropped shape), the crop (zeros "
+    "outside) and the reorientation; write uint8 labels with the input's affine",
+  }
+
+
+def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> dict:
+  """Writes ``folder/model.onnx`` when ``mode`` and the model allow; returns its record.
+
+  ``auto``: writes it when the model has an ONNX form and ``onnx`` is installed, else
+  records why not; ``yes``: either missing is an error; ``no``: nothing.
+  """
+  if mode not in ONNX_MODES:
+    raise ConfigError(f"--onnx must be one of {', '.join(ONNX_MODES)}; got {mode!r}")
+  if mode == "no":
+    return {"written": False, "reason": "export --onnx=no"}
+  if importlib.util.find_spec("onnx") is None:
+    if mode == "yes":
+      raise ConfigError(f"--onnx=yes needs the onnx package: {onnx_window.INSTALL_HINT}")
+    return {"written": False, "reason": "the onnx package is not installed"}
+  from resfuse_jax.models import onnx_graph
+
+  config = predictor.config
+  name = config.model.get("variant", config.model.name)
+  window = tuple(int(w) for w in config.data.patch_size)
+  metadata = {
+    "resfuse_jax.step": str(predictor.step),
+    "resfuse_jax.model": name,
+    "resfuse_jax.regions": json.dumps(list(predictor.dataset.region_names)),
+    "resfuse_jax.window": json.dumps(list(window)),
+    "resfuse_jax.deploy": json.dumps(deploy),
+  }
+  try:
+    proto = onnx_graph.to_onnx(predictor.model, predictor.params, window, name, metadata)
+  except onnx_graph.NotExportable as e:
+    if mode == "yes":
+      raise
+    logging.warning("no %s: %s", onnx_window.FILE, e)
+    return {"written": False, "reason": str(e)}
+  path = folder / onnx_window.FILE
+  files.write_bytes(path, proto.SerializeToString())
+  return {
+    "written": True,
+    "file": onnx_window.FILE,
+    "sha256": onnx_window.file_digest(path),
+    "opset": onnx_graph.OPSET,
+    "ir_version": onnx_graph.IR_VERSION,
+    "inputs": {n: ["n", 1, *window] for n in onnx_graph.INPUTS},
+    "outputs": {n: ["n", len(predictor.dataset.regions), *window] for n in onnx_graph.OUTPUTS},
+    "dtype": "float32",
+  }
 
 
 def _metadata(predictor: Predictor, workdir: Path) -> dict:
@@ -77,11 +212,18 @@ def _metadata(predictor: Predictor, workdir: Path) -> dict:
   }
 
 
-def export_model(workdir: str | Path, output: str | Path, step: int | None = None) -> Path:
-  """Writes the export folder ``output`` (which must not exist) from ``workdir``."""
+def export_model(
+  workdir: str | Path, output: str | Path, step: int | None = None, onnx: str = "auto"
+) -> Path:
+  """Writes the export folder ``output`` (which must not exist) from ``workdir``.
+
+  ``onnx``: whether to write ``model.onnx`` (`write_onnx`).
+  """
   workdir, output = Path(workdir), Path(output)
   if output.exists():
     raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
+  if onnx not in ONNX_MODES:
+    raise ConfigError(f"--onnx must be one of {', '.join(ONNX_MODES)}; got {onnx!r}")
   predictor = Predictor.load(workdir, step)
   tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
   files.make_dirs(tmp)
@@ -94,8 +236,16 @@ def export_model(workdir: str | Path, output: str | Path, step: int | None = Non
     serving = tmp / checkpointing.EXPORT_SERVING_FILE
     serving.parent.mkdir()
     serving.write_bytes(serving_function(predictor).serialize())
+    deploy = deployment(predictor, predictor.rules)
+    onnx_record = write_onnx(tmp, predictor, onnx, deploy)
     files.write_json(
-      tmp / "export.json", {**_metadata(predictor, workdir), "param_digests": digests}
+      tmp / "export.json",
+      {
+        **_metadata(predictor, workdir),
+        "onnx": onnx_record,
+        "deploy": deploy,
+        "param_digests": digests,
+      },
     )
     tmp.rename(output)
   except OSError as e:

@@ -77,17 +77,22 @@ def predict_case(
 
 
 def load_predictor(
-  workdir: str | None, model: str | None, step: int | None, postprocess_: str = "auto"
+  workdir: str | None,
+  model: str | None,
+  step: int | None,
+  postprocess_: str = "auto",
+  backend: str = "auto",
 ) -> Predictor:
   """A training workdir (``--workdir``) or an export folder (``--model``).
 
   ``postprocess_``: ``auto`` applies the post-processing chosen on validation when the
   workdir or export has one, ``none`` applies none, anything else is a
-  ``postprocessing.json`` file to apply.
+  ``postprocessing.json`` file to apply. ``backend``: `predictor.resolve_backend`.
   """
   if model and not checkpointing.is_export(model):
     raise CheckpointError(f"--model={model} is not an export: export.json is missing")
-  predictor = Predictor.load(workdir or model, step)
+  predictor = Predictor.load(workdir or model, step, backend)
+  logging.info("window function: %s", predictor.backend)
   if postprocess_ == "none":
     predictor.rules = None
   elif postprocess_ != "auto":

@@ -3,7 +3,8 @@
 The one forward pass of the package: ``window_probabilities`` is what training's
 validation, ``evaluate``, ``predict``, ``export`` and the benchmarks run on
 each sliding window. Loading reads only the parameters of a checkpoint (no
-optimiser state) and imports nothing of training.
+optimiser state) and imports nothing of training. An export with ``model.onnx`` can
+instead be run by onnxruntime (``backend``): only the window function changes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import ml_collections
 import numpy as np
 
 from resfuse_jax import checkpointing, data, models, sharding
-from resfuse_jax.errors import CheckpointError
-from resfuse_jax.eval import postprocess, postprocess_selection, sliding_window
+from resfuse_jax.errors import CheckpointError, ConfigError
+from resfuse_jax.eval import onnx_window, postprocess, postprocess_selection, sliding_window
+
+BACKENDS = ("auto", "jax", "onnxruntime")
 
 
 def window_probabilities(model: nn.Module, params: Any, tiles: jax.Array) -> jax.Array:
@@ -52,8 +55,32 @@ def abstract_params(model: nn.Module, patch_size, sharding_=None) -> Any:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_), shapes)
 
 
+def resolve_backend(name: str, path: str | Path) -> str:
+  """``predict --backend``: ``auto`` is onnxruntime for an export with ``model.onnx`` when
+  onnxruntime is installed and JAX would run on CPU (where onnxruntime's 3D convolutions
+  are the faster), JAX otherwise."""
+  if name not in BACKENDS:
+    raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+  path = Path(path)
+  has_onnx = checkpointing.is_export(path) and (path / onnx_window.FILE).is_file()
+  if name == "auto":
+    use = has_onnx and onnx_window.available() and jax.default_backend() == "cpu"
+    return "onnxruntime" if use else "jax"
+  if name == "onnxruntime" and not has_onnx:
+    what = "an export" if checkpointing.is_export(path) else "a training workdir, not an export"
+    raise ConfigError(
+      f"--backend=onnxruntime needs an export with {onnx_window.FILE}; {path} is {what} "
+      f"without one (python -m resfuse_jax.export --workdir=W --output=E writes it)"
+    )
+  return name
+
+
 class Predictor:
-  """A model with its parameters, one compiled window function for all cases."""
+  """A model with its parameters, one compiled window function for all cases.
+
+  ``window``: another backend's window function (`onnx_window.OnnxWindow`); the JAX
+  parameters are then read only if a fusion heat map is asked for (``load_params``).
+  """
 
   def __init__(
     self,
@@ -61,11 +88,16 @@ class Predictor:
     params: Any,
     step: int,
     rules: list[postprocess.Rule] | None = None,
+    window: Callable[[np.ndarray], np.ndarray] | None = None,
+    load_params: Callable[[], Any] | None = None,
+    num_params: int | None = None,
   ):
     self.config = config
     self.dataset = data.get_dataset(config.data.name)
     self.model = build_model(config)
-    self.params = params
+    self._params, self._load_params = params, load_params
+    self._window, self._num_params = window, num_params
+    self.backend = "jax" if window is None else "onnxruntime"
     self.step = int(step)
     self.rules = rules  # post-processing per region (None: thresholds and nesting only)
     self._forward = jax.jit(lambda p, t: window_probabilities(self.model, p, t))
@@ -76,13 +108,15 @@ class Predictor:
     )
 
   @classmethod
-  def load(cls, path: str | Path, step: int | None = None) -> Predictor:
+  def load(cls, path: str | Path, step: int | None = None, backend: str = "jax") -> Predictor:
     """``path``: a training workdir (its latest or ``step`` checkpoint) or an export folder.
 
     Parameters land on this machine's first device, whatever topology trained them. The
     post-processing chosen on validation (``path/postprocessing.json``) comes along.
+    ``backend``: see `resolve_backend`.
     """
     path = Path(path)
+    backend = resolve_backend(backend, path)
     config = checkpointing.read_config(path)
     rules = None
     if (path / postprocess_selection.FILE).is_file():
@@ -91,19 +125,42 @@ class Predictor:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = abstract_params(build_model(config), tuple(config.data.patch_size), device)
     if checkpointing.is_export(path):
-      exported_step = int(checkpointing.export_metadata(path)["step"])
+      meta = checkpointing.export_metadata(path)
+      exported_step = int(meta["step"])
       if step is not None and step != exported_step:
         raise CheckpointError(f"{path} is an export of step {exported_step}, not {step}")
+      if backend == "onnxruntime":
+        window = onnx_window.OnnxWindow(path / onnx_window.FILE, meta.get("onnx", {}).get("sha256"))
+        return cls(
+          config,
+          None,
+          exported_step,
+          rules,
+          window=window,
+          load_params=lambda: checkpointing.load_export_params(path, abstract),
+          num_params=int(meta["params"]),
+        )
       return cls(config, checkpointing.load_export_params(path, abstract), exported_step, rules)
     params, step = checkpointing.restore_params(path / "checkpoints", step, abstract)
     return cls(config, params, step, rules)
 
   @property
+  def params(self) -> Any:
+    """The JAX parameters (read on first use when another backend runs the windows)."""
+    if self._params is None:
+      self._params = self._load_params()
+    return self._params
+
+  @property
   def num_params(self) -> int:
+    if self._num_params is not None:
+      return self._num_params
     return models.count_params(self.params)
 
   def window_fn(self) -> Callable[[np.ndarray], np.ndarray]:
     """[N, d, h, w, 2] numpy tiles -> [N, d, h, w, R] numpy probabilities."""
+    if self._window is not None:
+      return self._window
     return lambda tiles: np.asarray(self._forward(self.params, tiles))
 
   def probabilities(self, case: data.Case, tta: bool = False) -> np.ndarray:

@@ -50,15 +50,18 @@ def sliding_window(
   overlap: float = 0.5,
   batch_size: int = 4,
   mirror_axes: Sequence[int] = (),
+  fixed_batch: bool = True,
 ) -> np.ndarray:
   """Predicts a whole volume tile by tile.
 
   Args:
-    predict: [batch_size, *window, C] -> [batch_size, *window, num_outputs]
-      probabilities; always called with a full batch so it compiles once.
+    predict: [n, *window, C] -> [n, *window, num_outputs] probabilities.
     volume: [D, H, W, C]; padded with zeros up to the window where smaller.
     mirror_axes: spatial axes (0-2) for mirroring test-time augmentation: every
       combination of flips is predicted, flipped back and averaged (2^k passes).
+    fixed_batch: call ``predict`` with exactly ``batch_size`` tiles, zero tiles filling
+      the last batch (a jitted function compiles once); False sends the last batch as
+      it is (a runtime with a dynamic batch, onnxruntime, then computes no filler).
 
   Returns:
     [D, H, W, num_outputs] float32 probabilities, Gaussian-weighted averages.
@@ -74,7 +77,8 @@ def sliding_window(
   starts = window_starts(padded_shape, window, overlap)
   for i in range(0, len(starts), batch_size):
     chunk = starts[i : i + batch_size]
-    tiles = np.zeros((batch_size, *window, vol.shape[-1]), np.float32)
+    n = batch_size if fixed_batch else len(chunk)
+    tiles = np.zeros((n, *window, vol.shape[-1]), np.float32)
     for j, s in enumerate(chunk):
       tiles[j] = vol[tuple(slice(a, a + w) for a, w in zip(s, window))]
     probs = _predict_mirrored(predict, tiles, tuple(mirror_axes))
@@ -178,6 +182,8 @@ def predict_volume(
   """A case's [D, H, W, R] region probabilities with the config's window and overlap.
 
   ``batch_size`` defaults to ``eval.batch_size`` (training rounds it up to the mesh).
+  A ``predict`` with ``fixed_batch = False`` (`onnx_window.OnnxWindow`) gets a partial
+  last batch as it is.
   """
   return sliding_window(
     predict,
@@ -187,4 +193,5 @@ def predict_volume(
     overlap=config.eval.overlap,
     batch_size=batch_size or backend.resolve("eval_batch_size", config.eval.batch_size),
     mirror_axes=mirror_axes,
+    fixed_batch=getattr(predict, "fixed_batch", True),
   )

@@ -1,0 +1,267 @@
+"""model.onnx: the window function as an ONNX graph, run by onnxruntime behind `predict`."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import ROOT, smoke_config
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from resfuse_jax import data  # noqa: E402
+from resfuse_jax.data import brats  # noqa: E402
+from resfuse_jax.errors import CheckpointError, ConfigError  # noqa: E402
+from resfuse_jax.eval import (  # noqa: E402
+  exporting,
+  onnx_window,
+  postprocess,
+  prediction,
+  predictor,
+  sliding_window,
+)
+from resfuse_jax.eval.predictor import Predictor  # noqa: E402
+from resfuse_jax.models import onnx_graph  # noqa: E402
+
+ATOL = 1e-4
+
+
+def random_model(variant, seed=0, **overrides):
+  """A tiny model with random parameters (no init compiled): kernels He-scaled, norms'
+  scales and every bias moved off 1 and 0, so each parameter changes the output."""
+  config = smoke_config(variant, **overrides)
+  model = predictor.build_model(config)
+  patch = tuple(config.data.patch_size)
+  x = jax.ShapeDtypeStruct((1, *patch, 1), jnp.float32)
+  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, t)["params"], x)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    noise = rng.normal(size=leaf.shape).astype(np.float32)
+    if leaf.ndim >= 2:  # kernels
+      return noise * np.float32(np.sqrt(2.0 / np.prod(leaf.shape[:-1])))
+    return noise * 0.2 + (1.0 if path[-1].key == "scale" else 0.0)
+
+  return config, model, jax.tree_util.tree_map_with_path(draw, shapes), patch
+
+
+def run_onnx(proto, tiles):
+  """[n, d, h, w, 2] tiles -> [n, d, h, w, R] logits from the ONNX graph."""
+  session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+  x = np.moveaxis(tiles, -1, 1)
+  feeds = {"pre": np.ascontiguousarray(x[:, :1]), "post": np.ascontiguousarray(x[:, 1:])}
+  return np.moveaxis(session.run(["logits"], feeds)[0], 1, -1)
+
+
+def flax_logits(model, params, tiles):
+  apply = jax.jit(lambda p, t: model.apply({"params": p}, t[..., :1], t[..., 1:]))
+  return np.asarray(apply(params, tiles))
+
+
+@pytest.mark.parametrize(
+  "variant",
+  [
+    "resfuse",
+    "resfuse_identity",
+    "resfuse_gate",
+    "resfuse_single_scale",
+    "resunet",
+    "resunet_early",
+    "a2fnet",
+    "tsf_seq2seq",
+  ],
+)
+def test_onnx_logits_equal_the_flax_forward(variant):
+  _, model, params, patch = random_model(variant)
+  proto = onnx_graph.to_onnx(model, params, patch, variant)
+  assert proto.opset_import[0].version == onnx_graph.OPSET
+  assert [i.name for i in proto.graph.input] == ["pre", "post"]
+  assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+  dims = proto.graph.input[0].type.tensor_type.shape.dim
+  assert dims[0].dim_param == "n" and [d.dim_value for d in dims[1:]] == [1, *patch]
+  tiles = np.random.default_rng(0).normal(size=(3, *patch, 2)).astype(np.float32)
+  expected = flax_logits(model, params, tiles)
+  np.testing.assert_allclose(run_onnx(proto, tiles), expected, atol=ATOL, rtol=0)
+  assert np.abs(expected).max() > 1.0  # a real signal, not zeros on both sides
+
+
+def test_a_model_with_another_window_and_batch():
+  overrides = {"model.features": (4, 8, 16), "data.patch_size": (16, 24, 32)}
+  _, model, params, patch = random_model("resfuse_gate", 3, **overrides)
+  proto = onnx_graph.to_onnx(model, params, patch)
+  tiles = np.random.default_rng(3).normal(size=(5, *patch, 2)).astype(np.float32)
+  expected = flax_logits(model, params, tiles)
+  np.testing.assert_allclose(run_onnx(proto, tiles), expected, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(run_onnx(proto, tiles[:1]), expected[:1], atol=ATOL, rtol=0)
+
+
+def test_every_conv_plan_gives_the_same_graph_function():
+  plan = {"model.conv_impl": "xla", "model.downsample": "strided", "model.upsample": "transpose"}
+  _, model, params, patch = random_model("resfuse", 5, **plan)
+  proto = onnx_graph.to_onnx(model, params, patch)
+  tiles = np.random.default_rng(5).normal(size=(2, *patch, 2)).astype(np.float32)
+  np.testing.assert_allclose(
+    run_onnx(proto, tiles), flax_logits(model, params, tiles), atol=ATOL, rtol=0
+  )
+
+
+@pytest.mark.parametrize("variant", ["lits"])
+def test_a_baseline_without_an_onnx_form_fails_clearly(variant, tmp_path):
+  config, model, params, patch = random_model(variant)
+  with pytest.raises(
+    onnx_graph.NotExportable, match="resfuse, resunet, resunet_early, a2fnet, tsf_seq2seq"
+  ):
+    onnx_graph.to_onnx(model, params, patch, variant)
+  p = Predictor(config, params, 0)
+  with pytest.raises(onnx_graph.NotExportable, match=variant):
+    exporting.write_onnx(tmp_path, p, "yes", {})
+  record = exporting.write_onnx(tmp_path, p, "auto", {})  # auto: the export goes on without it
+  assert record["written"] is False and variant in record["reason"]
+  assert not (tmp_path / onnx_window.FILE).exists()
+
+
+def test_the_last_partial_batch_is_sent_as_it_is():
+  volume = np.random.default_rng(0).normal(size=(40, 20, 20, 2)).astype(np.float32)
+  seen = {True: [], False: []}
+
+  def window(fixed):
+    def predict(tiles):
+      seen[fixed].append(len(tiles))
+      return np.repeat(tiles.mean(-1, keepdims=True), 3, -1)  # any pure per-tile function
+
+    return predict
+
+  out = {
+    fixed: sliding_window.sliding_window(
+      window(fixed), volume, (16, 16, 16), 3, overlap=0.5, batch_size=3, fixed_batch=fixed
+    )
+    for fixed in (True, False)
+  }
+  tiles = len(sliding_window.window_starts((40, 20, 20), (16, 16, 16), 0.5))
+  assert tiles % 3 != 0  # the case being tested
+  assert seen[True] == [3] * -(-tiles // 3)
+  assert seen[False] == [3] * (tiles // 3) + [tiles % 3] and sum(seen[False]) == tiles
+  np.testing.assert_allclose(out[False], out[True], rtol=1e-6, atol=1e-6)
+
+
+# On a trained workdir: export, metadata, predict --backend=onnxruntime.
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained_workdir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("onnx") / "model"
+  exporting.export_model(trained_workdir, out, onnx="yes")
+  return trained_workdir, out
+
+
+@pytest.fixture(scope="module")
+def phantom_case(small_phantom, onnx_export):
+  root, _ = small_phantom
+  case_files = brats.find_cases(root)[1]
+  config = Predictor.load(onnx_export[0]).config
+  case = data.preprocess_case(
+    data.CaseFiles(case_files.case_id, case_files.pre, case_files.post, None),
+    data.get_dataset(config.data.name).label_values,
+    data.prep_settings(config.data),
+  )
+  return case_files, case
+
+
+def test_export_records_the_onnx_model_and_how_to_deploy_it(onnx_export):
+  _, out = onnx_export
+  meta = json.loads((out / "export.json").read_text())
+  record = meta["onnx"]
+  assert record["written"] and record["opset"] == onnx_graph.OPSET
+  assert record["sha256"] == onnx_window.file_digest(out / onnx_window.FILE)
+  assert record["inputs"]["pre"] == ["n", 1, 16, 16, 16]
+  assert record["outputs"]["probabilities"] == ["n", 3, 16, 16, 16]
+  deploy = meta["deploy"]
+  assert deploy["sliding_window"]["window"] == [16, 16, 16]
+  assert deploy["labels"]["paint"].endswith("[2, 1, 3]")
+  assert any("normalise" in step for step in deploy["preprocessing"])
+  rules = json.loads((out / "postprocessing.json").read_text())
+  assert (deploy["postprocessing"] is None) == (not rules)
+  proto = onnx.load(str(out / onnx_window.FILE))
+  onnx.checker.check_model(proto, full_check=True)
+  props = {p.key: p.value for p in proto.metadata_props}
+  assert json.loads(props["resfuse_jax.regions"]) == ["WT", "TC", "ET"]
+  assert json.loads(props["resfuse_jax.window"]) == [16, 16, 16]
+  assert json.loads(props["resfuse_jax.deploy"]) == deploy
+  assert props["resfuse_jax.step"] == str(meta["step"])
+
+
+def test_onnx_windows_of_a_phantom_case_equal_jax(onnx_export, phantom_case):
+  workdir, out = onnx_export
+  _, case = phantom_case
+  jax_p, ort_p = Predictor.load(out, backend="jax"), Predictor.load(out, backend="onnxruntime")
+  assert (jax_p.backend, ort_p.backend) == ("jax", "onnxruntime")
+  volume = np.stack([case.pre, case.post], -1)
+  starts = sliding_window.window_starts(volume.shape[:3], (16, 16, 16), 0.5)[:3]
+  tiles = np.stack([volume[tuple(slice(a, a + 16) for a in s)] for s in starts])
+  np.testing.assert_allclose(ort_p.window_fn()(tiles), jax_p.window_fn()(tiles), atol=ATOL)
+
+
+def test_predict_with_onnxruntime_gives_the_jax_labels(onnx_export, phantom_case, tmp_path):
+  _, out = onnx_export
+  case_files, case = phantom_case
+  segs = {}
+  for backend in ("jax", "onnxruntime"):
+    seg = tmp_path / f"{backend}.nii.gz"
+    cmd = [
+      sys.executable, "-m", "resfuse_jax.predict", f"--model={out}", f"--backend={backend}",
+      f"--pre={case_files.pre}", f"--post={case_files.post}", f"--out={seg}", "--tta",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"window function: {backend}" in proc.stderr
+    segs[backend] = np.asarray(nib.load(str(seg)).dataobj)
+  differ = segs["jax"] != segs["onnxruntime"]
+  if differ.any():  # only voxels whose probability ties the threshold may differ
+    probs = Predictor.load(out, backend="jax").probabilities(case, tta=True)
+    margin = np.abs(probs - 0.5).min(-1)
+    from resfuse_jax.data import geometry
+
+    assert (geometry.to_original_grid(margin, case)[differ] < 1e-4).all()
+  assert segs["jax"].any()
+  labels = postprocess.region_label_values(data.get_dataset("phantom").regions)
+  assert set(np.unique(segs["onnxruntime"])) <= {0, *labels}
+
+
+def test_backend_choice(onnx_export, tmp_path):
+  workdir, out = onnx_export
+  assert predictor.resolve_backend("auto", out) == "onnxruntime"
+  assert predictor.resolve_backend("auto", workdir) == "jax"
+  with pytest.raises(ConfigError, match="training workdir, not an export"):
+    predictor.resolve_backend("onnxruntime", workdir)
+  with pytest.raises(ConfigError, match="--backend must be one of"):
+    predictor.resolve_backend("tensorrt", out)
+
+
+def test_an_export_without_onnx_still_predicts_with_jax(trained_workdir, phantom_case, tmp_path):
+  out = exporting.export_model(trained_workdir, tmp_path / "plain", onnx="no")
+  assert not (out / onnx_window.FILE).exists()
+  assert json.loads((out / "export.json").read_text())["onnx"]["written"] is False
+  loaded = prediction.load_predictor(None, str(out), None, backend="auto")
+  assert loaded.backend == "jax"
+  _, case = phantom_case
+  assert np.isfinite(loaded.probabilities(case)).all()
+  with pytest.raises(ConfigError, match="needs an export with model.onnx"):
+    Predictor.load(out, backend="onnxruntime")
+
+
+def test_a_damaged_onnx_file_is_refused(onnx_export, tmp_path):
+  import shutil
+
+  _, out = onnx_export
+  copy = tmp_path / "copy"
+  shutil.copytree(out, copy)
+  blob = bytearray((copy / onnx_window.FILE).read_bytes())
+  blob[len(blob) // 2] ^= 0xFF
+  (copy / onnx_window.FILE).write_bytes(bytes(blob))
+  with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+    Predictor.load(copy, backend="onnxruntime")
