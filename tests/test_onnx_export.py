@@ -265,3 +265,8 @@ def test_a_damaged_onnx_file_is_refused(onnx_export, tmp_path):
   (copy / onnx_window.FILE).write_bytes(bytes(blob))
   with pytest.raises(CheckpointError, match="does not match the SHA-256"):
     Predictor.load(copy, backend="onnxruntime")
+  meta = json.loads((copy / "export.json").read_text())
+  del meta["onnx"]["sha256"]  # a model.onnx the export did not record
+  (copy / "export.json").write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match="records no SHA-256 for model.onnx"):
+    Predictor.load(copy, backend="onnxruntime")

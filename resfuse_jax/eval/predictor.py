@@ -130,7 +130,13 @@ class Predictor:
       if step is not None and step != exported_step:
         raise CheckpointError(f"{path} is an export of step {exported_step}, not {step}")
       if backend == "onnxruntime":
-        window = onnx_window.OnnxWindow(path / onnx_window.FILE, meta.get("onnx", {}).get("sha256"))
+        digest = (meta.get("onnx") or {}).get("sha256")
+        if not digest:  # a model.onnx that export did not record is not trusted
+          raise CheckpointError(
+            f"{path / 'export.json'} records no SHA-256 for {onnx_window.FILE}: the file was "
+            "not written by this export; export the model again"
+          )
+        window = onnx_window.OnnxWindow(path / onnx_window.FILE, digest)
         return cls(
           config,
           None,
