@@ -7,6 +7,7 @@ python -m resfuse_jax.main --config=configs/phantom.py:resunet --workdir=runs/ph
 from __future__ import annotations
 
 from resfuse_jax import config_lib
+from resfuse_jax.data import phantom
 
 
 def get_config(arg: str | None = None):
@@ -18,6 +19,11 @@ def get_config(arg: str | None = None):
   c.data.phantom_shape = (48, 48, 48)
   c.data.phantom_seed = 0
   c.data.patch_size = (24, 24, 24)
+  # Acquisition knobs (resfuse_jax/data/phantom.py KNOBS): how pre differs from post. All 0 =
+  # voxel-aligned scans sharing bias field and noise level. Sweep them with
+  # `python -m resfuse_jax.compare --sweep=data.misregistration_mm=0,2,4 ...`.
+  for knob in phantom.KNOBS:
+    c.data[knob] = 0.0
 
   c.model.features = (8, 16, 32)
   c.train.steps = 600

@@ -2,6 +2,8 @@
 
   python -m resfuse_jax.compare --config=configs/phantom.py \
       --models=resfuse,resunet,resunet_early,a2fnet,tsf_seq2seq,lits --workdir=runs/compare
+  python -m resfuse_jax.compare --config=configs/phantom.py --models=resfuse,resunet_early \
+      --sweep=data.misregistration_mm=0,2.25,4.5 --seeds=0,1,2 --workdir=runs/sweep
 
 What it trains, reads and writes: ``resfuse_jax.comparison``.
 """
@@ -30,6 +32,13 @@ def define_flags() -> None:
     "Train every model once per seed (W/<model>/seed<k>/) and average each case's metrics "
     "over seeds; default: the config's seed, in W/<model>/.",
   )
+  flags.DEFINE_string(
+    "sweep",
+    None,
+    "<config field>=<v1>,<v2>,...: compare the models at every value, e.g. "
+    "data.misregistration_mm=0,1.5,3 (W/<field>=<value>/, the config's own value in W/default/); "
+    "writes W/sweep.json, W/sweep.md and W/sweep.png.",
+  )
   flags.mark_flags_as_required(["config", "models", "workdir"])
 
 
@@ -42,6 +51,12 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
   except ValueError:
     raise app.UsageError(f"--seeds must be integers, e.g. 0,1,2; got {FLAGS.seeds}") from None
+  if FLAGS.sweep:
+    out = comparison.sweep(
+      spec, FLAGS.models, FLAGS.workdir, FLAGS.sweep, overrides, FLAGS.reference, seeds
+    )
+    print(comparison.sweep_markdown(out))
+    return
   out = comparison.compare(spec, FLAGS.models, FLAGS.workdir, overrides, FLAGS.reference, seeds)
   print(comparison.comparison_markdown(out))
 

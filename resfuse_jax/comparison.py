@@ -24,7 +24,7 @@ from absl import logging
 from scipy import stats
 
 from resfuse_jax import config_lib, data, files, train
-from resfuse_jax.errors import DataError
+from resfuse_jax.errors import ConfigError, DataError
 from resfuse_jax.eval import metrics
 from resfuse_jax.eval.report import markdown_table, paper_name
 
@@ -87,6 +87,7 @@ def summarize(
         "mean": float(v.mean()),
         "std": float(np.std(v.mean(axis=0))),
         "seed_std": float(np.std(v.mean(axis=1))),
+        "seed_means": [float(x) for x in v.mean(axis=1)],
       }
       for r, v in values.items()
     }
@@ -115,7 +116,7 @@ def compare(
 def _compare(configs: dict, names: list[str], workdir: Path, reference: str, seeds) -> dict:
   runs = {}
   for name, config in configs.items():
-    per_seed = []
+    per_seed, per_seed_results = [], []
     for seed in seeds or [None]:
       run_config, run_dir = config, workdir / name
       if seed is not None:
@@ -125,7 +126,8 @@ def _compare(configs: dict, names: list[str], workdir: Path, reference: str, see
       logging.info("=== %s%s ===", name, "" if seed is None else f", seed {seed}")
       results, rows = run_model(run_config, run_dir)
       per_seed.append({row["case"]: row for row in rows})
-    runs[name] = (config, results, per_seed)
+      per_seed_results.append(results)
+    runs[name] = (config, per_seed_results, per_seed)
   first = next(iter(runs.values()))[0]
   regions = data.get_dataset(first.data.name).region_names
   cases = sorted(next(iter(runs.values()))[2][0])
@@ -137,8 +139,19 @@ def _compare(configs: dict, names: list[str], workdir: Path, reference: str, see
   }
   ref = reference if reference in runs else names[0]
   entries = []
-  for name, (config, results, _) in runs.items():
-    entry = summarize(name, results, ordered[name], regions, train.train_step_flops(config))
+  for name, (config, per_seed_results, _) in runs.items():
+    entry = summarize(
+      name, per_seed_results[-1], ordered[name], regions, train.train_step_flops(config)
+    )
+    norms = [r.get("fusion_weight_norms") for r in per_seed_results]
+    if all(norms):  # ResFuse's learned W_l: mean and spread over seeds, per level
+      entry["fusion_weight_norms"] = {
+        level: {
+          "mean": float(np.mean([n[level] for n in norms])),
+          "seed_std": float(np.std([n[level] for n in norms])),
+        }
+        for level in norms[0]
+      }
     entry["paired_vs_reference"] = {
       m: {
         r: paired_test(
@@ -234,4 +247,176 @@ def comparison_markdown(c: dict) -> str:
       for t in [e["paired_vs_reference"]]
     ],
   )
+  return "\n".join(lines) + "\n"
+
+
+# ----- Sweeps: the same comparison at every value of one config field ---------------------
+
+SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png")
+
+
+def parse_sweep(text: str, config: ml_collections.ConfigDict) -> tuple[str, list]:
+  """'data.misregistration_mm=0,1.5,3' -> ('data.misregistration_mm', [0.0, 1.5, 3.0]).
+
+  Values take the type of that field in ``config`` (which must have it).
+  """
+  key, sep, values = text.partition("=")
+  example = "e.g. --sweep=data.misregistration_mm=0,1.5,3"
+  if not sep or not key or not values:
+    raise ConfigError(f"--sweep={text}: expected <config field>=<v1>,<v2>,...; {example}")
+  node = config
+  *parents, leaf = key.split(".")
+  try:
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+  except (KeyError, AttributeError, TypeError):
+    raise ConfigError(f"--sweep={text}: the config has no field {key}; {example}") from None
+  if isinstance(current, bool) or not isinstance(current, int | float | str):
+    raise ConfigError(f"--sweep={text}: {key} is {current!r}; only numbers and strings sweep")
+  try:
+    parsed = [type(current)(v.strip()) for v in values.split(",")]
+  except ValueError:
+    raise ConfigError(
+      f"--sweep={text}: every value must be a {type(current).__name__} like {key}={current!r}"
+    ) from None
+  if len(set(parsed)) != len(parsed):
+    raise ConfigError(f"--sweep={text}: a value is repeated")
+  return key, parsed
+
+
+def sweep_folder(key: str, value, default) -> str:
+  """``W/<key>=<value>``; the config's own value runs in ``W/default``, shared by every sweep."""
+  if value == default:
+    return "default"
+  return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def sweep(
+  config_spec: str,
+  names: list[str],
+  workdir: str | Path,
+  sweep_text: str,
+  overrides: dict | None = None,
+  reference: str = "resfuse",
+  seeds: list[int] | None = None,
+) -> dict:
+  """One ``compare`` per value (finished runs reused); ``W/sweep.{json,md,png}`` across them."""
+  workdir = Path(workdir)
+  overrides = dict(overrides or {})
+  config = config_lib.load(config_spec, overrides)
+  key, values = parse_sweep(sweep_text, config)
+  if key in overrides:
+    raise ConfigError(f"--sweep={sweep_text} and --config.{key}: sweep the field or set it")
+  default = eval_key(config, key)
+  points = []
+  for value in values:
+    folder = sweep_folder(key, value, default)
+    logging.info("##### %s = %s (%s) #####", key, value, workdir / folder)
+    out = compare(config_spec, names, workdir / folder, overrides | {key: value}, reference, seeds)
+    points.append({"value": value, "folder": folder, "comparison": out})
+  result = sweep_record(key, values, points)
+  with files.exclusive_lock(workdir, "sweep"):
+    files.write_json(workdir / "sweep.json", result)
+    files.write_text(workdir / "sweep.md", sweep_markdown(result))
+    from resfuse_jax.eval import visualize  # matplotlib only for the figure
+
+    visualize.sweep_figure(workdir / "sweep.png", result)
+  return result
+
+
+def eval_key(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def sweep_record(key: str, values: list, points: list[dict]) -> dict:
+  """Per model and value: Dice per region (case mean, seed means), paired test, W_l norms."""
+  first = points[0]["comparison"]
+  regions = first["regions"]
+  cols = regions + ["mean"] if len(regions) > 1 else regions
+  models = {}
+  for point in points:
+    for entry in point["comparison"]["models"]:
+      m = models.setdefault(entry["model"], {"dice": {r: [] for r in cols}, "paired": {}})
+      for r in cols:
+        stat = entry["dice"][r]
+        m["dice"][r].append(
+          {"mean": stat["mean"], "seed_std": stat["seed_std"], "seed_means": stat["seed_means"]}
+        )
+      for r in regions:
+        m["paired"].setdefault(r, []).append(entry["paired_vs_reference"]["dice"][r])
+      if "fusion_weight_norms" in entry:
+        norms = m.setdefault("fusion_weight_norms", {})
+        for level, stat in entry["fusion_weight_norms"].items():
+          norms.setdefault(level, []).append(stat)
+  return {
+    "knob": key,
+    "values": values,
+    "folders": [p["folder"] for p in points],
+    "dataset": first["dataset"],
+    "seeds": first["seeds"],
+    "steps": first["steps"],
+    "cases": first["cases"],
+    "regions": regions,
+    "reference": first["reference"],
+    "models": models,
+  }
+
+
+def sweep_markdown(s: dict) -> str:
+  """Dice per region against the knob, the paired tests, and W_l's norms."""
+  regions, values, ref = s["regions"], s["values"], s["reference"]
+  cols = regions + ["mean"] if len(regions) > 1 else regions
+  label = {r: paper_name(r) for r in regions} | {"mean": "Mean"}
+  head = [f"{s['knob']} = {v:g}" if isinstance(v, float) else f"{s['knob']} = {v}" for v in values]
+  lines = [
+    f"# Sweep of {s['knob']}",
+    "",
+    f"{s['dataset']}, {s['cases']} validation cases, {s['steps']} steps, seeds "
+    f"{', '.join(map(str, s['seeds']))}. DSC (%): mean over cases of each case's DSC averaged "
+    "over the seeds ± the std over seeds of the case-mean DSC. * marks a paired Wilcoxon "
+    f"signed-rank test against {ref} across cases with p < 0.05.",
+  ]
+  for r in cols:
+    rows = []
+    for name, m in s["models"].items():
+      cells = []
+      for i, stat in enumerate(m["dice"][r]):
+        star = ""
+        if r != "mean" and name != ref and m["paired"][r][i]["p_value"] < 0.05:
+          star = "*"
+        cells.append(f"{100 * stat['mean']:.2f} ± {100 * stat['seed_std']:.2f}{star}")
+      rows.append([name, *cells])
+    lines += ["", f"## DSC {label[r]}", ""] + markdown_table(["Model", *head], rows)
+  lines += ["", f"## Paired test against {ref}: mean DSC difference in points (p)", ""]
+  lines += markdown_table(
+    ["Model", "Region", *head],
+    [
+      [name, label[r]]
+      + [f"{100 * t['mean_diff']:+.2f} ({t['p_value']:.3g})" for t in m["paired"][r]]
+      for name, m in s["models"].items()
+      if name != ref
+      for r in regions
+    ],
+  )
+  learned = {
+    n: m["fusion_weight_norms"] for n, m in s["models"].items() if "fusion_weight_norms" in m
+  }
+  if learned:
+    lines += [
+      "",
+      "## Learned fusion weights: Frobenius norm of W_l per encoder level (mean ± std over seeds)",
+      "",
+    ]
+    lines += markdown_table(
+      ["Model", "Level", *head],
+      [
+        [name, level] + [f"{x['mean']:.3f} ± {x['seed_std']:.3f}" for x in stats]
+        for name, norms in learned.items()
+        for level, stats in norms.items()
+      ],
+    )
   return "\n".join(lines) + "\n"

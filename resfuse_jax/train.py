@@ -582,6 +582,9 @@ def write_results(config, workdir: Path, loop: Loop, state, run: RunData, val) -
     loop.final_masks = collector.cases
   step = int(jax.device_get(state.step))
   results = evaluation.results_record(config, step, models.count_params(state.params), val)
+  norms = models.fusion_weight_norms(state.params)
+  if norms:  # ResFuse's learned W_l, per encoder level
+    results["fusion_weight_norms"] = norms
   if jax.process_index() == 0:
     after, rules = choose_postprocessing(workdir, loop.final_masks, run.dataset)
     results["postprocessed"] = after.summary() | {"rules": rules}
@@ -628,6 +631,8 @@ RUNTIME_ONLY = {
     "max_voxels", "max_bytes", "spacing_range",
   },
 }  # fmt: skip
+# Settings added after runs were written: a saved config without one ran at this value.
+ADDED_LATER = {"data": {knob: 0.0 for knob in data.PHANTOM_KNOBS}}
 
 
 def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -636,11 +641,11 @@ def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str
   out = []
   for section, runtime in RUNTIME_ONLY.items():
     old_s, new_s = saved.get(section, {}), new.get(section, {})
+    added = ADDED_LATER.get(section, {})
     for key in sorted((set(old_s) | set(new_s)) - runtime):
-      if old_s.get(key, "(unset)") != new_s.get(key, "(unset)"):
-        out.append(
-          f"{section}.{key}: {old_s.get(key, '(unset)')!r} -> {new_s.get(key, '(unset)')!r}"
-        )
+      before = old_s.get(key, added.get(key, "(unset)"))
+      if before != new_s.get(key, "(unset)"):
+        out.append(f"{section}.{key}: {before!r} -> {new_s.get(key, '(unset)')!r}")
   return out
 
 

@@ -21,10 +21,12 @@ from resfuse_jax.data.datasets import (
   get_dataset,
   names,
 )
+from resfuse_jax.data.phantom import KNOBS as PHANTOM_KNOBS
 from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
 from resfuse_jax.errors import ConfigError
 
 __all__ = [
+  "PHANTOM_KNOBS",
   "Case",
   "CaseFiles",
   "DataError",

@@ -53,14 +53,22 @@ def phantom_root(cfg: Any) -> Path:
   if cfg.root:
     return Path(cfg.root)
   shape = "x".join(str(s) for s in cfg.phantom_shape)
-  return default_cache_dir() / f"phantom-seed{cfg.phantom_seed}-n{cfg.phantom_cases}-{shape}"
+  knobs = "".join(f"-{k}{v:g}" for k, v in phantom_spec(cfg).knobs().items())
+  return default_cache_dir() / f"phantom-seed{cfg.phantom_seed}-n{cfg.phantom_cases}-{shape}{knobs}"
+
+
+def phantom_spec(cfg: Any) -> phantom.PhantomSpec:
+  """The phantom ``data`` describes; its acquisition knobs are ``data.<knob>`` (0 when absent)."""
+  return phantom.PhantomSpec(
+    num_cases=cfg.phantom_cases,
+    shape=tuple(cfg.phantom_shape),
+    seed=cfg.phantom_seed,
+    **{k: float(cfg.get(k, 0.0)) for k in phantom.KNOBS},
+  )
 
 
 def _phantom_cases(cfg: Any, require_label: bool) -> list[CaseFiles]:
-  spec = phantom.PhantomSpec(
-    num_cases=cfg.phantom_cases, shape=tuple(cfg.phantom_shape), seed=cfg.phantom_seed
-  )
-  root = phantom.write_phantom(phantom_root(cfg), spec)
+  root = phantom.write_phantom(phantom_root(cfg), phantom_spec(cfg))
   return brats.find_cases(root, require_label)
 
 

@@ -13,6 +13,14 @@ segmentation fail the way the paper describes:
 
 Labels follow BraTS 2023: 1 NCR (necrotic / non-enhancing core), 2 ED (edema),
 3 ET (enhancing tumour). Everything is deterministic in (seed, case index).
+
+By default pre and post are voxel-aligned and share the bias field and noise
+level. The acquisition knobs (``KNOBS``, all 0 = off) make the pre scan differ
+the way real pre/post pairs do: patient motion between the acquisitions (rigid,
+plus a smooth deformation), its own noise and bias field, thicker slices, and a
+per-case enhancement amplitude and timing. Labels stay on the post grid (post
+is the main branch). With every knob at 0 the phantom is version 1's, byte for
+byte, and keeps its cache folder.
 """
 
 from __future__ import annotations
@@ -25,12 +33,32 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from resfuse_jax.errors import DataError
 
 MARKER = "phantom.json"
+ACQUISITION = "acquisition.json"  # per case: what the knobs drew
 # T1 (pre-contrast) intensities of the tissues, arbitrary units.
 T1 = {"wm": 0.75, "gm": 0.55, "csf": 0.15, "edema": 0.48, "core": 0.30, "et_pre": 0.52}
+
+
+# The acquisition knobs: PhantomSpec fields and `data.<knob>` in configs/phantom.py.
+KNOBS = {
+  "misregistration_mm": "largest translation of pre against post (mm); per case U(0, max), "
+  "random direction",
+  "misregistration_deg": "largest rotation of pre about the volume centre (degrees); per case "
+  "U(-max, max) about a random axis",
+  "deformation_mm": "largest displacement of a smooth random deformation of pre (mm)",
+  "pre_noise": "std of extra Gaussian noise in pre (white matter = 0.75, base noise 0.025)",
+  "post_noise": "std of extra Gaussian noise in post (same units)",
+  "pre_bias": "strength of pre's own log bias field (the shared one has 0.08)",
+  "pre_slice_mm": "pre's slice thickness along the third axis (mm), resampled to post's grid; "
+  "0 = post's spacing",
+  "enhancement_amplitude": "per-case enhancement gain U(1 - a, 1 + a)",
+  "enhancement_timing": "per-case timing t ~ U(-t, t): tumour enhancement x (1 + t), vessels, "
+  "dura and parenchyma x (1 - t)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +67,41 @@ class PhantomSpec:
   shape: tuple[int, int, int] = (48, 48, 48)
   spacing: float = 1.5  # mm
   seed: int = 0
+  misregistration_mm: float = 0.0
+  misregistration_deg: float = 0.0
+  deformation_mm: float = 0.0
+  pre_noise: float = 0.0
+  post_noise: float = 0.0
+  pre_bias: float = 0.0
+  pre_slice_mm: float = 0.0
+  enhancement_amplitude: float = 0.0
+  enhancement_timing: float = 0.0
+
+  def __post_init__(self):
+    for name in KNOBS:
+      if getattr(self, name) < 0:
+        raise DataError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("enhancement_amplitude", "enhancement_timing"):
+      if getattr(self, name) > 1:
+        raise DataError(
+          f"data.{name} must be at most 1 (a relative spread), got {getattr(self, name)}"
+        )
+
+  def knobs(self) -> dict[str, float]:
+    """The acquisition knobs that are on."""
+    return {k: float(getattr(self, k)) for k in KNOBS if getattr(self, k)}
 
   def key(self) -> dict:
-    return {
+    key = {
       "num_cases": self.num_cases,
       "shape": list(self.shape),
       "spacing": self.spacing,
       "seed": self.seed,
       "version": 1,
     }
+    if self.knobs():  # absent when off, so version 1's phantoms are still recognised
+      key["acquisition"] = self.knobs()
+    return key
 
 
 def case_id(index: int) -> str:
@@ -175,6 +229,89 @@ def _distractors(rng, v: dict, coords, t_center, r_wt: float, et_strength: float
   enhancement[dura & (seg == 0)] = rng.uniform(0.4, 0.6)
 
 
+def _knob_rng(spec: PhantomSpec, index: int, stream: int) -> np.random.Generator:
+  """The knobs' own random streams: the anatomy's stream is the same with knobs on or off."""
+  return np.random.default_rng([spec.seed, index, stream])
+
+
+def acquisition(spec: PhantomSpec, index: int) -> dict:
+  """What the knobs drew for case ``index``: pre's motion and the enhancement's variation.
+
+  The direction and the fraction of the maximum are drawn whatever the knobs'
+  values, so a sweep over one knob moves every case along the same direction.
+  """
+  rng = _knob_rng(spec, index, 1)
+  direction = rng.standard_normal(3)
+  direction /= np.linalg.norm(direction)
+  translation = direction * rng.uniform(0.0, 1.0) * spec.misregistration_mm
+  axis = rng.standard_normal(3)
+  axis /= np.linalg.norm(axis)
+  angle = rng.uniform(-1.0, 1.0) * spec.misregistration_deg
+  gain = 1.0 + rng.uniform(-1.0, 1.0) * spec.enhancement_amplitude
+  timing = rng.uniform(-1.0, 1.0) * spec.enhancement_timing
+  return {
+    "translation_mm": [float(t) for t in translation],
+    "rotation_axis": [float(a) for a in axis],
+    "rotation_deg": float(angle),
+    "enhancement_gain": float(gain),
+    "enhancement_timing": float(timing),
+  }
+
+
+def _pre_sample_points(spec: PhantomSpec, index: int, drawn: dict) -> np.ndarray | None:
+  """Where on the anatomy's grid each voxel of the pre scan looks, [3, *shape] voxels; None = aligned.
+
+  The anatomy moved by R, t about the volume centre between the scans: pre at x
+  shows the anatomy at R^T (x - c - t) + c, plus a smooth displacement.
+  """
+  if not (spec.misregistration_mm or spec.misregistration_deg or spec.deformation_mm):
+    return None
+  shape, spacing = spec.shape, spec.spacing
+  grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
+  centre = (np.array(shape, np.float64) - 1) / 2
+  rotation = Rotation.from_rotvec(
+    np.radians(drawn["rotation_deg"]) * np.asarray(drawn["rotation_axis"])
+  ).as_matrix()
+  shift = np.asarray(drawn["translation_mm"]) / spacing
+  offset = (grid - centre[:, None, None, None] - shift[:, None, None, None]).reshape(3, -1)
+  points = (rotation.T @ offset).reshape(grid.shape) + centre[:, None, None, None]
+  if spec.deformation_mm:
+    rng = _knob_rng(spec, index, 2)
+    field = np.stack([_smooth_noise(rng, shape, 6.0) for _ in range(3)])
+    field *= spec.deformation_mm / spacing / np.linalg.norm(field, axis=0).max()
+    points += field
+  return points
+
+
+def _coarse_slices(img: np.ndarray, spacing: float, slice_mm: float) -> np.ndarray:
+  """Acquired with slices ``slice_mm`` thick along the third axis, then resampled to ``spacing``.
+
+  Each slice integrates a Gaussian slab (FWHM = the thickness); slices are spaced
+  by their thickness and linearly interpolated back onto the fine grid.
+  """
+  factor = slice_mm / spacing
+  if factor <= 1.0:
+    return img
+  slab = ndimage.gaussian_filter1d(img, factor / 2.3548, axis=2, mode="nearest")
+  n = img.shape[2]
+  centres = np.arange((factor - 1) / 2, n - 0.5, factor)  # the thick slices' positions
+  coarse = slab[..., np.clip(np.round(centres).astype(int), 0, n - 1)]
+  z = np.clip(np.arange(n), centres[0], centres[-1])
+  upper = np.clip(np.searchsorted(centres, z, side="right"), 1, len(centres) - 1)
+  lower = upper - 1
+  w = ((z - centres[lower]) / (centres[upper] - centres[lower]))[None, None, :]
+  return ((1 - w) * coarse[..., lower] + w * coarse[..., upper]).astype(np.float32)
+
+
+def _varied_enhancement(v: dict, drawn: dict) -> np.ndarray:
+  """Enhancement scaled by the case's gain, tumour vs vascular by its timing."""
+  tumour = v["seg"] == 3
+  scale = np.where(
+    tumour, max(0.0, 1.0 + drawn["enhancement_timing"]), max(0.0, 1.0 - drawn["enhancement_timing"])
+  )
+  return (v["enhancement"] * scale * drawn["enhancement_gain"]).astype(np.float32)
+
+
 def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
   """Returns {'t1n','t1c','t2w','t2f': float32, 'seg': uint8} volumes of ``spec.shape``."""
   rng = np.random.default_rng([spec.seed, index])
@@ -189,13 +326,33 @@ def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
   post_gain = rng.uniform(0.85, 1.15)
   head = v["brain"].astype(np.float32)
 
-  def acquire(img, gain):
-    noisy = gain * img * bias + rng.normal(0.0, 0.025, shape).astype(np.float32)
-    return (np.clip(noisy, 0.0, None) * head * 1000.0).astype(np.float32)
+  def acquire(img, gain, mask=head, field=bias, extra_noise=0.0, noise_stream=0):
+    noisy = gain * img * field + rng.normal(0.0, 0.025, shape).astype(np.float32)
+    if extra_noise:  # from the knob's own stream: the base noise is drawn as before
+      extra = _knob_rng(spec, index, noise_stream).normal(0.0, extra_noise, shape)
+      noisy = noisy + extra.astype(np.float32)
+    return (np.clip(noisy, 0.0, None) * mask * 1000.0).astype(np.float32)
 
+  drawn = acquisition(spec, index)
+  pre_t1, pre_head, pre_bias = v["t1"], head, bias
+  points = _pre_sample_points(spec, index, drawn)
+  if points is not None:  # the anatomy moved; the scanner's bias field did not
+    pre_t1 = ndimage.map_coordinates(v["t1"], points, order=1, mode="constant").astype(np.float32)
+    # Linear resampling of the whole scene, its support included: partial volume at the border.
+    pre_head = ndimage.map_coordinates(head, points, order=1, mode="constant").astype(np.float32)
+  if spec.pre_bias:
+    own = _smooth_noise(_knob_rng(spec, index, 4), shape, 8.0)
+    pre_bias = (bias * np.exp(spec.pre_bias * own)).astype(np.float32)
+  enhancement = v["enhancement"]
+  if spec.enhancement_amplitude or spec.enhancement_timing:
+    enhancement = _varied_enhancement(v, drawn)
+  t1n = acquire(pre_t1, 1.0, pre_head, pre_bias, spec.pre_noise, noise_stream=3)
+  t1c = acquire(v["t1"] + enhancement, post_gain, extra_noise=spec.post_noise, noise_stream=5)
+  if spec.pre_slice_mm:
+    t1n = _coarse_slices(t1n, spec.spacing, spec.pre_slice_mm)
   return {
-    "t1n": acquire(v["t1"], 1.0),
-    "t1c": acquire(v["t1"] + v["enhancement"], post_gain),
+    "t1n": t1n,
+    "t1c": t1c,
     "t2w": acquire(v["t2"], 1.0),
     "t2f": acquire(v["flair"], 1.0),
     "seg": v["seg"],
@@ -233,6 +390,11 @@ def write_phantom(root: str | os.PathLike, spec: PhantomSpec) -> Path:
     case_dir.mkdir(exist_ok=True)
     for suffix, volume in make_case(spec, index).items():
       _save_nifti_atomic(volume, affine, case_dir / f"{cid}-{suffix}.nii.gz")
+  if spec.knobs():  # what each case drew, for studies that relate scores to the motion
+    drawn = {case_id(i): acquisition(spec, i) for i in range(spec.num_cases)}
+    tmp = root / f".tmp-{ACQUISITION}"
+    tmp.write_text(json.dumps(drawn, indent=1))
+    os.replace(tmp, root / ACQUISITION)
   tmp = marker.with_suffix(".tmp")
   tmp.write_text(json.dumps(spec.key()))
   os.replace(tmp, marker)

@@ -83,3 +83,61 @@ def case_figure(
   finally:
     plt.close(fig)
   return z
+
+
+def sweep_figure(path: str | Path, sweep: dict) -> Path:
+  """DSC per region against the swept knob: one line per model, its seeds' range as a band.
+
+  A last panel shows ResFuse's learned W_l norms per level when a swept model has them.
+  """
+  regions = sweep["regions"]
+  cols = regions + ["mean"] if len(regions) > 1 else regions
+  values = sweep["values"]
+  numeric = all(isinstance(v, int | float) for v in values)
+  x = np.asarray(values, float) if numeric else np.arange(len(values))
+  learned = {
+    n: m["fusion_weight_norms"] for n, m in sweep["models"].items() if "fusion_weight_norms" in m
+  }
+  panels = len(cols) + bool(learned)
+  fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), squeeze=False)
+  for ax, region in zip(axes[0], cols):
+    for name, m in sweep["models"].items():
+      stats = m["dice"][region]
+      mean = 100 * np.array([s["mean"] for s in stats])
+      seeds = 100 * np.array([s["seed_means"] for s in stats])  # [values, seeds]
+      (line,) = ax.plot(x, mean, marker="o", label=name)
+      if seeds.shape[1] > 1:
+        ax.fill_between(x, seeds.min(axis=1), seeds.max(axis=1), color=line.get_color(), alpha=0.2)
+    ax.set_title(f"DSC {region}" if region != "mean" else "DSC mean")
+    ax.set_xlabel(sweep["knob"])
+    ax.set_ylabel("DSC (%)")
+    ax.grid(alpha=0.3)
+  if not numeric:
+    for ax in axes[0]:
+      ax.set_xticks(x, [str(v) for v in values])
+  if learned:
+    ax = axes[0][-1]
+    for name, norms in learned.items():
+      for level, stats in norms.items():
+        mean = np.array([s["mean"] for s in stats])
+        std = np.array([s["seed_std"] for s in stats])
+        (line,) = ax.plot(x, mean, marker=".", label=f"{name} {level}")
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_title("||W_l|| (Frobenius)")
+    ax.set_xlabel(sweep["knob"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  axes[0][0].legend(fontsize=7)
+  fig.suptitle(
+    f"{sweep['dataset']}: {sweep['cases']} validation cases, seeds "
+    f"{', '.join(map(str, sweep['seeds']))} (band: range over seeds)",
+    fontsize=9,
+  )
+  fig.tight_layout()
+  path = Path(path)
+  try:
+    with files.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=100)
+  finally:
+    plt.close(fig)
+  return path

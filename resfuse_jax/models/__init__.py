@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from resfuse_jax import backend as backends
 from resfuse_jax.errors import ConfigError
@@ -27,7 +28,7 @@ from resfuse_jax.models.resfuse import ResFuse
 from resfuse_jax.models.resunet import ResUNet
 from resfuse_jax.models.tsf_seq2seq import TSFSeq2Seq
 
-__all__ = ["FUSION_TERMS", "build", "compute_dtype", "count_params", "names"]
+__all__ = ["FUSION_TERMS", "build", "compute_dtype", "count_params", "fusion_weight_norms", "names"]
 
 # (model config, num_outputs, dtype, resolved layers.ConvPlan) -> module
 Builder = Callable[[Any, int, Any, layers.ConvPlan], nn.Module]
@@ -91,6 +92,21 @@ def build(model_config: Any, num_outputs: int, dtype: Any = jnp.float32) -> nn.M
     raise ConfigError(f"Unknown model.name {name!r}; registered models: {', '.join(names())}")
   plan = layers.resolve_conv_plan(model_config)
   return _REGISTRY[name](model_config, num_outputs, dtype, plan)
+
+
+def fusion_weight_norms(params: Any) -> dict[str, float]:
+  """Frobenius norm of each level's learned 1x1x1 fusion kernel W_l; {} for other models.
+
+  How much of the pre-contrast branch each level adds to the main branch, the
+  quantity a robustness study follows as pre and post drift apart. Reads this
+  process's copy of replicated parameters.
+  """
+  norms = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    if path[-1] == "kernel" and "fusion" in path and path[path.index("fusion") + 1] == "conv":
+      kernel = np.asarray(leaf.addressable_data(0) if hasattr(leaf, "addressable_data") else leaf)
+      norms[path[path.index("fusion") - 1]] = float(np.linalg.norm(kernel.astype(np.float64)))
+  return dict(sorted(norms.items()))
 
 
 def count_params(params: Any) -> int:
