@@ -24,6 +24,17 @@ BRATS_COLOURS = {1: (0.0, 1.0, 0.0), 2: (0.0, 0.3, 1.0), 3: (1.0, 0.0, 0.0)}
 LESION_COLOURS = {1: (1.0, 0.0, 0.0)}
 
 
+def save_figure(fig, path: Path, dpi: int) -> Path:
+  """Written whole or not at all (a half-written PNG never replaces a good one); closes ``fig``."""
+  fig.tight_layout()
+  try:
+    with files.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=dpi)
+  finally:
+    plt.close(fig)
+  return path
+
+
 def largest_lesion_slice(labels: np.ndarray, axis: int = 2) -> int:
   """Index along ``axis`` of the slice through the largest connected lesion (its centre)."""
   mask = labels > 0
@@ -76,12 +87,7 @@ def case_figure(
     ax.set_title(title, fontsize=9)
     ax.axis("off")
   fig.suptitle(f"{case_id}, axial slice {z}", fontsize=10)
-  fig.tight_layout()
-  try:
-    with files.atomic_path(path) as tmp:
-      fig.savefig(tmp, dpi=80)
-  finally:
-    plt.close(fig)
+  save_figure(fig, path, dpi=80)
   return z
 
 
@@ -133,11 +139,4 @@ def sweep_figure(path: str | Path, sweep: dict) -> Path:
     f"{', '.join(map(str, sweep['seeds']))} (band: range over seeds)",
     fontsize=9,
   )
-  fig.tight_layout()
-  path = Path(path)
-  try:
-    with files.atomic_path(path) as tmp:
-      fig.savefig(tmp, dpi=100)
-  finally:
-    plt.close(fig)
-  return path
+  return save_figure(fig, Path(path), dpi=100)
