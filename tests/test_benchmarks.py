@@ -236,3 +236,27 @@ def test_the_onnxruntime_workers_run_at_toy_size(monkeypatch, tmp_path):
   row = suite.onnxruntime_inference("resunet", 16, 2, path)
   assert row["out_shape"] == [20, 18, 16, 3] and row["tiles_per_run"] == 1
   assert row["volume_s"] > 0
+
+
+def test_robustness_cases_groups_each_cases_dice_change_by_how_far_it_moved(tmp_path):
+  from benchmarks import robustness_cases
+
+  root = tmp_path / "phantom"
+  root.mkdir()
+  moved = {f"case{i}": float(i) for i in range(6)}  # case i moved i mm along x
+  (root / "acquisition.json").write_text(
+    json.dumps({c: {"translation_mm": [m, 0.0, 0.0]} for c, m in moved.items()})
+  )
+  for folder, loss in (("default", 0.0), ("data.misregistration_mm=6", 0.1)):
+    for seed, jitter in ((0, 0.01), (1, -0.01)):  # the seeds average out
+      run = tmp_path / "W" / folder / "resfuse" / f"seed{seed}"
+      run.mkdir(parents=True)
+      (run / "config.json").write_text(json.dumps({"data": {"root": str(root)}}))
+      rows = ["case,dice_WT"] + [f"{c},{0.9 - loss * m / 5 + jitter}" for c, m in moved.items()]
+      (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+  lines = robustness_cases.table(tmp_path / "W", "data.misregistration_mm=6", ["WT"])
+  cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+  # thirds {0,1}, {2,3}, {4,5} mm lose 0.1 * m / 5 on average: 1, 5 and 9 points
+  assert cells == [
+    "resfuse", "WT", "-1.00 (0.0–1.0 mm)", "-5.00 (2.0–3.0 mm)", "-9.00 (4.0–5.0 mm)", "-1.00",
+  ]  # fmt: skip
