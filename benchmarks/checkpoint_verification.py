@@ -17,7 +17,7 @@ import jax
 
 from benchmarks.conv_kernels import best_of
 from resfuse_jax import checkpointing, config_lib, train
-from resfuse_jax.eval import predictor
+from resfuse_jax.inference import predictor
 
 
 def main(config_spec: str = "configs/brats.py:resfuse") -> dict:

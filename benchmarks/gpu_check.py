@@ -85,7 +85,7 @@ def jax_step(model: str, size: dict, augmented: bool = False, **overrides) -> di
 
   from benchmarks import pipeline_throughput
   from resfuse_jax import data, models, train
-  from resfuse_jax.eval import predictor
+  from resfuse_jax.inference import predictor
 
   config = config_for(model, size, **overrides)
   regions = tuple(data.get_dataset("brats").regions.values())
@@ -145,7 +145,7 @@ def jax_volume(size: dict, eval_batch: int, on_device: bool = False, **overrides
   import jax
   import jax.numpy as jnp
 
-  from resfuse_jax.eval import predictor, sliding_window
+  from resfuse_jax.inference import predictor, tiler
 
   config = config_for("resfuse", size, **overrides)
   net = predictor.build_model(config)
@@ -156,12 +156,12 @@ def jax_volume(size: dict, eval_batch: int, on_device: bool = False, **overrides
   volume = np.random.default_rng(0).normal(size=(*size["volume"], 2)).astype(np.float32)
 
   def run():
-    sliding_window.sliding_window(
+    tiler.sliding_window(
       lambda tiles: forward(params, tiles), volume, patch, 3, overlap=0.5, batch_size=eval_batch
     )
 
   if on_device:
-    tiler = sliding_window.make_device_tiler(
+    tiler = tiler.make_device_tiler(
       lambda p, tiles: predictor.window_probabilities(net, p, tiles),
       volume.shape, patch, 3, 0.5, eval_batch,
     )  # fmt: skip

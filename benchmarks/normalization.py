@@ -15,7 +15,7 @@ import numpy as np
 
 from resfuse_jax.data import phantom
 from resfuse_jax.data.preprocessing import normalize
-from resfuse_jax.eval import metrics
+from resfuse_jax.evaluation import metrics
 
 
 def dice_per_threshold(score, ref, thresholds):

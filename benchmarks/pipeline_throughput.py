@@ -33,7 +33,7 @@ from absl import flags
 
 from resfuse_jax import augment, config_lib, data, train
 from resfuse_jax.data import brats, phantom, pipeline
-from resfuse_jax.eval import predictor
+from resfuse_jax.inference import predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks import suite
 from resfuse_jax import train
-from resfuse_jax.eval import predictor
+from resfuse_jax.inference import predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 

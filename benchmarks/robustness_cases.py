@@ -19,8 +19,8 @@ import numpy as np
 from scipy import stats
 
 from resfuse_jax.data import datasets, phantom
-from resfuse_jax.eval import metrics
-from resfuse_jax.eval.report import markdown_table
+from resfuse_jax.evaluation import metrics
+from resfuse_jax.evaluation.report import markdown_table
 
 
 def seed_averaged_dice(run_dir: Path, region: str) -> dict[str, float]:

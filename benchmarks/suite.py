@@ -85,7 +85,7 @@ def jax_step(
   import jax.numpy as jnp
 
   from resfuse_jax import models, train
-  from resfuse_jax.eval import predictor
+  from resfuse_jax.inference import predictor
 
   config = brats_config(model_name, patch, batch, conv_impl)
   model = predictor.build_model(config)
@@ -148,7 +148,7 @@ def jax_inference(model_name: str, patch: int, batch: int, conv_impl: str | None
   import jax
   import jax.numpy as jnp
 
-  from resfuse_jax.eval import predictor, sliding_window
+  from resfuse_jax.inference import predictor, tiler
 
   config = brats_config(model_name, patch, batch, conv_impl)
   model = predictor.build_model(config)
@@ -164,7 +164,7 @@ def jax_inference(model_name: str, patch: int, batch: int, conv_impl: str | None
   jax.block_until_ready(predict(np.zeros((batch, patch, patch, patch, 2), np.float32)))
   warm = time.perf_counter() - t
   t = time.perf_counter()
-  out = sliding_window.sliding_window(
+  out = tiler.sliding_window(
     predict, volume, (patch,) * 3, len(regions()), overlap=0.5, batch_size=batch
   )
   return {"warmup_s": warm, "volume_s": time.perf_counter() - t, "out_shape": list(out.shape)}
@@ -175,8 +175,8 @@ def onnx_export(model_name: str, patch: int, batch: int, path: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from resfuse_jax.eval import predictor
-  from resfuse_jax.models import onnx_graph
+  from resfuse_jax.inference import predictor
+  from resfuse_jax.serving import onnx_graph
 
   config = brats_config(model_name, patch, batch)
   model = predictor.build_model(config)
@@ -192,15 +192,15 @@ def onnxruntime_inference(model_name: str, patch: int, batch: int, path: str) ->
   onnxruntime through the package's own sliding window, partial last batch as it is."""
   import onnxruntime
 
-  from resfuse_jax.eval import onnx_window, sliding_window
+  from resfuse_jax.inference import onnx_runtime, tiler
 
-  predict = onnx_window.OnnxWindow(path)
+  predict = onnx_runtime.OnnxWindow(path)
   volume = np.random.default_rng(0).normal(size=(*VOLUME, 2)).astype(np.float32)
   t = time.perf_counter()
   predict(np.zeros((batch, patch, patch, patch, 2), np.float32))
   warm = time.perf_counter() - t
   t = time.perf_counter()
-  out = sliding_window.sliding_window(
+  out = tiler.sliding_window(
     predict,
     volume,
     (patch,) * 3,

@@ -25,8 +25,8 @@ from scipy import stats
 
 from resfuse_jax import config_lib, data, files, train
 from resfuse_jax.errors import ConfigError, DataError
-from resfuse_jax.eval import metrics
-from resfuse_jax.eval.report import markdown_table, paper_name
+from resfuse_jax.evaluation import metrics
+from resfuse_jax.evaluation.report import markdown_table, paper_name
 
 METRICS = ("dice", "recall")
 
@@ -319,7 +319,7 @@ def sweep(
   with files.exclusive_lock(workdir, "sweep"):
     files.write_json(workdir / "sweep.json", result)
     files.write_text(workdir / "sweep.md", sweep_markdown(result))
-    from resfuse_jax.eval import visualize  # matplotlib only for the figure
+    from resfuse_jax import visualize  # matplotlib only for the figure
 
     visualize.sweep_figure(workdir / "sweep.png", result)
   return result

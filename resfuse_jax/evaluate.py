@@ -16,7 +16,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from resfuse_jax import cli
-from resfuse_jax.eval import evaluation
+from resfuse_jax.evaluation import evaluation
 
 FLAGS = flags.FLAGS
 

@@ -3,7 +3,7 @@
   python -m resfuse_jax.export --workdir=W --output=E [--step=N] [--onnx=auto|yes|no]
   python -m resfuse_jax.predict --model=E --pre=t1n.nii.gz --post=t1c.nii.gz --out=seg.nii.gz
 
-What ``E/`` holds: ``resfuse_jax.eval.exporting``.
+What ``E/`` holds: ``resfuse_jax.serving.exporting``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from resfuse_jax import checkpointing, cli
-from resfuse_jax.eval import exporting
+from resfuse_jax.serving import exporting
 
 FLAGS = flags.FLAGS
 

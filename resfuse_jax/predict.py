@@ -15,7 +15,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from resfuse_jax import cli
-from resfuse_jax.eval import prediction
+from resfuse_jax.inference import prediction
 
 FLAGS = flags.FLAGS
 

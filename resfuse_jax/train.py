@@ -43,7 +43,8 @@ from resfuse_jax import (
 )
 from resfuse_jax.data import pipeline
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, Preempted
-from resfuse_jax.eval import evaluation, metrics, postprocess_selection, predictor
+from resfuse_jax.evaluation import evaluation, metrics, postprocess_selection
+from resfuse_jax.inference import postprocess, predictor
 
 
 @flax.struct.dataclass
@@ -616,8 +617,8 @@ def choose_postprocessing(
   names, brats_like = dataset.region_names, dataset.brats_like
   postprocess_selection.save_masks(workdir / postprocess_selection.MASKS_FILE, cases)
   record = postprocess_selection.determine(cases, names, brats_like)
-  files.write_json(workdir / postprocess_selection.FILE, record)
-  rules = postprocess_selection.rules_from_record(record, names, str(workdir))
+  files.write_json(workdir / postprocess.FILE, record)
+  rules = postprocess.rules_from_record(record, names, str(workdir))
   after = postprocess_selection.evaluate_rules(cases, rules, names, lesion_wise=brats_like)
   logging.info("post-processing chosen on %d validation cases: %s", len(cases), record["describe"])
   return after, record["describe"]

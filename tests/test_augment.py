@@ -240,7 +240,7 @@ def test_the_train_step_with_augmentation_lowers_for_cuda():
   from conftest import smoke_config
 
   from resfuse_jax import train
-  from resfuse_jax.eval import predictor
+  from resfuse_jax.inference import predictor
 
   config = smoke_config(
     **{

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from resfuse_jax.eval import evaluation, metrics, postprocess
+from resfuse_jax.evaluation import evaluation, metrics
+from resfuse_jax.inference import postprocess
 
 
 def constant(value):

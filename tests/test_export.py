@@ -15,8 +15,9 @@ from test_predict import run_predict
 from resfuse_jax import data
 from resfuse_jax.data import brats
 from resfuse_jax.errors import CheckpointError
-from resfuse_jax.eval import exporting, prediction, predictor
-from resfuse_jax.eval.predictor import Predictor
+from resfuse_jax.inference import prediction, predictor
+from resfuse_jax.inference.predictor import Predictor
+from resfuse_jax.serving import exporting
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from resfuse_jax.errors import (
   OutputError,
   WorkdirBusy,
 )
-from resfuse_jax.eval import prediction
-from resfuse_jax.eval.predictor import Predictor
+from resfuse_jax.inference import prediction
+from resfuse_jax.inference.predictor import Predictor
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 TRAIN = {"train.steps": 4, "checkpoint.every_steps": 2, "checkpoint.keep": 3}
@@ -206,7 +206,7 @@ def test_predict_and_export_refuse_a_damaged_checkpoint(trained, tmp_path, small
 
 
 def test_a_damaged_export_is_refused(trained, tmp_path):
-  from resfuse_jax.eval import exporting
+  from resfuse_jax.serving import exporting
 
   export = exporting.export_model(trained, tmp_path / "E")
   assert Predictor.load(export).step == 4

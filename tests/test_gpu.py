@@ -73,8 +73,9 @@ def test_predict_on_the_gpu_writes_a_label_map(gpu_run, small_phantom, tmp_path)
 
 
 def test_the_export_reloads_and_runs_on_the_gpu(gpu_run, tmp_path):
-  from resfuse_jax.eval import exporting, predictor
-  from resfuse_jax.eval.predictor import Predictor
+  from resfuse_jax.inference import predictor
+  from resfuse_jax.inference.predictor import Predictor
+  from resfuse_jax.serving import exporting
 
   workdir, _ = gpu_run
   out = tmp_path / "model"

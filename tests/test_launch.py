@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT
 from test_train import run_cli
 
-from resfuse_jax.eval.predictor import Predictor
+from resfuse_jax.inference.predictor import Predictor
 
 # SGD: Adam would normalise float noise on zero-gradient parameters into lr-sized differences.
 ARGS = [

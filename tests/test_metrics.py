@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from resfuse_jax.eval import metrics
+from resfuse_jax.evaluation import metrics
 
 
 def mask(shape, *boxes):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from resfuse_jax.data import brats
-from resfuse_jax.eval import metrics, postprocess
+from resfuse_jax.evaluation import metrics
+from resfuse_jax.inference import postprocess
 
 evaluation = pytest.importorskip(
   "brats_evaluation.evaluation",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from resfuse_jax.eval import metrics
+from resfuse_jax.evaluation import metrics
 
 torch = pytest.importorskip("torch")
 monai_metrics = pytest.importorskip("monai.metrics")

@@ -17,16 +17,9 @@ ort = pytest.importorskip("onnxruntime")
 from resfuse_jax import data  # noqa: E402
 from resfuse_jax.data import brats  # noqa: E402
 from resfuse_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from resfuse_jax.eval import (  # noqa: E402
-  exporting,
-  onnx_window,
-  postprocess,
-  prediction,
-  predictor,
-  sliding_window,
-)
-from resfuse_jax.eval.predictor import Predictor  # noqa: E402
-from resfuse_jax.models import onnx_graph  # noqa: E402
+from resfuse_jax.inference import onnx_runtime, postprocess, prediction, predictor, tiler  # noqa: E402
+from resfuse_jax.inference.predictor import Predictor  # noqa: E402
+from resfuse_jax.serving import exporting, onnx_graph  # noqa: E402
 
 ATOL = 1e-4
 
@@ -122,7 +115,7 @@ def test_a_baseline_without_an_onnx_form_fails_clearly(variant, tmp_path):
     exporting.write_onnx(tmp_path, p, "yes", {})
   record = exporting.write_onnx(tmp_path, p, "auto", {})  # auto: the export goes on without it
   assert record["written"] is False and variant in record["reason"]
-  assert not (tmp_path / onnx_window.FILE).exists()
+  assert not (tmp_path / onnx_runtime.FILE).exists()
 
 
 def test_the_last_partial_batch_is_sent_as_it_is():
@@ -137,12 +130,12 @@ def test_the_last_partial_batch_is_sent_as_it_is():
     return predict
 
   out = {
-    fixed: sliding_window.sliding_window(
+    fixed: tiler.sliding_window(
       window(fixed), volume, (16, 16, 16), 3, overlap=0.5, batch_size=3, fixed_batch=fixed
     )
     for fixed in (True, False)
   }
-  tiles = len(sliding_window.window_starts((40, 20, 20), (16, 16, 16), 0.5))
+  tiles = len(tiler.window_starts((40, 20, 20), (16, 16, 16), 0.5))
   assert tiles % 3 != 0  # the case being tested
   assert seen[True] == [3] * -(-tiles // 3)
   assert seen[False] == [3] * (tiles // 3) + [tiles % 3] and sum(seen[False]) == tiles
@@ -177,7 +170,7 @@ def test_export_records_the_onnx_model_and_how_to_deploy_it(onnx_export):
   meta = json.loads((out / "export.json").read_text())
   record = meta["onnx"]
   assert record["written"] and record["opset"] == onnx_graph.OPSET
-  assert record["sha256"] == onnx_window.file_digest(out / onnx_window.FILE)
+  assert record["sha256"] == onnx_runtime.file_digest(out / onnx_runtime.FILE)
   assert record["inputs"]["pre"] == ["n", 1, 16, 16, 16]
   assert record["outputs"]["probabilities"] == ["n", 3, 16, 16, 16]
   deploy = meta["deploy"]
@@ -186,7 +179,7 @@ def test_export_records_the_onnx_model_and_how_to_deploy_it(onnx_export):
   assert any("normalise" in step for step in deploy["preprocessing"])
   rules = json.loads((out / "postprocessing.json").read_text())
   assert (deploy["postprocessing"] is None) == (not rules)
-  proto = onnx.load(str(out / onnx_window.FILE))
+  proto = onnx.load(str(out / onnx_runtime.FILE))
   onnx.checker.check_model(proto, full_check=True)
   props = {p.key: p.value for p in proto.metadata_props}
   assert json.loads(props["resfuse_jax.regions"]) == ["WT", "TC", "ET"]
@@ -201,7 +194,7 @@ def test_onnx_windows_of_a_phantom_case_equal_jax(onnx_export, phantom_case):
   jax_p, ort_p = Predictor.load(out, backend="jax"), Predictor.load(out, backend="onnxruntime")
   assert (jax_p.backend, ort_p.backend) == ("jax", "onnxruntime")
   volume = np.stack([case.pre, case.post], -1)
-  starts = sliding_window.window_starts(volume.shape[:3], (16, 16, 16), 0.5)[:3]
+  starts = tiler.window_starts(volume.shape[:3], (16, 16, 16), 0.5)[:3]
   tiles = np.stack([volume[tuple(slice(a, a + 16) for a in s)] for s in starts])
   np.testing.assert_allclose(ort_p.window_fn()(tiles), jax_p.window_fn()(tiles), atol=ATOL)
 
@@ -244,7 +237,7 @@ def test_backend_choice(onnx_export, tmp_path):
 
 def test_an_export_without_onnx_still_predicts_with_jax(trained_workdir, phantom_case, tmp_path):
   out = exporting.export_model(trained_workdir, tmp_path / "plain", onnx="no")
-  assert not (out / onnx_window.FILE).exists()
+  assert not (out / onnx_runtime.FILE).exists()
   assert json.loads((out / "export.json").read_text())["onnx"]["written"] is False
   loaded = prediction.load_predictor(None, str(out), None, backend="auto")
   assert loaded.backend == "jax"
@@ -260,9 +253,9 @@ def test_a_damaged_onnx_file_is_refused(onnx_export, tmp_path):
   _, out = onnx_export
   copy = tmp_path / "copy"
   shutil.copytree(out, copy)
-  blob = bytearray((copy / onnx_window.FILE).read_bytes())
+  blob = bytearray((copy / onnx_runtime.FILE).read_bytes())
   blob[len(blob) // 2] ^= 0xFF
-  (copy / onnx_window.FILE).write_bytes(bytes(blob))
+  (copy / onnx_runtime.FILE).write_bytes(bytes(blob))
   with pytest.raises(CheckpointError, match="does not match the SHA-256"):
     Predictor.load(copy, backend="onnxruntime")
   meta = json.loads((copy / "export.json").read_text())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from resfuse_jax.data import brats, phantom
-from resfuse_jax.eval import metrics
+from resfuse_jax.evaluation import metrics
 
 SUFFIXES = ("t1n", "t1c", "t2w", "t2f", "seg")
 

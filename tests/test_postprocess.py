@@ -1,7 +1,7 @@
 import numpy as np
 
 from resfuse_jax.data import brats
-from resfuse_jax.eval import postprocess
+from resfuse_jax.inference import postprocess
 
 
 def test_region_label_values():

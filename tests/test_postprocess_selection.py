@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from resfuse_jax.data import brats
-from resfuse_jax.eval import metrics, postprocess, postprocess_selection, prediction
-from resfuse_jax.eval.postprocess import NO_RULE, Rule
-from resfuse_jax.eval.postprocess_selection import CaseMasks
+from resfuse_jax.evaluation import metrics, postprocess_selection
+from resfuse_jax.evaluation.postprocess_selection import CaseMasks
+from resfuse_jax.inference import postprocess, prediction
+from resfuse_jax.inference.postprocess import NO_RULE, Rule
 
 
 def blob(shape, corner, size) -> np.ndarray:
@@ -140,7 +141,7 @@ def test_predict_applies_the_saved_choice_unless_told_not_to(
   workdir_with_rules, small_cases, small_phantom, tmp_path, monkeypatch
 ):
   from resfuse_jax.data import brats as brats_reader
-  from resfuse_jax.eval.predictor import Predictor
+  from resfuse_jax.inference.predictor import Predictor
 
   case_files = brats_reader.find_cases(small_phantom[0])[0]
   shape = small_cases[0].pre.shape
@@ -169,8 +170,8 @@ def test_predict_applies_the_saved_choice_unless_told_not_to(
 
 
 def test_export_carries_the_choice(workdir_with_rules, tmp_path):
-  from resfuse_jax.eval import exporting
-  from resfuse_jax.eval.predictor import Predictor
+  from resfuse_jax.inference.predictor import Predictor
+  from resfuse_jax.serving import exporting
 
   export = exporting.export_model(workdir_with_rules, tmp_path / "E")
   assert (export / "postprocessing.json").read_bytes() == (
@@ -209,4 +210,4 @@ def test_folds_are_pooled_into_one_choice(tmp_path):
   record = json.loads(out.read_text())
   assert record["cases"] == 3 and sorted(record["case_ids"]) == ["a", "b", "c"]
   assert Rule.from_dict(record["rules"]["WT"]) == Rule(min_component_mm3=20.0)
-  assert postprocess_selection.read_rules(out, list(brats.REGIONS))[0] == Rule(min_component_mm3=20)
+  assert postprocess.read_rules(out, list(brats.REGIONS))[0] == Rule(min_component_mm3=20)

@@ -12,7 +12,7 @@ from conftest import ROOT, smoke_config
 from test_train import run_cli
 
 from resfuse_jax import checkpointing, sharding, train
-from resfuse_jax.eval.predictor import Predictor
+from resfuse_jax.inference.predictor import Predictor
 
 STEPS = 8
 ARGS = [

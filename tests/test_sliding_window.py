@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from resfuse_jax.eval import sliding_window
+from resfuse_jax.inference import tiler
 
 
 def test_gaussian_peak_and_positivity():
-  g = sliding_window.gaussian_importance((8, 8, 8))
+  g = tiler.gaussian_importance((8, 8, 8))
   assert g.max() == pytest.approx(1.0) and g.min() > 0
   assert g[3:5, 3:5, 3:5].min() == g.max()
 
@@ -15,7 +15,7 @@ def test_windows_cover_every_voxel(shape):
   window = (16, 16, 16)
   padded = tuple(max(s, w) for s, w in zip(shape, window))
   covered = np.zeros(padded, int)
-  for s in sliding_window.window_starts(padded, window, 0.5):
+  for s in tiler.window_starts(padded, window, 0.5):
     covered[tuple(slice(a, a + w) for a, w in zip(s, window))] += 1
     assert all(a + w <= p for a, w, p in zip(s, window, padded))
   assert covered.min() >= 1
@@ -29,14 +29,14 @@ def test_single_window_equals_one_forward_pass():
   def predict(tiles):
     return tiles @ w
 
-  out = sliding_window.sliding_window(predict, vol, (8, 8, 8), 3, batch_size=2)
+  out = tiler.sliding_window(predict, vol, (8, 8, 8), 3, batch_size=2)
   np.testing.assert_allclose(out, vol @ w, rtol=1e-5, atol=1e-6)
 
 
 def test_voxelwise_function_is_reproduced_on_larger_volume():
   """Overlapping windows of a voxel-wise function average to the function itself."""
   vol = np.random.default_rng(1).normal(size=(21, 13, 30, 2)).astype(np.float32)
-  out = sliding_window.sliding_window(lambda t: t[..., :1] * 2.0, vol, (8, 8, 8), 1, batch_size=3)
+  out = tiler.sliding_window(lambda t: t[..., :1] * 2.0, vol, (8, 8, 8), 1, batch_size=3)
   assert out.shape == (21, 13, 30, 1)
   np.testing.assert_allclose(out[..., 0], vol[..., 0] * 2.0, rtol=1e-5, atol=1e-5)
 
@@ -48,9 +48,7 @@ def test_predict_is_always_called_with_a_full_batch():
     seen.append(tiles.shape[0])
     return tiles[..., :1]
 
-  sliding_window.sliding_window(
-    predict, np.ones((20, 20, 20, 1), np.float32), (8, 8, 8), 1, batch_size=4
-  )
+  tiler.sliding_window(predict, np.ones((20, 20, 20, 1), np.float32), (8, 8, 8), 1, batch_size=4)
   assert set(seen) == {4}
 
 
@@ -63,10 +61,8 @@ def test_mirroring_tta_of_a_flip_equivariant_function_is_exact():
       out = (np.roll(out, 1, axis) + out + np.roll(out, -1, axis)) / 3
     return out
 
-  plain = sliding_window.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1)
-  tta = sliding_window.sliding_window(
-    blur, vol, (12, 10, 9), 1, batch_size=1, mirror_axes=(0, 1, 2)
-  )
+  plain = tiler.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1)
+  tta = tiler.sliding_window(blur, vol, (12, 10, 9), 1, batch_size=1, mirror_axes=(0, 1, 2))
   np.testing.assert_allclose(tta, plain, rtol=1e-5, atol=1e-6)
 
 
@@ -77,10 +73,10 @@ def test_mirroring_tta_averages_a_non_equivariant_function():
   def predict(tiles):  # depends on position along axis 0 only: flips average it out
     return np.broadcast_to(ramp, tiles.shape).copy()
 
-  tta = sliding_window.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(0,))
+  tta = tiler.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(0,))
   np.testing.assert_allclose(tta[..., 0], np.full((8, 8, 8), 3.5), atol=1e-6)
   with pytest.raises(ValueError, match="mirror_axes"):
-    sliding_window.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(3,))
+    tiler.sliding_window(predict, vol, (8, 8, 8), 1, batch_size=1, mirror_axes=(3,))
 
 
 @pytest.mark.parametrize("shape, batch", [((21, 13, 30), 3), ((6, 8, 8), 2)])
@@ -96,10 +92,10 @@ def test_the_device_tiler_equals_the_host_sliding_window(shape, batch):
   def forward(params, tiles):
     return jax.nn.sigmoid(tiles @ params + pattern)
 
-  expected = sliding_window.sliding_window(
+  expected = tiler.sliding_window(
     lambda t: np.asarray(forward(w, t)), vol, (8, 8, 8), 3, overlap=0.5, batch_size=batch
   )
-  tiler = sliding_window.make_device_tiler(forward, vol.shape, (8, 8, 8), 3, 0.5, batch)
-  got = np.asarray(tiler(w, vol))
+  device_tiler = tiler.make_device_tiler(forward, vol.shape, (8, 8, 8), 3, 0.5, batch)
+  got = np.asarray(device_tiler(w, vol))
   assert got.shape == (*shape, 3)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ from conftest import smoke_config
 from scipy import ndimage
 
 from resfuse_jax import losses, train
-from resfuse_jax.eval import predictor
+from resfuse_jax.inference import predictor
 
 REGIONS = ((1, 2, 3), (1, 3), (3,))
 # Tests that read convolutions off a jaxpr want one 3D conv primitive per layer (the CPU

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from resfuse_jax.eval import predictor, visualize
+from resfuse_jax import visualize
+from resfuse_jax.inference import predictor
 
 
 def test_largest_lesion_slice_picks_the_big_lesion_centre():

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from resfuse_jax import config_lib, sharding, train
-from resfuse_jax.eval import predictor
+from resfuse_jax.inference import predictor
 
 REGIONS = ((1, 2, 3), (1, 3), (3,))
 MESHES = {"data8": (8, 1), "data4_spatial2": (4, 2)}

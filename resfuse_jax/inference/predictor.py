@@ -21,7 +21,7 @@ import numpy as np
 
 from resfuse_jax import checkpointing, data, models, sharding
 from resfuse_jax.errors import CheckpointError, ConfigError
-from resfuse_jax.eval import onnx_window, postprocess, postprocess_selection, sliding_window
+from resfuse_jax.inference import onnx_runtime, postprocess, tiler
 
 BACKENDS = ("auto", "jax", "onnxruntime")
 
@@ -62,14 +62,14 @@ def resolve_backend(name: str, path: str | Path) -> str:
   if name not in BACKENDS:
     raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}; got {name!r}")
   path = Path(path)
-  has_onnx = checkpointing.is_export(path) and (path / onnx_window.FILE).is_file()
+  has_onnx = checkpointing.is_export(path) and (path / onnx_runtime.FILE).is_file()
   if name == "auto":
-    use = has_onnx and onnx_window.available() and jax.default_backend() == "cpu"
+    use = has_onnx and onnx_runtime.available() and jax.default_backend() == "cpu"
     return "onnxruntime" if use else "jax"
   if name == "onnxruntime" and not has_onnx:
     what = "an export" if checkpointing.is_export(path) else "a training workdir, not an export"
     raise ConfigError(
-      f"--backend=onnxruntime needs an export with {onnx_window.FILE}; {path} is {what} "
+      f"--backend=onnxruntime needs an export with {onnx_runtime.FILE}; {path} is {what} "
       f"without one (python -m resfuse_jax.export --workdir=W --output=E writes it)"
     )
   return name
@@ -78,7 +78,7 @@ def resolve_backend(name: str, path: str | Path) -> str:
 class Predictor:
   """A model with its parameters, one compiled window function for all cases.
 
-  ``window``: another backend's window function (`onnx_window.OnnxWindow`); the JAX
+  ``window``: another backend's window function (`onnx_runtime.OnnxWindow`); the JAX
   parameters are then read only if a fusion heat map is asked for (``load_params``).
   """
 
@@ -119,9 +119,9 @@ class Predictor:
     backend = resolve_backend(backend, path)
     config = checkpointing.read_config(path)
     rules = None
-    if (path / postprocess_selection.FILE).is_file():
+    if (path / postprocess.FILE).is_file():
       regions = data.get_dataset(config.data.name).region_names
-      rules = postprocess_selection.read_rules(path / postprocess_selection.FILE, regions)
+      rules = postprocess.read_rules(path / postprocess.FILE, regions)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = abstract_params(build_model(config), tuple(config.data.patch_size), device)
     if checkpointing.is_export(path):
@@ -133,10 +133,10 @@ class Predictor:
         digest = (meta.get("onnx") or {}).get("sha256")
         if not digest:  # a model.onnx that export did not record is not trusted
           raise CheckpointError(
-            f"{path / 'export.json'} records no SHA-256 for {onnx_window.FILE}: the file was "
+            f"{path / 'export.json'} records no SHA-256 for {onnx_runtime.FILE}: the file was "
             "not written by this export; export the model again"
           )
-        window = onnx_window.OnnxWindow(path / onnx_window.FILE, digest)
+        window = onnx_runtime.OnnxWindow(path / onnx_runtime.FILE, digest)
         return cls(
           config,
           None,
@@ -171,7 +171,7 @@ class Predictor:
 
   def probabilities(self, case: data.Case, tta: bool = False) -> np.ndarray:
     """[D, H, W, R] region probabilities on the case's (preprocessed) grid."""
-    return sliding_window.predict_volume(
+    return tiler.predict_volume(
       self.window_fn(), case, self.config, mirror_axes=(0, 1, 2) if tta else ()
     )
 
@@ -184,7 +184,7 @@ class Predictor:
     padded = tuple(max(s, w) for s, w in zip(shape, window))
     volume = np.pad(volume, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
     mags = None
-    for start in sliding_window.window_starts(padded, window, 0.0):
+    for start in tiler.window_starts(padded, window, 0.0):
       sl = tuple(slice(a, a + w) for a, w in zip(start, window))
       sown = self._fusion_terms(self.params, volume[sl][None])
       terms = [np.asarray(t) for t in jax.tree.leaves(sown.get(models.FUSION_TERMS, {}))]

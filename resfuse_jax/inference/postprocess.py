@@ -11,11 +11,19 @@ outer region kept: the masks scored are exactly the label map written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from resfuse_jax import files
+from resfuse_jax.errors import ConfigError
+
+FILE = "postprocessing.json"  # the rules chosen on validation, in W and in an export
+FORMAT = "resfuse_jax-postprocessing-1"
 
 _CONN26 = np.ones((3, 3, 3), bool)
 
@@ -183,3 +191,26 @@ def settings_from_config(eval_config) -> dict:
     "thresholds": list(eval_config.get("thresholds", None) or []) or None,
     "min_component_voxels": int(eval_config.get("min_component_voxels", 0)),
   }
+
+
+def rules_from_record(record: dict, region_names: Sequence[str], where: str) -> list[Rule]:
+  """The rules of a ``postprocessing.json`` record, one per region, in region order."""
+  try:
+    if record.get("format") != FORMAT:
+      raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
+    rules = record["rules"]
+    missing = [n for n in region_names if n not in rules]
+    if missing or set(rules) - set(region_names):
+      raise ValueError(f"its regions {sorted(rules)} are not the model's {list(region_names)}")
+    return [Rule.from_dict(rules[n]) for n in region_names]
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: not a usable post-processing file: {e}") from None
+
+
+def read_rules(path: str | Path, region_names: Sequence[str]) -> list[Rule]:
+  files.require_file(path, "post-processing file")
+  try:
+    record = json.loads(Path(path).read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path}: cannot read the post-processing file ({e})") from None
+  return rules_from_record(record, region_names, str(path))

@@ -13,20 +13,18 @@ with fewer operations, then to the smaller threshold.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from resfuse_jax import files
-from resfuse_jax.errors import CheckpointError, ConfigError
-from resfuse_jax.eval import metrics, postprocess
-from resfuse_jax.eval.postprocess import NO_RULE, Rule
+from resfuse_jax.errors import CheckpointError
+from resfuse_jax.evaluation import metrics
+from resfuse_jax.inference import postprocess
+from resfuse_jax.inference.postprocess import NO_RULE, Rule
 
-FILE = "postprocessing.json"
 MASKS_FILE = "validation_masks.npz"
-FORMAT = "resfuse_jax-postprocessing-1"
 MARGIN = metrics.LESION_DILATION + 2  # voxels kept around prediction ∪ reference
 MIN_COMPONENT_GRID_MM3 = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 RELABEL_GRID_MM3 = (50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -154,7 +152,7 @@ def determine(cases: Sequence[CaseMasks], region_names: Sequence[str], brats_lik
         consider(dataclasses.replace(component_rule, relabel_below_mm3=t))
     chosen.append(best["rule"])
   return {
-    "format": FORMAT,
+    "format": postprocess.FORMAT,
     "metric": "lesion_dice" if brats_like else "dice",
     "cases": len(cases),
     "case_ids": [c.case_id for c in cases],
@@ -172,29 +170,6 @@ def evaluate_rules(
   for c in cases:
     acc.add(c.case_id, postprocess.apply_rules(c.pred, rules, c.spacing), c.ref, c.spacing)
   return acc
-
-
-def rules_from_record(record: dict, region_names: Sequence[str], where: str) -> list[Rule]:
-  """The rules of a ``postprocessing.json`` record, one per region, in region order."""
-  try:
-    if record.get("format") != FORMAT:
-      raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
-    rules = record["rules"]
-    missing = [n for n in region_names if n not in rules]
-    if missing or set(rules) - set(region_names):
-      raise ValueError(f"its regions {sorted(rules)} are not the model's {list(region_names)}")
-    return [Rule.from_dict(rules[n]) for n in region_names]
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ConfigError(f"{where}: not a usable post-processing file: {e}") from None
-
-
-def read_rules(path: str | Path, region_names: Sequence[str]) -> list[Rule]:
-  files.require_file(path, "post-processing file")
-  try:
-    record = json.loads(Path(path).read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConfigError(f"{path}: cannot read the post-processing file ({e})") from None
-  return rules_from_record(record, region_names, str(path))
 
 
 def determine_from_workdirs(workdirs: Sequence[str | Path], region_names, brats_like) -> dict:

@@ -37,8 +37,8 @@ from absl import logging
 
 from resfuse_jax import checkpointing, files
 from resfuse_jax.errors import CheckpointError, ConfigError, UserError
-from resfuse_jax.eval import onnx_window, postprocess, postprocess_selection
-from resfuse_jax.eval.predictor import Predictor, window_probabilities
+from resfuse_jax.inference import onnx_runtime, postprocess
+from resfuse_jax.inference.predictor import Predictor, window_probabilities
 
 PLATFORMS = ("cpu", "cuda")
 ONNX_MODES = ("auto", "yes", "no")
@@ -71,7 +71,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
   thresholds = postprocess.settings_from_config(e)
   names = list(dataset.region_names)
   return {
-    "model_file": onnx_window.FILE,
+    "model_file": onnx_runtime.FILE,
     "inputs": {
       "pre": f"float32 [n, 1, {', '.join(map(str, window))}]: pre-contrast tiles, preprocessed",
       "post": f"float32 [n, 1, {', '.join(map(str, window))}]: post-contrast tiles, same places",
@@ -127,7 +127,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
     },
     "postprocessing": (
       {
-        "file": postprocess_selection.FILE,
+        "file": postprocess.FILE,
         "rules": {n: r.to_dict() for n, r in zip(names, rules)},
         "apply": "after nesting, outer region first, in mm^3 (voxel volume = product of the "
         "spacing): remove 26-connected components under min_component_mm3; keep only the "
@@ -154,9 +154,9 @@ def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> d
     return {"written": False, "reason": "export --onnx=no"}
   if importlib.util.find_spec("onnx") is None:
     if mode == "yes":
-      raise ConfigError(f"--onnx=yes needs the onnx package: {onnx_window.INSTALL_HINT}")
+      raise ConfigError(f"--onnx=yes needs the onnx package: {onnx_runtime.INSTALL_HINT}")
     return {"written": False, "reason": "the onnx package is not installed"}
-  from resfuse_jax.models import onnx_graph
+  from resfuse_jax.serving import onnx_graph
 
   config = predictor.config
   name = config.model.get("variant", config.model.name)
@@ -173,14 +173,14 @@ def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> d
   except onnx_graph.NotExportable as e:
     if mode == "yes":
       raise
-    logging.warning("no %s: %s", onnx_window.FILE, e)
+    logging.warning("no %s: %s", onnx_runtime.FILE, e)
     return {"written": False, "reason": str(e)}
-  path = folder / onnx_window.FILE
+  path = folder / onnx_runtime.FILE
   files.write_bytes(path, proto.SerializeToString())
   return {
     "written": True,
-    "file": onnx_window.FILE,
-    "sha256": onnx_window.file_digest(path),
+    "file": onnx_runtime.FILE,
+    "sha256": onnx_runtime.file_digest(path),
     "opset": onnx_graph.OPSET,
     "ir_version": onnx_graph.IR_VERSION,
     "inputs": {n: ["n", 1, *window] for n in onnx_graph.INPUTS},
@@ -229,9 +229,9 @@ def export_model(
   files.make_dirs(tmp)
   try:
     files.write_json(tmp / "config.json", predictor.config.to_dict())
-    chosen = workdir / postprocess_selection.FILE
+    chosen = workdir / postprocess.FILE
     if chosen.is_file():  # the post-processing chosen on validation travels with the model
-      files.write_bytes(tmp / postprocess_selection.FILE, chosen.read_bytes())
+      files.write_bytes(tmp / postprocess.FILE, chosen.read_bytes())
     digests = checkpointing.save_export_params(tmp, predictor.params)
     serving = tmp / checkpointing.EXPORT_SERVING_FILE
     serving.parent.mkdir()

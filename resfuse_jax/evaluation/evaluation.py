@@ -17,8 +17,9 @@ from absl import logging
 
 from resfuse_jax import checkpointing, data, files
 from resfuse_jax.errors import CheckpointError
-from resfuse_jax.eval import metrics, postprocess, postprocess_selection, report, sliding_window
-from resfuse_jax.eval.predictor import Predictor
+from resfuse_jax.evaluation import metrics, postprocess_selection, report
+from resfuse_jax.inference import postprocess, tiler
+from resfuse_jax.inference.predictor import Predictor
 
 CaseHook = Callable[[data.Case, np.ndarray, np.ndarray, dict], None]
 
@@ -52,7 +53,7 @@ def evaluate_cases(
   for case in cases:
     if case.label is None:
       raise data.DataError(f"case {case.case_id} has no label: it cannot be evaluated")
-    probs = sliding_window.predict_volume(
+    probs = tiler.predict_volume(
       predict, case, config, batch_size, mirror_axes=(0, 1, 2) if tta else ()
     )
     masks = postprocess.probabilities_to_masks(probs, **settings, rules=rules, spacing=case.spacing)
@@ -81,7 +82,7 @@ def eval_dir(workdir: str | Path, step: int, tta: bool) -> Path:
 
 
 def _figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
-  from resfuse_jax.eval import visualize  # matplotlib only when figures are asked for
+  from resfuse_jax import visualize  # matplotlib only when figures are asked for
 
   def write(case, probs, masks, row):
     del probs, row
@@ -143,7 +144,7 @@ def evaluate_workdir(
   )
   names, brats_like = dataset.region_names, dataset.brats_like
   record = postprocess_selection.determine(collector.cases, names, brats_like)
-  rules = postprocess_selection.rules_from_record(record, names, str(out))
+  rules = postprocess.rules_from_record(record, names, str(out))
   after = postprocess_selection.evaluate_rules(collector.cases, rules, names, brats_like)
   results = {
     **results_record(config, predictor.step, predictor.num_params, acc),
@@ -151,7 +152,7 @@ def evaluate_workdir(
     "tta": tta,
     "postprocessed": {**after.summary(), "std": after.std(), "rules": record["describe"]},
   }
-  files.write_json(out / postprocess_selection.FILE, record)
+  files.write_json(out / postprocess.FILE, record)
   after.write_csv(out / "metrics_postprocessed.csv")
   acc.write_csv(out / "metrics.csv")
   files.write_json(out / "results.json", results)

@@ -18,8 +18,8 @@ from absl import logging
 from resfuse_jax import checkpointing, data, files
 from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
-from resfuse_jax.eval import postprocess, postprocess_selection
-from resfuse_jax.eval.predictor import Predictor
+from resfuse_jax.inference import postprocess
+from resfuse_jax.inference.predictor import Predictor
 
 
 def predict_case(
@@ -55,7 +55,7 @@ def predict_case(
   geometry.save_label_map(labels, case, out)
   name = out.name.removesuffix(".nii.gz")
   if figure:
-    from resfuse_jax.eval import visualize  # matplotlib only when figures are asked for
+    from resfuse_jax import visualize  # matplotlib only when figures are asked for
 
     visualize.case_figure(
       out.with_name(f"{name}.png"),
@@ -96,7 +96,7 @@ def load_predictor(
   if postprocess_ == "none":
     predictor.rules = None
   elif postprocess_ != "auto":
-    predictor.rules = postprocess_selection.read_rules(postprocess_, predictor.dataset.region_names)
+    predictor.rules = postprocess.read_rules(postprocess_, predictor.dataset.region_names)
   if predictor.rules is None:
     logging.info("post-processing: none (thresholds and nesting only)")
   else:

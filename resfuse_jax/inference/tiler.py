@@ -182,7 +182,7 @@ def predict_volume(
   """A case's [D, H, W, R] region probabilities with the config's window and overlap.
 
   ``batch_size`` defaults to ``eval.batch_size`` (training rounds it up to the mesh).
-  A ``predict`` with ``fixed_batch = False`` (`onnx_window.OnnxWindow`) gets a partial
+  A ``predict`` with ``fixed_batch = False`` (`onnx_runtime.OnnxWindow`) gets a partial
   last batch as it is.
   """
   return sliding_window(
