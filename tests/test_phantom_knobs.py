@@ -11,7 +11,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from resfuse_jax import config_lib
-from resfuse_jax.data import datasets, phantom
+from resfuse_jax.data import datasets, phantom, phantom_acquisition
 from resfuse_jax.errors import DataError
 
 BASE = phantom.PhantomSpec(num_cases=4, shape=(32, 32, 32), seed=3)
@@ -145,7 +145,7 @@ def test_rotation_turns_the_pre_scan_about_the_volume_centre(base_cases):
 
 def test_deformation_is_smooth_and_bounded_by_its_maximum():
   spec = with_knob(deformation_mm=3.0)
-  points = phantom._pre_sample_points(spec, 0, phantom.acquisition(spec, 0))
+  points = phantom_acquisition.pre_sample_points(spec, 0, phantom.acquisition(spec, 0))
   grid = np.stack(np.meshgrid(*[np.arange(s) for s in BASE.shape], indexing="ij"))
   displacement = np.linalg.norm(points - grid, axis=0) * BASE.spacing
   assert displacement.max() == pytest.approx(3.0)

@@ -209,6 +209,53 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
   return tqdm(iterable, total=total, desc=desc, unit="case", file=sys.stderr)
 
 
+def _remove_stale_temporaries(out_dir: Path) -> None:
+  """A killed build's temporaries are never used; an hour old so that a concurrent build's survive."""
+  for leftover in out_dir.glob(".tmp-*"):
+    if time.time() - leftover.stat().st_mtime > STALE_TMP_S:
+      shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _cases_to_build(files: list[CaseFiles], out_dir: Path, verify: bool) -> list[CaseFiles]:
+  todo = []
+  for f in files:
+    case_dir = file_io.under(out_dir, file_io.check_name(f.case_id, f"case folder in {out_dir}"))
+    problem = case_problem(case_dir, f, hashes=verify)
+    if problem is not None:
+      if problem not in ("not built", "its source files changed"):
+        logging.warning("cached case %s is damaged, rebuilding it: %s", f.case_id, problem)
+      todo.append(f)
+  return todo
+
+
+def _progress_fn(total: int, desc: str, enabled: bool):
+  return lambda iterable: _progress(iterable, total, desc, enabled)
+
+
+def _build_here(todo, args, record, workers, progress) -> None:
+  del workers  # one process
+  for f in progress(todo):
+    try:
+      write_case(f, *args)
+    except DataError as e:
+      record(e, f)
+
+
+def _build_in_processes(todo, args, record, workers, progress) -> None:
+  ctx = multiprocessing.get_context("spawn")  # JAX may be loaded: never fork it
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    futures = {pool.submit(write_case, f, *args): f for f in todo}
+    try:
+      for fut in progress(concurrent.futures.as_completed(futures)):
+        try:
+          fut.result()
+        except DataError as e:
+          record(e, futures[fut])
+    except BaseException:
+      pool.shutdown(cancel_futures=True)
+      raise
+
+
 def build(
   files: list[CaseFiles],
   out_dir: Path,
@@ -232,46 +279,20 @@ def build(
   if on_bad_case not in ("error", "skip"):
     raise ConfigError(f"data.on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
   file_io.make_dirs(out_dir)
-  for leftover in out_dir.glob(".tmp-*"):  # a killed build's: never used; an hour old so that
-    if time.time() - leftover.stat().st_mtime > STALE_TMP_S:  # a concurrent build's survives
-      shutil.rmtree(leftover, ignore_errors=True)
-  todo = []
-  for f in files:
-    case_dir = file_io.under(out_dir, file_io.check_name(f.case_id, f"case folder in {out_dir}"))
-    problem = case_problem(case_dir, f, hashes=verify)
-    if problem is not None:
-      if problem not in ("not built", "its source files changed"):
-        logging.warning("cached case %s is damaged, rebuilding it: %s", f.case_id, problem)
-      todo.append(f)
+  _remove_stale_temporaries(out_dir)
+  todo = _cases_to_build(files, out_dir, verify)
   bad: list[dict] = []
+
+  def record(error: DataError, f: CaseFiles) -> None:
+    if on_bad_case == "error":
+      raise error
+    bad.append({"case_id": f.case_id, "error": str(error)})
+
   if todo:
     args = (out_dir, settings, regions, label_values, limits)
     desc = f"preprocessing {len(todo)} cases -> {out_dir}"
-
-    def record(error: DataError, f: CaseFiles) -> None:
-      if on_bad_case == "error":
-        raise error
-      bad.append({"case_id": f.case_id, "error": str(error)})
-
-    if workers > 1:
-      ctx = multiprocessing.get_context("spawn")  # JAX may be loaded: never fork it
-      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(write_case, f, *args): f for f in todo}
-        try:
-          for fut in _progress(concurrent.futures.as_completed(futures), len(todo), desc, progress):
-            try:
-              fut.result()
-            except DataError as e:
-              record(e, futures[fut])
-        except BaseException:
-          pool.shutdown(cancel_futures=True)
-          raise
-    else:
-      for f in _progress(todo, len(todo), desc, progress):
-        try:
-          write_case(f, *args)
-        except DataError as e:
-          record(e, f)
+    run = _build_in_processes if workers > 1 else _build_here
+    run(todo, args, record, workers, _progress_fn(len(todo), desc, progress))
   bad_ids = {b["case_id"] for b in bad}
   return [f.case_id for f in files if f.case_id not in bad_ids], bad
 

@@ -33,32 +33,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from scipy.spatial.transform import Rotation
 
+from resfuse_jax.data.phantom_acquisition import (
+  KNOBS,
+  acquisition,
+  coarse_slices,
+  knob_rng,
+  pre_sample_points,
+  smooth_noise,
+  varied_enhancement,
+)
 from resfuse_jax.errors import DataError
 
 MARKER = "phantom.json"
 ACQUISITION = "acquisition.json"  # per case: what the knobs drew
 # T1 (pre-contrast) intensities of the tissues, arbitrary units.
 T1 = {"wm": 0.75, "gm": 0.55, "csf": 0.15, "edema": 0.48, "core": 0.30, "et_pre": 0.52}
-
-
-# The acquisition knobs: PhantomSpec fields and `data.<knob>` in configs/phantom.py.
-KNOBS = {
-  "misregistration_mm": "largest translation of pre against post (mm); per case U(0, max), "
-  "random direction",
-  "misregistration_deg": "largest rotation of pre about the volume centre (degrees); per case "
-  "U(-max, max) about a random axis",
-  "deformation_mm": "largest displacement of a smooth random deformation of pre (mm)",
-  "pre_noise": "std of extra Gaussian noise in pre (white matter = 0.75, base noise 0.025)",
-  "post_noise": "std of extra Gaussian noise in post (same units)",
-  "pre_bias": "strength of pre's own log bias field (the shared one has 0.08)",
-  "pre_slice_mm": "pre's slice thickness along the third axis (mm), resampled to post's grid; "
-  "0 = post's spacing",
-  "enhancement_amplitude": "per-case enhancement gain U(1 - a, 1 + a)",
-  "enhancement_timing": "per-case timing t ~ U(-t, t): tumour enhancement x (1 + t), vessels, "
-  "dura and parenchyma x (1 - t)",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,17 +98,11 @@ def case_id(index: int) -> str:
   return f"BraTS-GLI-{index:05d}-000"
 
 
-def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
-  """Zero-mean, unit-std low-frequency noise field."""
-  n = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
-  return (n - n.mean()) / (n.std() + 1e-8)
-
-
 def _blob(coords, center, radius, rng, roughness=0.15):
   """Irregular ellipsoid: a radial distance with low-frequency wobble, <1 inside."""
   axes = radius * rng.uniform(0.8, 1.2, size=3)
   d = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, center, axes)))
-  wobble = _smooth_noise(rng, d.shape, sigma=3.0)
+  wobble = smooth_noise(rng, d.shape, sigma=3.0)
   return d * (1.0 + roughness * wobble)
 
 
@@ -143,9 +127,9 @@ def _head(rng, shape, coords) -> dict[str, np.ndarray]:
   center = np.array(shape, np.float32) / 2 + rng.uniform(-1.5, 1.5, 3)
   brain_axes = np.array(shape, np.float32) * rng.uniform(0.40, 0.45, 3)
   brain_dist = np.sqrt(sum(((c - m) / a) ** 2 for c, m, a in zip(coords, center, brain_axes)))
-  brain_dist = brain_dist * (1.0 + 0.03 * _smooth_noise(rng, shape, 4.0))
+  brain_dist = brain_dist * (1.0 + 0.03 * smooth_noise(rng, shape, 4.0))
   brain = brain_dist < 1.0
-  gm = brain & (brain_dist > 0.78 + 0.05 * _smooth_noise(rng, shape, 2.0))
+  gm = brain & (brain_dist > 0.78 + 0.05 * smooth_noise(rng, shape, 2.0))
   ventricles = np.zeros(shape, bool)
   for side in (-1, 1):
     vc = center + np.array([0.0, 0.0, side * shape[2] * 0.07])
@@ -225,91 +209,8 @@ def _distractors(rng, v: dict, coords, t_center, r_wt: float, et_strength: float
     vessel = _tube(coords, a, b, rng.uniform(0.7, 1.1)) & brain & (seg == 0)
     t1[vessel] = 0.35
     enhancement[vessel] = rng.uniform(0.7, 0.95)
-  dura = (brain_dist > 0.93) & brain & (_smooth_noise(rng, seg.shape, 3.0) > 0.3)
+  dura = (brain_dist > 0.93) & brain & (smooth_noise(rng, seg.shape, 3.0) > 0.3)
   enhancement[dura & (seg == 0)] = rng.uniform(0.4, 0.6)
-
-
-def _knob_rng(spec: PhantomSpec, index: int, stream: int) -> np.random.Generator:
-  """The knobs' own random streams: the anatomy's stream is the same with knobs on or off."""
-  return np.random.default_rng([spec.seed, index, stream])
-
-
-def acquisition(spec: PhantomSpec, index: int) -> dict:
-  """What the knobs drew for case ``index``: pre's motion and the enhancement's variation.
-
-  The direction and the fraction of the maximum are drawn whatever the knobs'
-  values, so a sweep over one knob moves every case along the same direction.
-  """
-  rng = _knob_rng(spec, index, 1)
-  direction = rng.standard_normal(3)
-  direction /= np.linalg.norm(direction)
-  translation = direction * rng.uniform(0.0, 1.0) * spec.misregistration_mm
-  axis = rng.standard_normal(3)
-  axis /= np.linalg.norm(axis)
-  angle = rng.uniform(-1.0, 1.0) * spec.misregistration_deg
-  gain = 1.0 + rng.uniform(-1.0, 1.0) * spec.enhancement_amplitude
-  timing = rng.uniform(-1.0, 1.0) * spec.enhancement_timing
-  return {
-    "translation_mm": [float(t) for t in translation],
-    "rotation_axis": [float(a) for a in axis],
-    "rotation_deg": float(angle),
-    "enhancement_gain": float(gain),
-    "enhancement_timing": float(timing),
-  }
-
-
-def _pre_sample_points(spec: PhantomSpec, index: int, drawn: dict) -> np.ndarray | None:
-  """Where on the anatomy's grid each voxel of the pre scan looks, [3, *shape] voxels; None = aligned.
-
-  The anatomy moved by R, t about the volume centre between the scans: pre at x
-  shows the anatomy at R^T (x - c - t) + c, plus a smooth displacement.
-  """
-  if not (spec.misregistration_mm or spec.misregistration_deg or spec.deformation_mm):
-    return None
-  shape, spacing = spec.shape, spec.spacing
-  grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
-  centre = (np.array(shape, np.float64) - 1) / 2
-  rotation = Rotation.from_rotvec(
-    np.radians(drawn["rotation_deg"]) * np.asarray(drawn["rotation_axis"])
-  ).as_matrix()
-  shift = np.asarray(drawn["translation_mm"]) / spacing
-  offset = (grid - centre[:, None, None, None] - shift[:, None, None, None]).reshape(3, -1)
-  points = (rotation.T @ offset).reshape(grid.shape) + centre[:, None, None, None]
-  if spec.deformation_mm:
-    rng = _knob_rng(spec, index, 2)
-    field = np.stack([_smooth_noise(rng, shape, 6.0) for _ in range(3)])
-    field *= spec.deformation_mm / spacing / np.linalg.norm(field, axis=0).max()
-    points += field
-  return points
-
-
-def _coarse_slices(img: np.ndarray, spacing: float, slice_mm: float) -> np.ndarray:
-  """Acquired with slices ``slice_mm`` thick along the third axis, then resampled to ``spacing``.
-
-  Each slice integrates a Gaussian slab (FWHM = the thickness); slices are spaced
-  by their thickness and linearly interpolated back onto the fine grid.
-  """
-  factor = slice_mm / spacing
-  if factor <= 1.0:
-    return img
-  slab = ndimage.gaussian_filter1d(img, factor / 2.3548, axis=2, mode="nearest")
-  n = img.shape[2]
-  centres = np.arange((factor - 1) / 2, n - 0.5, factor)  # the thick slices' positions
-  coarse = slab[..., np.clip(np.round(centres).astype(int), 0, n - 1)]
-  z = np.clip(np.arange(n), centres[0], centres[-1])
-  upper = np.clip(np.searchsorted(centres, z, side="right"), 1, len(centres) - 1)
-  lower = upper - 1
-  w = ((z - centres[lower]) / (centres[upper] - centres[lower]))[None, None, :]
-  return ((1 - w) * coarse[..., lower] + w * coarse[..., upper]).astype(np.float32)
-
-
-def _varied_enhancement(v: dict, drawn: dict) -> np.ndarray:
-  """Enhancement scaled by the case's gain, tumour vs vascular by its timing."""
-  tumour = v["seg"] == 3
-  scale = np.where(
-    tumour, max(0.0, 1.0 + drawn["enhancement_timing"]), max(0.0, 1.0 - drawn["enhancement_timing"])
-  )
-  return (v["enhancement"] * scale * drawn["enhancement_gain"]).astype(np.float32)
 
 
 def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
@@ -322,34 +223,34 @@ def make_case(spec: PhantomSpec, index: int) -> dict[str, np.ndarray]:
   _distractors(rng, v, coords, t_center, r_wt, et_strength)
 
   # Acquisition: bias field shared by both T1 scans, own gain and noise per scan.
-  bias = np.exp(0.08 * _smooth_noise(rng, shape, 8.0)).astype(np.float32)
+  bias = np.exp(0.08 * smooth_noise(rng, shape, 8.0)).astype(np.float32)
   post_gain = rng.uniform(0.85, 1.15)
   head = v["brain"].astype(np.float32)
 
   def acquire(img, gain, mask=head, field=bias, extra_noise=0.0, noise_stream=0):
     noisy = gain * img * field + rng.normal(0.0, 0.025, shape).astype(np.float32)
     if extra_noise:  # from the knob's own stream: the base noise is drawn as before
-      extra = _knob_rng(spec, index, noise_stream).normal(0.0, extra_noise, shape)
+      extra = knob_rng(spec, index, noise_stream).normal(0.0, extra_noise, shape)
       noisy = noisy + extra.astype(np.float32)
     return (np.clip(noisy, 0.0, None) * mask * 1000.0).astype(np.float32)
 
   drawn = acquisition(spec, index)
   pre_t1, pre_head, pre_bias = v["t1"], head, bias
-  points = _pre_sample_points(spec, index, drawn)
+  points = pre_sample_points(spec, index, drawn)
   if points is not None:  # the anatomy moved; the scanner's bias field did not
     pre_t1 = ndimage.map_coordinates(v["t1"], points, order=1, mode="constant").astype(np.float32)
     # Linear resampling of the whole scene, its support included: partial volume at the border.
     pre_head = ndimage.map_coordinates(head, points, order=1, mode="constant").astype(np.float32)
   if spec.pre_bias:
-    own = _smooth_noise(_knob_rng(spec, index, 4), shape, 8.0)
+    own = smooth_noise(knob_rng(spec, index, 4), shape, 8.0)
     pre_bias = (bias * np.exp(spec.pre_bias * own)).astype(np.float32)
   enhancement = v["enhancement"]
   if spec.enhancement_amplitude or spec.enhancement_timing:
-    enhancement = _varied_enhancement(v, drawn)
+    enhancement = varied_enhancement(v, drawn)
   t1n = acquire(pre_t1, 1.0, pre_head, pre_bias, spec.pre_noise, noise_stream=3)
   t1c = acquire(v["t1"] + enhancement, post_gain, extra_noise=spec.post_noise, noise_stream=5)
   if spec.pre_slice_mm:
-    t1n = _coarse_slices(t1n, spec.spacing, spec.pre_slice_mm)
+    t1n = coarse_slices(t1n, spec.spacing, spec.pre_slice_mm)
   return {
     "t1n": t1n,
     "t1c": t1c,

@@ -128,7 +128,8 @@ def preprocess_case(
     raise DataError(f"case {files.case_id}: preprocessing failed: {type(e).__name__}: {e}") from e
 
 
-def _preprocess_case(files: CaseFiles, label_values, settings, limits) -> Case:
+def _read_checked(files: CaseFiles, label_values, settings, limits):
+  """Scans and label in canonical orientation, each checked against the pre-contrast scan."""
   cid = files.case_id
   pre, pre_img, spacing = load_canonical(files.pre, cid, "pre-contrast", limits)
   post, post_img, _ = load_canonical(files.post, cid, "post-contrast", limits)
@@ -161,7 +162,11 @@ def _preprocess_case(files: CaseFiles, label_values, settings, limits) -> Case:
       raise DataError(
         f"case {cid}: label file {files.label} has values {bad} outside {list(label_values)}"
       )
+  return pre, post, label, pre_img, spacing
 
+
+def _crop_and_resample(cid, files, pre, post, label, spacing, settings, limits):
+  """The scans cut to their non-zero box, then on ``data.target_spacing`` when one is set."""
   box = nonzero_box(pre, post)
   sl = tuple(slice(a, b) for a, b in box)
   pre, post = pre[sl].astype(np.float32), post[sl].astype(np.float32)
@@ -182,6 +187,15 @@ def _preprocess_case(files: CaseFiles, label_values, settings, limits) -> Case:
     post = resample(post, spacing, target, settings.resample_order)
     if label is not None:
       label = resample(label, spacing, target, 0)
+  return pre, post, label, box, target
+
+
+def _preprocess_case(files: CaseFiles, label_values, settings, limits) -> Case:
+  cid = files.case_id
+  pre, post, label, pre_img, spacing = _read_checked(files, label_values, settings, limits)
+  pre, post, label, box, target = _crop_and_resample(
+    cid, files, pre, post, label, spacing, settings, limits
+  )
   pre, post, stats = normalize(pre, post, settings.normalization)
   return Case(
     case_id=cid,

@@ -21,16 +21,22 @@ non-negative). nnU-Net draws these per channel; BUILD_NOTES.md §8 says why not.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import math
-import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resfuse_jax.augment import intensity
+from resfuse_jax.augment.spatial import (
+  affine_matrix,
+  centre_crop,
+  nearest,
+  plane_rotation,
+  sample_grid,
+  trilinear,
+)
 from resfuse_jax.errors import ConfigError
 
 Batch = dict[str, jax.Array]
@@ -87,7 +93,7 @@ class Spec:
     if self.p_rotation > 0:
       a = math.radians(self.rotation_degrees)
       for plane in ((1, 2), (0, 2), (0, 1)):
-        extent = np.maximum(extent, np.abs(_plane_rotation(a, plane)) @ patch_arr)
+        extent = np.maximum(extent, np.abs(plane_rotation(a, plane)) @ patch_arr)
     if self.p_scale > 0:
       extent = extent / min(self.crop_zoom, 1.0)
     crop = np.ceil(extent - 1e-6).astype(int)
@@ -150,15 +156,6 @@ def _check(spec: Spec) -> None:
 
 
 # --- parameters ------------------------------------------------------------------------------
-
-
-def _plane_rotation(angle, plane: tuple[int, int], xp: Any = np):
-  """3x3 rotation by ``angle`` in the plane of two axes."""
-  i, j = plane
-  c, s = xp.cos(angle), xp.sin(angle)
-  m = [[1.0 if r == k else 0.0 for k in range(3)] for r in range(3)]
-  m[i][i], m[i][j], m[j][i], m[j][j] = c, -s, s, c
-  return xp.stack([xp.stack([xp.asarray(v, dtype=xp.float32) for v in row]) for row in m])
 
 
 def _split_range(key, low: float, high: float):
@@ -234,143 +231,6 @@ def draw(spec: Spec, key: jax.Array) -> dict[str, jax.Array]:
   return p
 
 
-# --- spatial ----------------------------------------------------------------------------------
-
-
-def affine_matrix(angles: jax.Array, zoom: jax.Array) -> jax.Array:
-  """Output offset -> input offset (voxels): rotations about axes 0, 1, 2, then 1/zoom."""
-  rotation = jnp.eye(3, dtype=jnp.float32)
-  for angle, plane in zip(angles, ((1, 2), (0, 2), (0, 1))):
-    rotation = _plane_rotation(angle, plane, jnp) @ rotation
-  return rotation / zoom
-
-
-def sample_grid(matrix: jax.Array, crop: tuple[int, ...], patch: tuple[int, ...]) -> jax.Array:
-  """[3, *patch] input coordinates of every output voxel, about the two centres."""
-  grid = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in patch], indexing="ij"))
-  out_centre = (jnp.asarray(patch, jnp.float32) - 1) / 2
-  in_centre = (jnp.asarray(crop, jnp.float32) - 1) / 2
-  offsets = grid - out_centre[:, None, None, None]
-  return jnp.einsum("ij,j...->i...", matrix, offsets) + in_centre[:, None, None, None]
-
-
-def _inside(index: list[jax.Array], shape) -> jax.Array:
-  return functools.reduce(operator.and_, [(i >= 0) & (i < n) for i, n in zip(index, shape)])
-
-
-def _gather(volume: jax.Array, index: list[jax.Array]) -> jax.Array:
-  clipped = [jnp.clip(i, 0, n - 1) for i, n in zip(index, volume.shape)]
-  return volume[clipped[0], clipped[1], clipped[2]]
-
-
-def trilinear(volume: jax.Array, coords: jax.Array) -> jax.Array:
-  """[D, H, W, C] sampled at [3, *out] -> [*out, C]; zero outside the volume.
-
-  At integer coordinates the other corners' weights are exactly 0, so an
-  identity grid returns the voxels bit for bit.
-  """
-  low = jnp.floor(coords)
-  frac = coords - low
-  low = low.astype(jnp.int32)
-  out = jnp.zeros((*coords.shape[1:], volume.shape[-1]), volume.dtype)
-  for corner in itertools.product((0, 1), repeat=3):
-    index = [low[a] + corner[a] for a in range(3)]
-    weight = math.prod(frac[a] if corner[a] else 1 - frac[a] for a in range(3))
-    weight = jnp.where(_inside(index, volume.shape), weight, 0.0)
-    out = out + weight[..., None] * _gather(volume, index)
-  return out
-
-
-def nearest(volume: jax.Array, coords: jax.Array) -> jax.Array:
-  """[D, H, W] label sampled at [3, *out] by its nearest voxel -> [*out]; 0 outside."""
-  index = [jnp.round(c).astype(jnp.int32) for c in coords]
-  return jnp.where(_inside(index, volume.shape), _gather(volume, index), 0).astype(volume.dtype)
-
-
-def centre_crop(x: jax.Array, patch: tuple[int, ...]) -> jax.Array:
-  start = [(n - p) // 2 for n, p in zip(x.shape, patch)]
-  return x[tuple(slice(s, s + p) for s, p in zip(start, patch))]
-
-
-# --- intensity (on [D, H, W, 2]: pre and post as channels) ------------------------------------
-
-
-def _gaussian_blur(x: jax.Array, sigmas: jax.Array, radius: int) -> jax.Array:
-  """Separable Gaussian per axis (mirror-padded, as scipy's default), one kernel for both scans."""
-  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  for axis in range(3):
-    weights = jnp.exp(-0.5 * (taps / sigmas[axis]) ** 2)
-    weights = weights / weights.sum()
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (radius, radius)
-    padded = jnp.pad(x, pad, mode="symmetric")
-    n = x.shape[axis]
-    x = sum(
-      weights[t] * jax.lax.slice_in_dim(padded, t, t + n, axis=axis) for t in range(2 * radius + 1)
-    )
-  return x
-
-
-def _low_resolution(x: jax.Array, zoom: jax.Array) -> jax.Array:
-  """Nearest-neighbour downsampling by ``zoom`` then linear upsampling, axis by axis.
-
-  Sizes stay static (the coarse grid is indexed, not materialised); zoom 1 is
-  the identity. nnU-Net upsamples cubically; linear keeps the weights non-negative.
-  """
-  for axis in range(3):
-    n = x.shape[axis]
-    m = jnp.maximum(jnp.round(n * zoom), 1.0)
-    down, up = m / n, n / m  # scalars: exactly 1 at zoom 1, so the identity is exact
-    coarse = jnp.clip((jnp.arange(n, dtype=jnp.float32) + 0.5) * down - 0.5, 0.0, m - 1)
-    j0 = jnp.floor(coarse)
-    j1 = jnp.minimum(j0 + 1, m - 1)
-    t = coarse - j0
-
-    def source(j, n=n, up=up):
-      return jnp.clip(jnp.floor((j + 0.5) * up), 0, n - 1).astype(jnp.int32)
-
-    shape = [1] * x.ndim
-    shape[axis] = n
-    t = t.reshape(shape)
-    x = (1 - t) * jnp.take(x, source(j0), axis=axis) + t * jnp.take(x, source(j1), axis=axis)
-  return x
-
-
-def _gamma(x: jax.Array, gamma: jax.Array, invert: bool) -> jax.Array:
-  """x -> x^gamma on the joint [min, max] of both scans, keeping their joint mean and std."""
-  if invert:
-    x = -x
-  mean, std = x.mean(), x.std()
-  low, high = x.min(), x.max()
-  span = jnp.maximum(high - low, 1e-7)
-  y = ((x - low) / span) ** gamma * span + low
-  y = (y - y.mean()) / jnp.maximum(y.std(), 1e-7) * std + mean
-  return -y if invert else y
-
-
-def _intensity(spec: Spec, p: dict, x: jax.Array) -> jax.Array:
-  """nnU-Net's order: noise, blur, brightness, contrast, low resolution, gamma (inverted, plain)."""
-  if spec.p_noise > 0:
-    field = jax.random.normal(jax.random.wrap_key_data(p["noise_key"]), x.shape[:-1], x.dtype)
-    x = jnp.where(p["noise"], x + p["noise_sigma"] * field[..., None], x)
-  if spec.p_blur > 0:
-    radius = max(1, math.ceil(3 * spec.blur_sigma[1]))
-    x = jnp.where(p["blur"], _gaussian_blur(x, p["blur_sigma"], radius), x)
-  if spec.p_brightness > 0:
-    x = x * p["brightness"]
-  if spec.p_contrast > 0:
-    mean, low, high = x.mean(), x.min(), x.max()
-    contrasted = jnp.clip((x - mean) * p["contrast_factor"] + mean, low, high)
-    x = jnp.where(p["contrast"], contrasted, x)
-  if spec.p_lowres > 0:
-    x = jnp.where(p["lowres"], _low_resolution(x, p["lowres_zoom"]), x)
-  if spec.p_gamma_inverted > 0:
-    x = jnp.where(p["gamma_inverted"], _gamma(x, p["gamma_inverted_value"], True), x)
-  if spec.p_gamma > 0:
-    x = jnp.where(p["gamma"], _gamma(x, p["gamma_value"], False), x)
-  return x
-
-
 # --- one sample, a batch ----------------------------------------------------------------------
 
 
@@ -384,7 +244,7 @@ def apply(spec: Spec, p: dict, sample: Batch, patch: tuple[int, ...]) -> Batch:
     scans, label = trilinear(scans, grid), nearest(label, grid)
   elif crop != tuple(patch):
     scans, label = centre_crop(scans, patch), centre_crop(label, patch)
-  scans = _intensity(spec, p, scans)
+  scans = intensity.transform(spec, p, scans)
   if spec.p_mirror > 0:
     for axis in range(3):
       scans = jnp.where(p["mirror"][axis], jnp.flip(scans, axis), scans)
