@@ -135,10 +135,14 @@ def _host_tiling(predict, volume, window, overlap, batch_size, mirror_axes, fixe
   starts = window_starts(padded, window, overlap)
   for i in range(0, len(starts), batch_size):
     chunk = starts[i : i + batch_size]
-    tiles = np.zeros((batch_size if fixed_batch else len(chunk), *window, vol.shape[-1]), np.float32)
+    tiles = np.zeros(
+      (batch_size if fixed_batch else len(chunk), *window, vol.shape[-1]), np.float32
+    )
     for j, s in enumerate(chunk):
       tiles[j] = vol[tuple(slice(a, a + w) for a, w in zip(s, window))]
-    outputs = _mirrored(lambda t: np.asarray(predict(np.ascontiguousarray(t))), np, tiles, mirror_axes)
+    outputs = _mirrored(
+      lambda t: np.asarray(predict(np.ascontiguousarray(t))), np, tiles, mirror_axes
+    )
     if acc is None:  # [*padded, K]: K is what the window function returns
       acc = np.zeros((*padded, outputs.shape[-1]), np.float32)
     for j, s in enumerate(chunk):
@@ -183,7 +187,9 @@ def _device_program(forward, shape, window, overlap, batch_size, mirror_axes) ->
     )
 
   def run(params, volume):
-    vol = jnp.pad(volume.astype(jnp.float32), [(0, p - s) for p, s in zip(padded, spatial)] + [(0, 0)])
+    vol = jnp.pad(
+      volume.astype(jnp.float32), [(0, p - s) for p, s in zip(padded, spatial)] + [(0, 0)]
+    )
     cut = (*window, vol.shape[-1])
 
     def body(carry, xs):
