@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from resfuse_jax import augment, config_lib, data, train
+from benchmarks import measure
+from resfuse_jax import augment, config_lib, data
 from resfuse_jax.data import brats, phantom, pipeline
-from resfuse_jax.inference import predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,45 +59,25 @@ def uncached_patches_per_second(files, info, patch, crop, n: int) -> float:
   return n / (time.perf_counter() - t)
 
 
-def median_time(fn, *args, steps: int) -> float:
-  """Median seconds of ``fn(*args)`` (blocking) over ``steps`` calls after one warm-up."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
-def host_batch(shape: tuple[int, ...], b: int) -> dict[str, jax.Array]:
-  rng = np.random.default_rng(0)
-  return {
-    "pre": jnp.asarray(rng.normal(size=(b, *shape, 1)).astype(np.float32)),
-    "post": jnp.asarray(rng.normal(size=(b, *shape, 1)).astype(np.float32)),
-    "label": jnp.asarray(rng.integers(0, 4, size=(b, *shape)).astype(np.uint8)),
-  }
-
-
 def step_rates(config, steps: int) -> dict[str, float]:
   """Seconds per step with augmentation (crops in) and without, and the augmentation alone."""
-  regions = tuple(data.get_dataset(config.data.name).regions.values())
-  model = predictor.build_model(config)
-  tx = train.make_optimizer(config.train)
   b, patch = config.train.batch_size, tuple(config.data.patch_size)
-  state = jax.jit(lambda k: train.init_state(model, tx, patch, k))(jax.random.key(0))
   out = {}
   for augmented in (False, True):
-    step = jax.jit(train.make_step_fn(config, model, tx, regions, augmented=augmented))
-    shape = train.crop_shape(config) if augmented else patch
-    seconds = median_time(step, state, host_batch(shape, b), steps=steps)
+    step = measure.train_step(config, augmented=augmented)
+    seconds = measure.time_calls(step, steps).median_s
     out["step_s_augmented" if augmented else "step_s_plain"] = seconds
-  spec = train.augmentation(config)
   augment_only = jax.jit(
-    lambda batch, step: augment.augment_batch(spec, batch, augment.sample_keys(0, step, b), patch)
+    lambda batch, i: augment.augment_batch(
+      step.augmentation, batch, augment.sample_keys(0, i, b), patch
+    )
   )
-  crops = host_batch(train.crop_shape(config), b)
-  out["augment_s"] = median_time(augment_only, crops, jnp.asarray(0), steps=max(steps, 3))
+  crops = step.batch  # the augmented step's: crops with augmentation's margin
+
+  def run():
+    jax.block_until_ready(augment_only(crops, jnp.asarray(0)))
+
+  out["augment_s"] = measure.time_calls(run, max(steps, 3)).median_s
   out["augment_share_of_step"] = out["augment_s"] / out["step_s_augmented"]
   out["step_patches_per_s"] = b / out["step_s_augmented"]
   return out
@@ -115,7 +95,7 @@ def main():
   flags.FLAGS.mark_as_parsed()
   config = config_lib.load(f"{ROOT / args.config}:{args.model}")
   patch, batch_size = tuple(config.data.patch_size), config.train.batch_size
-  crop = train.crop_shape(config)
+  crop = measure.crop_shape(config)
   info = data.get_dataset("brats")
 
   with tempfile.TemporaryDirectory() as tmp:

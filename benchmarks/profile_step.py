@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from benchmarks import suite
-from resfuse_jax import train
-from resfuse_jax.inference import predictor
+from benchmarks import measure, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,20 +54,12 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--top", type=int, default=15)
   args = p.parse_args()
-  config = suite.brats_config(args.model, args.patch, args.batch)
-  regions = suite.regions()
-  model = predictor.build_model(config)
-  tx = train.make_optimizer(config.train)
-  state = jax.jit(lambda k: train.init_state(model, tx, (args.patch,) * 3, k))(jax.random.key(0))
-  data = jax.tree.map(jnp.asarray, suite.random_batch(args.batch, args.patch))
-  step = jax.jit(train.make_step_fn(config, model, tx, regions, augmented=False), donate_argnums=0)
-  state, m = step(state, data)
-  jax.block_until_ready(m)
+  step = measure.train_step(suite.brats_config(args.model, args.patch, args.batch))
+  step()  # compiles
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp)
     t = time.perf_counter()
-    state, m = step(state, data)
-    jax.block_until_ready(m)
+    step()
     wall = time.perf_counter() - t
     jax.profiler.stop_trace()
     (pb,) = Path(tmp).rglob("*.xplane.pb")

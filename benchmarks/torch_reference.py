@@ -143,20 +143,30 @@ def dice_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def labels_to_regions(label: torch.Tensor, regions) -> torch.Tensor:
-  masks = [torch.isin(label, torch.tensor(values)) for values in regions]
+  masks = [torch.isin(label, torch.tensor(values, device=label.device)) for values in regions]
   return torch.stack(masks, 1).float()
 
 
-def make_train_step(model: nn.Module, regions, lr: float = 1e-3, clip: float = 1.0):
-  """AdamW + global-norm clipping, the optimiser of `resfuse_jax.train.make_optimizer`."""
+def make_train_step(
+  model: nn.Module, regions, lr: float = 1e-3, clip: float = 1.0, dtype: str = "float32"
+):
+  """AdamW + global-norm clipping, the optimiser of `resfuse_jax.train.make_optimizer`.
+
+  ``dtype="bfloat16"``: the forward under bf16 autocast (the loss in float32), PyTorch's
+  usual mixed precision; the step returns once the device has finished it.
+  """
   opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
 
   def step(pre, post, label):
     opt.zero_grad(set_to_none=True)
-    loss = dice_bce_loss(model(pre, post), labels_to_regions(label, regions))
+    with torch.autocast(pre.device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = model(pre, post)
+    loss = dice_bce_loss(logits.float(), labels_to_regions(label, regions))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
+    if pre.device.type == "cuda":
+      torch.cuda.synchronize()
     return loss.detach()
 
   return step

@@ -24,6 +24,7 @@ CHOICES = {
   "upsample": ("depth_to_space", "transpose"),  # model.upsample: k2 s2 transposed convs
   "conv_layout": ("default", "nhwc", "nchw"),  # model.conv_layout: XLA GPU conv layout flag
   "compute_dtype": ("float32", "bfloat16"),  # train.compute_dtype: activations and matmuls
+  "tiling": ("host", "device"),  # where the sliding window cuts and blends (inference.tiler)
 }
 
 DEFAULTS = {
@@ -33,6 +34,7 @@ DEFAULTS = {
     "upsample": "depth_to_space",
     "conv_layout": "default",
     "compute_dtype": "float32",
+    "tiling": "host",
     "eval_batch_size": 4,
   },
   "gpu": {  # unmeasured: see the module docstring
@@ -41,6 +43,7 @@ DEFAULTS = {
     "upsample": "depth_to_space",
     "conv_layout": "default",
     "compute_dtype": "bfloat16",
+    "tiling": "host",  # the device tiler measured 10x faster on an H200: issue 27 decides
     "eval_batch_size": 8,
   },
 }

@@ -1,5 +1,6 @@
 """The PyTorch reference of benchmarks/ is the same architecture as ours: what makes timing fair."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from conftest import ROOT
 
 torch = pytest.importorskip("torch")
 
-from benchmarks import suite, torch_reference  # noqa: E402
+from benchmarks import measure, suite, torch_reference  # noqa: E402
 from resfuse_jax import models  # noqa: E402
 
 
@@ -105,29 +106,86 @@ def test_workers_run_as_modules_from_the_repository_root(monkeypatch):
 
   def fake_run(cmd, **kwargs):
     calls.append((cmd, kwargs))
-    return suite.subprocess.CompletedProcess(cmd, 0, stdout='{"volume_s": 1.0}\n', stderr="")
+    return subprocess.CompletedProcess(cmd, 0, stdout='log\n{"volume_s": 1.0}\n', stderr="")
 
-  monkeypatch.setattr(suite.subprocess, "run", fake_run)
-  row = suite.run_worker("jax_inference", "xla", model_name="resfuse", patch=8, batch=1)
+  monkeypatch.setattr(measure.subprocess, "run", fake_run)
+  kw = {"model_name": "resfuse", "patch": 8, "batch": 1, "conv_impl": "xla"}
+  row = measure.run_isolated("benchmarks.suite", "jax_inference", **kw)
   ((cmd, kwargs),) = calls
-  assert cmd[:5] == [suite.sys.executable, "-m", "benchmarks.suite", "--worker", "jax_inference"]
-  assert cmd[-2:] == ["--conv-impl", "xla"]
-  assert kwargs["cwd"] == suite.ROOT and "env" not in kwargs
-  assert row == {
-    "model_name": "resfuse",
-    "patch": 8,
-    "batch": 1,
-    "conv_impl": "xla",
-    "volume_s": 1.0,
-  }
-  assert "--conv-impl" not in suite.worker_command("torch_step", model_name="resfuse")
+  assert cmd[:5] == [sys.executable, "-m", "benchmarks.suite", "--worker", "jax_inference"]
+  assert cmd[5] == "--kwargs" and json.loads(cmd[6]) == kw
+  assert kwargs["cwd"] == measure.ROOT and "env" not in kwargs
+  assert row == {**kw, "volume_s": 1.0}
 
 
-def test_a_worker_gets_its_conv_impl_as_an_argument(monkeypatch, capsys):
-  monkeypatch.setitem(suite.WORKERS, "echo", lambda **kwargs: kwargs)
-  out = suite.main(["--worker", "echo", "--kwargs", '{"patch": 8}', "--conv-impl", "xla"])
-  assert out == {"patch": 8, "conv_impl": "xla"}
-  assert '"conv_impl": "xla"' in capsys.readouterr().out
+def test_a_worker_gets_its_conv_impl_in_its_config(monkeypatch, capsys):
+  seen = []
+  monkeypatch.setattr(suite.workloads, "jax_step", lambda config, steps: seen.append(config) or {})
+  kwargs = '{"model_name": "resfuse", "patch": 8, "batch": 1, "steps": 1, "conv_impl": "xla"}'
+  out = suite.main(["--worker", "jax_step", "--kwargs", kwargs])
+  assert seen[0].model.conv_impl == "xla" and tuple(seen[0].data.patch_size) == (8, 8, 8)
+  assert out["peak_rss_mb"] > 0 and json.loads(capsys.readouterr().out.splitlines()[-1]) == out
+
+
+def test_the_runner_keeps_order_records_skips_and_failures():
+  def boom():
+    raise ValueError("no")
+
+  todo = [
+    measure.Measurement("a/1", lambda: {"ms": 1.0}),
+    measure.Measurement("b/1", boom),
+    measure.Measurement("a/2", lambda: {"ms": 2.0}, expected_s=1e9),  # over the budget
+    measure.Measurement("c/1", lambda: {"ms": 3.0}),
+  ]
+  logged = []
+  results, failed = measure.run_measurements(todo, 100.0, log=logged.append)
+  assert failed and list(results) == ["a/1", "b/1", "a/2", "c/1"]
+  assert results["a/1"]["ms"] == 1.0 and results["a/1"]["wall_s"] >= 0
+  assert results["b/1"]["error"] == "ValueError: no" and "boom" in results["b/1"]["traceback"]
+  assert results["a/2"]["skipped"].endswith("needs ~1000000000 s")
+  only, failed = measure.run_measurements(todo, only=["a/"], log=logged.append)
+  assert list(only) == ["a/1", "a/2"] and not failed and only["a/2"]["ms"] == 2.0
+  assert len(logged) == 6 and "--- b/1" in logged[1]
+
+
+def test_the_harness_times_compiles_and_analyses_a_jitted_function():
+  f = jax.jit(lambda a: a @ a)
+  a = jnp.ones((64, 64))
+  compiled = measure.compile_jitted(f, a)
+  assert compiled.flops == pytest.approx(2 * 64**3, rel=0.01)
+  assert compiled.bytes_accessed >= 2 * 64 * 64 * 4 and compiled.memory_bytes > 0
+  calls = []
+  timing = measure.time_calls(
+    lambda: calls.append(compiled.executable(a).block_until_ready()), 3, 2
+  )
+  assert len(calls) == 5 and len(timing.times_s) == 3 and timing.first_s > 0
+  assert timing.best_s <= timing.median_s
+  rates = measure.achieved(compiled, 1e-3)
+  assert rates["tflops_per_s"] == pytest.approx(compiled.flops / 1e9)
+
+
+def test_the_environment_names_the_code_and_the_machine():
+  env = measure.environment("cmd")
+  assert env["versions"]["jax"] == jax.__version__ and env["command"] == "cmd"
+  assert env["backend"] == jax.default_backend() and env["devices"]
+  assert env["commit"] and len(env["commit"].split("+")[0]) >= 7  # the worktree is a git checkout
+
+
+def test_the_benchmarks_step_is_trainings_own(monkeypatch):
+  """One place reaches training: the step the benchmarks time is the one it builds."""
+  from resfuse_jax import train
+
+  built = []
+  real = train.make_step_fn
+  monkeypatch.setattr(train, "make_step_fn", lambda *a, **k: built.append(k) or real(*a, **k))
+  config = suite.brats_config("resunet", 16, 1)
+  config.model.features = (4, 8)
+  step = measure.train_step(config)
+  assert built == [{"augmented": False}]
+  assert step.batch["pre"].shape == (1, 16, 16, 16, 1)
+  before = int(step.state.step)
+  step()
+  assert int(step.state.step) == before + 1
 
 
 # One measurement of each kind: a JAX step (in a fresh process, with XLA's layout flag set),
@@ -214,17 +272,49 @@ def test_onnxruntime_rows_give_their_ratios_and_merge_alone(monkeypatch, tmp_pat
   assert r["monai_over_onnxruntime_inference"] == pytest.approx(3.0)
   assert r["onnxruntime_over_jax_inference"] == pytest.approx(2.0)
   assert r["peak_rss_monai_over_onnxruntime"] == pytest.approx(2.0)
-  results = tmp_path / "benchmarks" / "results"
-  results.mkdir(parents=True)
-  (results / "t.json").write_text(json.dumps(synthetic_results()))
-  monkeypatch.setattr(suite, "ROOT", tmp_path)
+  (tmp_path / "t.json").write_text(json.dumps(synthetic_results()))
+  monkeypatch.setattr(suite, "RESULTS", tmp_path)
   header = {"command": "only inference", "date": "today", "versions": {"jax": "x"}}
-  merged = suite.merge_section("t", "inference", res["inference"], header)
-  on_disk = json.loads((results / "t.json").read_text())
+  merged = suite.finish("t", {"inference": res["inference"]}, header, only="inference")
+  on_disk = json.loads((tmp_path / "t.json").read_text())
   assert on_disk == merged and on_disk["train_step"] == synthetic_results()["train_step"]
   assert on_disk["sections"]["inference"]["command"] == "only inference"
   assert on_disk["ratios"]["monai_over_onnxruntime_inference"] == pytest.approx(3.0)
-  assert "Measured apart from the rest: `only inference`" in (results / "t.md").read_text()
+  assert "Measured apart from the rest: `only inference`" in (tmp_path / "t.md").read_text()
+
+
+def test_the_suites_results_render_from_the_recorded_file():
+  """The recorded numbers are read, not rewritten: today's code renders the same table rows."""
+  recorded = json.loads((ROOT / "benchmarks" / "results" / "cpu.json").read_text())
+  text = suite.markdown(recorded)
+  kept = (ROOT / "benchmarks" / "results" / "cpu.md").read_text()
+  rows = [line for line in text.splitlines() if line.startswith("| ")]
+  assert rows and all(line in kept for line in rows)
+  assert suite.ratios(recorded) == pytest.approx(recorded["ratios"])
+
+
+def test_the_suites_measurements_group_into_its_sections(tmp_path):
+  ns = argparse.Namespace(
+    batch=2, patch=32, steps=1, before=True, scale_patches="16", scale_batches="1", cases=1
+  )
+  names = [m.name for m in suite.measurements(ns, str(tmp_path))]
+  assert names[0] == "matmul" and names[-2:] == ["pipeline", "augmentation"]
+  assert "train_step/jax/resfuse/xla" in names and "train_step/jax/resunet/xla" not in names
+  assert [n for n in names if n.startswith("scaling/")] == [
+    "scaling/jax/16/2", "scaling/jax/16/1", "scaling/torch/16/2", "scaling/torch/16/1",
+  ]  # fmt: skip
+  fake = {"step_times_s": [2.0], "params": 1, "peak_rss_mb": 1.0}
+  results = {
+    "train_step/jax/resfuse/auto": {"model_name": "resfuse", "patch": 2, "batch": 1, **fake},
+    "scaling/torch/16/1": {"model_name": "resfuse", "patch": 16, "batch": 1, **fake},
+    "pipeline": {"patches_per_s_0_workers": 3.0, "wall_s": 1.0},
+  }
+  sec = suite.sections(results)
+  assert sec["train_step"][0]["framework"] == "jax" and sec["train_step"][0]["step_s"] == 2.0
+  assert (
+    sec["scaling"][0]["framework"] == "torch" and sec["scaling"][0]["voxels_per_s"] == 16**3 / 2
+  )
+  assert sec["pipeline"] == {"patches_per_s_0_workers": 3.0}
 
 
 def test_the_onnxruntime_workers_run_at_toy_size(monkeypatch, tmp_path):
@@ -234,6 +324,7 @@ def test_the_onnxruntime_workers_run_at_toy_size(monkeypatch, tmp_path):
   exported = suite.onnx_export("resunet", 16, 2, path)
   assert exported["bytes"] > 0
   row = suite.onnxruntime_inference("resunet", 16, 2, path)
+  assert row["ms"] == pytest.approx(1e3 * row["volume_s"])
   assert row["out_shape"] == [20, 18, 16, 3] and row["tiles_per_run"] == 1
   assert row["volume_s"] > 0
 

@@ -131,7 +131,7 @@ def test_the_last_partial_batch_is_sent_as_it_is():
 
   out = {
     fixed: tiler.sliding_window(
-      window(fixed), volume, (16, 16, 16), 3, overlap=0.5, batch_size=3, fixed_batch=fixed
+      window(fixed), volume, (16, 16, 16), overlap=0.5, batch_size=3, fixed_batch=fixed
     )
     for fixed in (True, False)
   }

@@ -164,38 +164,45 @@ class Predictor:
     return models.count_params(self.params)
 
   def window_fn(self) -> Callable[[np.ndarray], np.ndarray]:
-    """[N, d, h, w, 2] numpy tiles -> [N, d, h, w, R] numpy probabilities."""
+    """[N, d, h, w, 2] numpy tiles -> [N, d, h, w, R] numpy probabilities; JAX's is a
+    `tiler.JaxWindow`, which the device tiler can also run."""
     if self._window is not None:
       return self._window
-    return lambda tiles: np.asarray(self._forward(self.params, tiles))
+    return tiler.JaxWindow(self._forward, self.params)
 
-  def probabilities(self, case: data.Case, tta: bool = False) -> np.ndarray:
-    """[D, H, W, R] region probabilities on the case's (preprocessed) grid."""
+  def probabilities(self, case: data.Case, tta: bool = False, placement: str = "auto"):
+    """[D, H, W, R] region probabilities on the case's (preprocessed) grid.
+
+    ``placement``: where the tiler cuts and blends (`tiler.sliding_window`).
+    """
+    mirror_axes = (0, 1, 2) if tta else ()
     return tiler.predict_volume(
-      self.window_fn(), case, self.config, mirror_axes=(0, 1, 2) if tta else ()
+      self.window_fn(), case, self.config, mirror_axes=mirror_axes, placement=placement
     )
 
   def fusion_heat(self, case: data.Case) -> np.ndarray | None:
     """[D, H, W]: where the auxiliary branch changes the main one; None if the model sows
-    no ``models.FUSION_TERMS`` (it does not fuse that way)."""
+    no ``models.FUSION_TERMS`` (it does not fuse that way).
+
+    The per-level magnitudes are what the one tiler accumulates, in windows that overlap
+    only where the volume's end makes them (overlap 0).
+    """
     window = tuple(self.config.data.patch_size)
+    tile = jax.ShapeDtypeStruct((1, *window, 2), jnp.float32)
+    if not jax.tree.leaves(jax.eval_shape(self._fusion_terms, self.params, tile)):
+      return None
+
+    def magnitudes(tiles: np.ndarray) -> np.ndarray:  # [n, *window, 2] -> [n, *window, L]
+      out = []
+      for t in tiles:
+        sown = self._fusion_terms(self.params, t[None])
+        terms = [np.asarray(x) for x in jax.tree.leaves(sown.get(models.FUSION_TERMS, {}))]
+        out.append(np.moveaxis(fusion_magnitudes(terms, window), 0, -1))
+      return np.stack(out)
+
     volume = np.stack([case.pre, case.post], axis=-1)
-    shape = volume.shape[:3]
-    padded = tuple(max(s, w) for s, w in zip(shape, window))
-    volume = np.pad(volume, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
-    mags = None
-    for start in tiler.window_starts(padded, window, 0.0):
-      sl = tuple(slice(a, a + w) for a, w in zip(start, window))
-      sown = self._fusion_terms(self.params, volume[sl][None])
-      terms = [np.asarray(t) for t in jax.tree.leaves(sown.get(models.FUSION_TERMS, {}))]
-      if not terms:
-        return None
-      tile = fusion_magnitudes(terms, window)
-      if mags is None:
-        mags = np.zeros((len(tile), *padded), np.float32)
-      mags[(slice(None), *sl)] = tile
-    heat = fusion_heat_map(mags)
-    return heat[: shape[0], : shape[1], : shape[2]]
+    mags = tiler.sliding_window(magnitudes, volume, window, overlap=0.0, batch_size=1)
+    return fusion_heat_map(np.moveaxis(mags, -1, 0))
 
 
 def fusion_magnitudes(terms: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
