@@ -74,6 +74,11 @@ def step(model: str, size: dict, **overrides) -> dict:
   return workloads.jax_step(config_for(model, size, **overrides), size["steps"], warmup=2)
 
 
+def profile(size: dict) -> dict:
+  """The bf16 step traced once: device time per op kind (convolutions, fusions, copies...)."""
+  return workloads.step_profile(config_for("resfuse", size, **BF16))
+
+
 def layout_step(layout: str, tiny: bool) -> dict:
   """Worker: XLA reads --xla_gpu_force_conv_* once, when its backend starts."""
   from resfuse_jax import backend
@@ -139,6 +144,7 @@ def plan(size: dict) -> list[measure.Measurement]:
 
   jobs = [
     M("step/resfuse/bfloat16", lambda: step("resfuse", size, **BF16), 40),
+    M("profile/resfuse/bfloat16", lambda: profile(size), 20),
     M("torch_step/resfuse/bfloat16", lambda: torch_step("resfuse", size, "bfloat16"), 15),
     M("augmentation/resfuse/bfloat16", lambda: augmentation_share(size), 60),
     M("data/workers=0", lambda: data(size, 0), 20),
@@ -237,8 +243,11 @@ def main(argv=None) -> int:
   p.add_argument("--budget_s", type=float, default=300.0, help="skip what would not fit")
   p.add_argument("--tiny", action="store_true", help="toy sizes: the code paths on any backend")
   p.add_argument("--only", default="", help="comma-separated name prefixes to run")
+  p.add_argument("--compile_cache", default="", help="XLA's persistent compilation cache folder")
   measure.add_worker_flags(p)
   args = p.parse_args(argv)
+  if args.compile_cache:
+    measure.use_compilation_cache(args.compile_cache)
   if args.worker:
     measure.run_worker(WORKERS, args.worker, args.kwargs)
     return 0

@@ -40,7 +40,8 @@ PYTEST=${PIPESTATUS[0]}
 
 # 2. The measurements, within what is left of 7.5 minutes.
 LEFT=$(( 450 - ($(date +%s) - START) ))
-python3 -m benchmarks.gpu_check --out="$OUT" --budget_s="$LEFT" "$@"
+python3 -m benchmarks.gpu_check --out="$OUT" --budget_s="$LEFT" \
+  --compile_cache=/tmp/resfuse_jax_xla_cache "$@"
 CHECK=$?
 echo "gpu_check: pytest -m gpu exit $PYTEST, measurements exit $CHECK, $(( $(date +%s) - START )) s"
 [ "$PYTEST" -eq 0 ] && [ "$CHECK" -eq 0 ]

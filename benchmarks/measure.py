@@ -87,6 +87,14 @@ def train_step(config, augmented: bool = False) -> TrainStep:
   return TrainStep(jax.jit(step, donate_argnums=0), state, batch, model, train.augmentation(config))
 
 
+def use_compilation_cache(folder: str) -> None:
+  """XLA's persistent cache: a step compiled twice in a run (or by a worker) compiles once."""
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def random_batch(shapes: dict) -> dict:
   """Device arrays of ``shapes`` (jax.ShapeDtypeStruct): normal images, labels 0-3."""
   import jax.numpy as jnp

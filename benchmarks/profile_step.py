@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -24,27 +23,64 @@ from benchmarks import measure, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
-KINDS = ("convolution", "dot", "copy", "transpose", "reduce", "fusion", "pad", "concatenate")
+# First match wins: a collective or a convolution fused with its bias stays what it is.
+KINDS = (
+  ("collective", ("all-reduce", "all-gather", "reduce-scatter", "collective", "all-to-all")),
+  ("convolution", ("conv", "cudnn")),
+  ("dot", ("dot", "gemm", "cublas")),
+  ("transpose/copy", ("transpose", "copy", "bitcast")),
+  ("reduce", ("reduce",)),
+  ("pad/slice/concatenate", ("pad", "slice", "concatenate", "dynamic-update")),
+  ("fusion", ("fusion",)),
+)
 
 
 def kind_of(name: str) -> str:
-  base = re.sub(r"[._]\d+$", "", name.split("(")[0])
-  for k in KINDS:
-    if k in base:
-      return k
+  """An HLO op's kind from its name (``loop_add_fusion.3``, ``cudnn-conv.1``, ``copy.7``)."""
+  base = name.split("(")[0].lower()
+  for kind, keys in KINDS:
+    if any(k in base for k in keys):
+      return kind
   return "other"
 
 
-def op_events(xspace: bytes) -> list[tuple[str, float]]:
-  """(op name, seconds) of every XLA op executed on the host's compute threads."""
+def op_events(xspace: bytes, device_only: bool = False) -> list[tuple[str, float]]:
+  """(op name, seconds) of every XLA op a traced step executed.
+
+  ``device_only``: when the trace has accelerator planes (``/device:GPU:0``), only their
+  op events, from the "XLA Ops" line where there is one (its kernels' stream lines
+  repeat the same ops); the host's events are launches there, not compute.
+  """
+  planes = list(jax.profiler.ProfileData.from_serialized_xspace(xspace).planes)
+  devices = [p for p in planes if p.name.startswith("/device:") and _device_ops(p)]
+  if device_only and devices:
+    return [e for p in devices for e in _device_ops(p)]
   events = []
-  for plane in jax.profiler.ProfileData.from_serialized_xspace(xspace).planes:
+  for plane in planes:
     for line in plane.lines:
       for ev in line.events:
         stats = dict(ev.stats)
         if "hlo_op" in stats or "hlo_module" in stats:
           events.append((str(stats.get("hlo_op", ev.name)), ev.duration_ns / 1e9))
   return events
+
+
+def trace_lines(xspace: bytes) -> dict[str, int]:
+  """Events per plane/line of a trace: how to read its op events on an unfamiliar backend."""
+  planes = jax.profiler.ProfileData.from_serialized_xspace(xspace).planes
+  return {f"{p.name}/{line.name}": len(list(line.events)) for p in planes for line in p.lines}
+
+
+def _device_ops(plane) -> list[tuple[str, float]]:
+  lines = list(plane.lines)
+  ops_lines = [line for line in lines if line.name == "XLA Ops"]
+  out = []
+  for line in ops_lines or lines:
+    for ev in line.events:
+      stats = dict(ev.stats)
+      if "hlo_op" in stats or ops_lines:
+        out.append((str(stats.get("hlo_op", ev.name)), ev.duration_ns / 1e9))
+  return out
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ carry ``ms`` (the median) where a time is the headline, beside the raw times.
 
 from __future__ import annotations
 
+import collections
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,46 @@ def jax_step(config, steps: int, warmup: int = 1, augmented: bool = False) -> di
     "device_peak_mb": measure.device_peak_mb(),
     "dtype": str(models.compute_dtype(config.train)),
     "plan": str(step.model.conv_impl),
+  }
+
+
+def step_profile(config, warmup: int = 2, top: int = 12) -> dict:
+  """Where one step's device time goes: XLA op events of a traced step, summed per kind.
+
+  On a GPU only the device planes count (the host's launch events would count each op
+  twice); on a CPU the host's XLA op events are the device time.
+  """
+  import jax
+
+  from benchmarks import profile_step
+
+  step = measure.train_step(config)
+  for _ in range(warmup):  # compiles (the persistent cache makes a repeat of jax_step's cheap)
+    step()
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    start = time.perf_counter()
+    step()
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    (pb,) = Path(tmp).rglob("*.xplane.pb")
+    trace = pb.read_bytes()
+  events = profile_step.op_events(trace, device_only=True)
+  if not events:
+    raise RuntimeError("the trace holds no XLA op events (this jax build emits none)")
+  by_kind, by_op = collections.Counter(), collections.Counter()
+  for name, seconds in events:
+    by_kind[profile_step.kind_of(name)] += seconds
+    by_op[name] += seconds
+  total = sum(by_kind.values())
+  return {
+    "ms": 1e3 * wall,
+    "ops_ms": 1e3 * total,
+    "ops": len(events),
+    "by_kind_ms": {k: 1e3 * v for k, v in by_kind.most_common()},
+    "by_kind_share": {k: v / total for k, v in by_kind.most_common()},
+    "top_ops_ms": [[k, 1e3 * v] for k, v in by_op.most_common(top)],
+    "trace_lines": profile_step.trace_lines(trace),
   }
 
 
