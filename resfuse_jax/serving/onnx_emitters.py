@@ -87,7 +87,6 @@ for _jax, _onnx in {
 }.items():
   EMITTERS[_jax] = _unary(_onnx)
 for _jax, _onnx in {
-  "add": "Add",
   "sub": "Sub",
   "mul": "Mul",
   "div": "Div",
@@ -164,13 +163,16 @@ def _clamp(t, eqn, ins):
 def _convert(t, eqn, ins):
   (x,), aval = ins, eqn.outvars[0].aval
   if np.dtype(x.aval.dtype) == np.dtype(aval.dtype):
-    return [Value(aval, x.name, x.const, x.perm, x.implicit)]
+    return [Value(aval, None if x.known else t.lazy(x), x.const, x.perm, x.implicit)]
   return [elementwise(t, "Cast", [x], aval, to=onnx_dtype(aval.dtype))]
 
 
 @emits("stop_gradient", "copy", "copy_p", "optimization_barrier", "sharding_constraint")
 def _identity(t, eqn, ins):
-  return [Value(o.aval, v.name, v.const, v.perm, v.implicit) for o, v in zip(eqn.outvars, ins)]
+  return [
+    Value(o.aval, None if v.known else t.lazy(v), v.const, v.perm, v.implicit)
+    for o, v in zip(eqn.outvars, ins)
+  ]
 
 
 def same(a, b) -> bool:
@@ -229,7 +231,7 @@ def _transpose(t, eqn, ins):
   """Free: the data stays, only which JAX axis each ONNX axis holds changes."""
   (x,), permutation = ins, eqn.params["permutation"]
   new_axis = {a: i for i, a in enumerate(permutation)}
-  return [out_value(eqn, x.name, tuple(new_axis[a] for a in x.perm), x.implicit)]
+  return [out_value(eqn, t.lazy(x), tuple(new_axis[a] for a in x.perm), x.implicit)]
 
 
 @emits("broadcast_in_dim")
@@ -390,20 +392,41 @@ def _conv(t, eqn, ins):
   if all(d == 1 for d in p["lhs_dilation"]):
     if min(lo + hi) < 0:
       raise NotExportable("a convolution with negative padding has no ONNX form here")
-    y = t.op(
-      "Conv",
-      [*inputs, t.constant(w, "w")],
-      kernel_shape=list(w.shape[2:]),
-      strides=list(p["window_strides"]),
-      pads=lo + hi,
-      dilations=list(p["rhs_dilation"]),
-      group=p["feature_group_count"],
-    )
-    return [out_value(eqn, y, tuple(out_spec))]
-  return [out_value(eqn, conv_transpose(t, inputs[0], w, p, lo, hi), tuple(out_spec))]
+    attrs = {
+      "kernel_shape": list(w.shape[2:]),
+      "strides": list(p["window_strides"]),
+      "pads": lo + hi,
+      "dilations": list(p["rhs_dilation"]),
+      "group": p["feature_group_count"],
+    }
+    return [pending(eqn, ("Conv", [*inputs, t.constant(w, "w")], attrs), tuple(out_spec))]
+  return [pending(eqn, conv_transpose(t, inputs[0], w, p, lo, hi), tuple(out_spec))]
 
 
-def conv_transpose(t: Translator, x: str, w: np.ndarray, p, lo, hi) -> str:
+def pending(eqn, node: tuple, perm) -> Value:
+  """A convolution emitted on first use, so a bias ``add`` can become its third input."""
+  return Value(eqn.outvars[0].aval, perm=perm, node=node)
+
+
+@emits("add")
+def _add(t, eqn, ins):
+  """conv + per-channel constant -> the convolution with a bias (as the hand graph had)."""
+  aval = eqn.outvars[0].aval
+  for conv, bias in (ins, ins[::-1]):
+    node = conv.node if conv.name is None else None
+    if node is None or len(node[1]) != 2 or not bias.known or conv.shape != tuple(aval.shape):
+      continue
+    channel = conv.perm[1]
+    ones = [d for a, d in enumerate(bias.const.shape) if a != channel]
+    if bias.const.ndim == conv.ndim and all(d == 1 for d in ones):
+      vector = bias.const.reshape(-1).astype(np.float32)
+      if len(vector) == conv.shape[channel]:
+        name = t.op(node[0], [*node[1], t.constant(vector, "b")], **node[2])
+        return [Value(aval, name, perm=conv.perm)]
+  return [elementwise(t, "Add", ins, aval)]
+
+
+def conv_transpose(t: Translator, x: str, w: np.ndarray, p, lo, hi) -> tuple:
   """A conv over the stride-dilated input is ConvTranspose with the taps flipped, I <-> O."""
   k = list(w.shape[2:])
   begin = [kk - 1 - a for kk, a in zip(k, lo)]
@@ -413,13 +436,8 @@ def conv_transpose(t: Translator, x: str, w: np.ndarray, p, lo, hi) -> str:
     raise NotExportable("this input-dilated convolution has no ONNX ConvTranspose form")
   spatial = tuple(range(2, w.ndim))
   flipped = np.flip(w, spatial).transpose(1, 0, *spatial)  # [I, O, *k]
-  return t.op(
-    "ConvTranspose",
-    [x, t.constant(np.ascontiguousarray(flipped), "w")],
-    kernel_shape=k,
-    strides=list(p["lhs_dilation"]),
-    pads=begin + end,
-  )
+  attrs = {"kernel_shape": k, "strides": list(p["lhs_dilation"]), "pads": begin + end}
+  return "ConvTranspose", [x, t.constant(np.ascontiguousarray(flipped), "w")], attrs
 
 
 @emits("dot_general")
@@ -433,9 +451,14 @@ def _dot_general(t, eqn, ins):
     perm = (rest[0], c, *rest[1:])
     matrix = w.const.T if rc[0] == 0 else w.const  # [O, I]
     kernel = matrix.reshape(*matrix.shape, *[1] * (x.ndim - 2))
-    y = t.op("Conv", [t.onnx(x, perm), t.constant(kernel, "w")], kernel_shape=[1] * (x.ndim - 2))
+    strides = [1] * (x.ndim - 2)
+    if x.strided is not None and x.strided[1][perm[0]] == x.strided[1][c] == 1:
+      x, steps = x.strided  # x[::s] read by the convolution's strides
+      strides = [steps[a] for a in perm[2:]]
+    attrs = {"kernel_shape": [1] * (x.ndim - 2), "strides": strides}
+    node = ("Conv", [t.onnx(x, perm), t.constant(kernel, "w")], attrs)
     new = [a - (a > c) for a in rest]
-    return [out_value(eqn, y, (new[0], x.ndim - 1, *new[1:]))]
+    return [pending(eqn, node, (new[0], x.ndim - 1, *new[1:]))]
   return [einsum(t, eqn, x, w, lc, rc, lb, rb)]
 
 

@@ -67,38 +67,57 @@ def sliced_gather(t: Translator, eqn, x: Value, idx: Value) -> Value:
   batch_shape = idx.shape[:-1]
   if not idx.known and batch_shape:
     raise NotExportable("gather with run-time indices of this form has no ONNX form here")
-  name, tags, squeeze = t.onnx(x), {a: ("offset", a) for a in range(x.ndim)}, []
+  base = t.onnx(x)
+  name, tags, squeeze = base, {a: ("offset", a) for a in range(x.ndim)}, []
+  static = {}  # ONNX axis -> (start, end, step): one Slice node for all of them
   for j, a in enumerate(dn.start_index_map):
     k = x.perm.index(a)
-    if idx.known:
-      start, b, vector = _constant_start(t, eqn, x, a, idx.const[..., j])
+    if not idx.known:
+      start = _dynamic_start(t, eqn, x, a, idx, j)
+      ends = t.op("Add", [start, t.dim(sizes[a])])
+      name = t.op("Slice", [name, start, ends, t.int64s([k])])
     else:
-      start, b, vector = _dynamic_start(t, eqn, x, a, idx, j), None, None
-    if b is not None:  # one index vector along batch axis b
-      step = int(vector[1] - vector[0]) if len(vector) > 1 else 1
-      if step > 0 and (np.diff(vector) == step).all():
-        ends = [int(vector[-1]) + 1]
-        args = [t.int64s([int(vector[0])]), t.int64s(ends), t.int64s([k]), t.int64s([step])]
-        name = t.op("Slice", [name, *args])
+      start, b, vector = _constant_start(t, eqn, x, a, idx.const[..., j])
+      step = int(vector[1] - vector[0]) if b is not None and len(vector) > 1 else 1
+      if b is None:
+        static[k] = (start, start + sizes[a], 1)
+      elif step > 0 and (np.diff(vector) == step).all():
+        static[k] = (int(vector[0]), int(vector[-1]) + 1, step)
       else:
         name = t.op("Gather", [name, t.int64s(vector)], axis=k)
-      tags[a] = ("batch", b)
-      continue
-    starts = t.int64s([start]) if isinstance(start, int) else start
-    ends = t.shape_tensor([start + sizes[a]]) if isinstance(start, int) else None
-    if ends is None:
-      ends = t.op("Add", [starts, t.dim(sizes[a])])
-    name = t.op("Slice", [name, starts, ends, t.int64s([k])])
-    if a in dn.collapsed_slice_dims:
+      if b is not None:
+        tags[a] = ("batch", b)
+    if a in dn.collapsed_slice_dims and tags[a][0] == "offset":
       squeeze.append(k)
       tags.pop(a)
   for a in range(x.ndim):
     if a not in dn.start_index_map and not _full(sizes[a], x.shape[a]):
-      ends = t.shape_tensor([sizes[a]])
-      name = t.op("Slice", [name, t.int64s([0]), ends, t.int64s([x.perm.index(a)])])
+      static[x.perm.index(a)] = (0, sizes[a], 1)
+  axes = sorted(static)
+  node = None
+  if axes:
+    bounds = [t.shape_tensor([static[k][i] for k in axes]) for i in (0, 1)]
+    node = ("Slice", [name, *bounds, t.int64s(axes), t.int64s([static[k][2] for k in axes])], {})
   if squeeze:
-    name = t.op("Squeeze", [name, t.int64s(squeeze)])
-  return _relabel(t, eqn, name, [tags[a] for a in x.perm if a in tags], batch_shape)
+    name = t.op(*node[:2], **node[2]) if node else name
+    name, node = t.op("Squeeze", [name, t.int64s(squeeze)]), None
+  tags = [tags[a] for a in x.perm if a in tags]
+  out = _relabel(t, eqn, None if node else name, tags, batch_shape, node)
+  if node and out.perm == x.perm and name is base and _every_step(x, static):
+    steps = [1] * x.ndim
+    for k in axes:
+      steps[x.perm[k]] = static[k][2]
+    out.strided = (x, tuple(steps))  # x[::s]: a 1x1x1 Conv reads it by its strides
+  return out
+
+
+def _every_step(x: Value, static: dict) -> bool:
+  """Whether each slice is x[::step] on its axis (what a strided 1x1x1 Conv reads)."""
+  for k, (start, end, step) in static.items():
+    dim = x.shape[x.perm[k]]
+    if not (isinstance(end, int) and isinstance(dim, int) and start == 0 and dim - end < step):
+      return False
+  return True
 
 
 def _full(size, dim) -> bool:
@@ -108,7 +127,7 @@ def _full(size, dim) -> bool:
     return False
 
 
-def _relabel(t: Translator, eqn, name: str, tags: list, batch_shape) -> Value:
+def _relabel(t: Translator, eqn, name, tags: list, batch_shape, node=None) -> Value:
   """The output layout from the tags of the ONNX axes (which operand or batch axis each is)."""
   dn = eqn.params["dimension_numbers"]
   out_ndim = len(eqn.outvars[0].aval.shape)
@@ -120,9 +139,12 @@ def _relabel(t: Translator, eqn, name: str, tags: list, batch_shape) -> Value:
   if any(tag[0] != "batch" or batch_shape[tag[1]] != 1 for tag in missing):
     raise NotExportable("gather whose output axes this translator cannot place")
   if missing:
+    if name is None:
+      name = t.op(node[0], node[1], **node[2])
     name = t.op("Unsqueeze", [name, t.int64s(list(range(len(tags), len(tags) + len(missing))))])
-    tags = tags + missing
-  return Value(eqn.outvars[0].aval, name, perm=tuple(position[tag] for tag in tags))
+    tags, node = tags + missing, None
+  perm = tuple(position[tag] for tag in tags)
+  return Value(eqn.outvars[0].aval, name, perm=perm, node=node if name is None else None)
 
 
 def batched_gather(t: Translator, eqn, x: Value, idx: Value) -> Value:

@@ -151,7 +151,7 @@ def to_onnx(
     name or "resfuse_jax",
     [tensor(n, 1) for n in INPUTS],
     [tensor(n, model.num_outputs) for n in OUTPUTS],
-    t.initializers,
+    t.used_initializers(),
   )
   proto = helper.make_model(
     graph,

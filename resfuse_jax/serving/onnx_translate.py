@@ -37,7 +37,10 @@ class Value:
   """One jaxpr variable: an ONNX tensor (``name``) or a value known at export (``const``).
 
   ``perm[k]`` is the JAX axis that ONNX axis ``k`` holds. ``implicit``: the ONNX tensor
-  keeps size 1 on axes the JAX value broadcasts (a lazy ``broadcast_in_dim``).
+  keeps size 1 on axes the JAX value broadcasts (a lazy ``broadcast_in_dim``). ``node``:
+  a node not yet emitted (op_type, inputs, attributes), so a consumer may emit a fused
+  form instead (a convolution with its bias); ``strided``: (source, step per JAX axis)
+  when the value is ``source[::s0, ::s1, ...]``, which a 1x1x1 Conv reads by its strides.
   """
 
   aval: Any
@@ -45,6 +48,8 @@ class Value:
   const: np.ndarray | None = None
   perm: tuple[int, ...] | None = None
   implicit: bool = False
+  node: tuple[str, list[str], dict] | None = None
+  strided: tuple[Value, tuple[int, ...]] | None = None
 
   def __post_init__(self):
     if self.perm is None:
@@ -120,6 +125,11 @@ class Translator:
     self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
     return name
 
+  def used_initializers(self) -> list[onnx.TensorProto]:
+    """The initializers some node reads (a fused consumer leaves its pending node's unread)."""
+    read = {name for node in self.nodes for name in node.input}
+    return [i for i in self.initializers if i.name in read]
+
   def int64s(self, values) -> str:
     return self.constant(np.asarray(values, np.int64), "i")
 
@@ -160,6 +170,9 @@ class Translator:
     perm = v.perm if perm is None else tuple(perm)
     if v.known:
       return self.constant(np.transpose(v.const, perm))
+    if v.name is None:  # emitted on first use: no consumer fused it
+      op_type, inputs, attrs = v.node
+      v.name = self.op(op_type, inputs, **attrs)
     if perm == v.perm:
       return v.name
     return self.op("Transpose", [v.name], perm=[v.perm.index(a) for a in perm])
