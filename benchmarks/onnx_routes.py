@@ -104,7 +104,7 @@ def measure(routes: dict, window, volume_shape, repeats: int) -> dict:
     windows[(name, "openvino")] = openvino_window(path)
   times = {key: [] for key in windows}
   outputs = {}
-  for key, predict in windows.items():  # warm-up (first-run allocations), not timed
+  for predict in windows.values():  # warm-up (first-run allocations), not timed
     predict(volume[None, : window[0], : window[1], : window[2]])
   for _ in range(repeats):  # interleaved: every route and runtime once per round
     for key, predict in windows.items():

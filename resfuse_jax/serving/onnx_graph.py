@@ -29,19 +29,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from resfuse_jax.inference.onnx_runtime import INPUTS, OUTPUTS
 from resfuse_jax.models import layers
-from resfuse_jax.serving.onnx_emitters import EMITTERS
+from resfuse_jax.serving import onnx_convs, onnx_emitters, onnx_gather, onnx_shapes
 from resfuse_jax.serving.onnx_translate import NotExportable, Translator, Value, channels_first
 
 __all__ = ["EXPORT_PLAN", "INPUTS", "IR_VERSION", "NotExportable", "OPSET", "OUTPUTS", "to_onnx"]
 
 OPSET = 18  # Split's num_outputs, Reduce* axes as inputs; unchanged up to opset 23
 IR_VERSION = 8  # the oldest IR that carries opset 18: the widest runtime support
-INPUTS = ("pre", "post")
-OUTPUTS = ("logits", "probabilities")
 # Fastest under onnxruntime and OpenVINO (benchmarks/onnx_routes.py): textbook operators.
 EXPORT_PLAN = layers.ConvPlan(conv="xla", downsample="strided", upsample="transpose")
 NORM_CALL = "instance_norm"  # the name of the traced call; ":<epsilon>" follows it
+EMITTERS = {
+  **onnx_emitters.EMITTERS,
+  **onnx_shapes.EMITTERS,
+  **onnx_convs.EMITTERS,
+  "gather": onnx_gather.gather,
+}
 
 
 class _NormsAsCalls:

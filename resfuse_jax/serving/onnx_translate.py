@@ -18,7 +18,6 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
