@@ -47,7 +47,7 @@ def hand_module(rev: str):
   return module
 
 
-def export_routes(features, window, rev: str, folder: Path) -> dict:
+def export_routes(features, window, rev: str, folder: Path, names=None) -> dict:
   """Route name -> (path of model.onnx, export seconds, node count)."""
   import jax
   import jax.numpy as jnp
@@ -68,6 +68,8 @@ def export_routes(features, window, rev: str, folder: Path) -> dict:
   }
   out = {}
   for name, export in routes.items():
+    if names and name not in names:
+      continue
     t = time.perf_counter()
     proto = export()
     seconds = time.perf_counter() - t
@@ -134,13 +136,15 @@ def main(argv=None) -> None:
   parser.add_argument("--volume", default="96,96,96")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--hand_rev", default=HAND_REV)
+  parser.add_argument("--routes", default="", help="comma-separated subset (default: all)")
   parser.add_argument("--output", default=str(ROOT / "benchmarks/results/onnx_routes.json"))
   args = parser.parse_args(argv)
   features = [int(f) for f in args.features.split(",")]
   window = (args.window,) * 3
   volume = tuple(int(v) for v in args.volume.split(","))
   with tempfile.TemporaryDirectory() as folder:
-    routes = export_routes(features, window, args.hand_rev, Path(folder))
+    names = [n for n in args.routes.split(",") if n]
+    routes = export_routes(features, window, args.hand_rev, Path(folder), names)
     rows = measure(routes, window, volume, args.repeats)
   result = {
     "command": " ".join(["python -m benchmarks.onnx_routes", *(argv or sys.argv[1:])]),
