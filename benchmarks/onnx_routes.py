@@ -10,7 +10,7 @@ time under onnxruntime and OpenVINO (f32), interleaved, best of ``--repeats``:
 - ``traced_rewrites``: the same traced with the training plan's space-to-depth /
   depth-to-space rewrites;
 - ``traced_unfused``: the textbook plan with InstanceNorm left as its primitives.
-Writes ``benchmarks/results/onnx_routes.json`` (``--output``) with times and ratios to ``hand``.
+Writes ``benchmarks/results/onnx_routes_<window>.json`` (``--output``): times, ratios to ``hand``.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--hand_rev", default=HAND_REV)
   parser.add_argument("--routes", default="", help="comma-separated subset (default: all)")
-  parser.add_argument("--output", default=str(ROOT / "benchmarks/results/onnx_routes.json"))
+  parser.add_argument("--output", default="", help="default results/onnx_routes_<window>.json")
   args = parser.parse_args(argv)
   features = [int(f) for f in args.features.split(",")]
   window = (args.window,) * 3
@@ -155,8 +155,9 @@ def main(argv=None) -> None:
     "exports": {n: {"export_s": s, "nodes": k} for n, (_, s, k) in routes.items()},
     "runs": rows,
   }
-  Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+  output = Path(args.output or ROOT / f"benchmarks/results/onnx_routes_{args.window}.json")
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(result, indent=2) + "\n")
   for key, row in rows.items():
     print(f"{key:32s} best {row['best_s']:8.3f} s  x{row['over_hand']:.3f} of hand")
   print(json.dumps(result["exports"]))
