@@ -17,6 +17,8 @@ import numpy as np
 from resfuse_jax.errors import CheckpointError, ConfigError
 
 FILE = "model.onnx"
+INPUTS = ("pre", "post")  # float32 [n, 1, d, h, w] each
+OUTPUTS = ("logits", "probabilities")  # float32 [n, R, d, h, w]
 INSTALL_HINT = "pip install 'resfuse-jax[deploy]' (onnx and onnxruntime)"
 
 
@@ -87,9 +89,6 @@ class OnnxWindow:
     out = []
     for i in range(0, len(x), step):
       part = x[i : i + step]
-      feeds = {
-        "pre": np.ascontiguousarray(part[:, 0:1]),
-        "post": np.ascontiguousarray(part[:, 1:2]),
-      }
-      out.append(self.session.run(["probabilities"], feeds)[0])
+      feeds = {name: np.ascontiguousarray(part[:, i : i + 1]) for i, name in enumerate(INPUTS)}
+      out.append(self.session.run([OUTPUTS[1]], feeds)[0])
     return np.moveaxis(np.concatenate(out) if len(out) > 1 else out[0], 1, -1)

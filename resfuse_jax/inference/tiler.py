@@ -23,10 +23,11 @@ from resfuse_jax import backend, data
 from resfuse_jax.errors import ConfigError
 
 PLACEMENTS = backend.CHOICES["tiling"]
+SIGMA_SCALE = 1.0 / 8  # Gaussian tile weights: sigma = window * SIGMA_SCALE (nnU-Net's)
 
 
 @functools.lru_cache(maxsize=8)
-def gaussian_importance(window: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+def gaussian_importance(window: tuple[int, ...], sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
   """[d, h, w] weights, peak 1 at the centre, sigma = window * sigma_scale.
 
   The minimum is clamped above zero so every voxel of a window counts a little.

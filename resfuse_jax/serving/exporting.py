@@ -13,10 +13,11 @@
   ``tiles [n, d, h, w, 2] float32 (pre, post) -> region probabilities [n, d, h, w, R]``
   with the parameters embedded and a symbolic batch ``n``, lowered for CPU and CUDA, for
   serving without this package's model code (``jax.export.deserialize``);
-- ``model.onnx``: the same window function as an ONNX graph (`models.onnx_graph`:
-  ``pre, post [n, 1, d, h, w] -> logits, probabilities [n, R, d, h, w]``), for
-  onnxruntime, Triton, C++ or .NET without JAX; ``export.json``'s ``deploy`` section
-  says every step around it (preprocessing, stitching, labels, post-processing).
+- ``model.onnx``: the same window function as an ONNX graph translated from the traced
+  model (`serving.onnx_graph`: ``pre, post [n, 1, d, h, w] -> logits, probabilities
+  [n, R, d, h, w]``), for onnxruntime, OpenVINO, Triton, C++ or .NET without JAX;
+  ``export.json``'s ``deploy`` section holds the settings around it (preprocessing,
+  window, thresholds, labels, post-processing rules) as data.
 
 The folder is written under a temporary name and renamed when complete, so a
 killed export never leaves a folder that looks finished.
@@ -35,9 +36,9 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from resfuse_jax import checkpointing, files
+from resfuse_jax import checkpointing, data, files
 from resfuse_jax.errors import CheckpointError, ConfigError, UserError
-from resfuse_jax.inference import onnx_runtime, postprocess
+from resfuse_jax.inference import onnx_runtime, postprocess, tiler
 from resfuse_jax.inference.predictor import Predictor, window_probabilities
 
 PLATFORMS = ("cpu", "cuda")
@@ -63,90 +64,42 @@ def load_serving(path: str | Path) -> jax.export.Exported:
 
 
 def deployment(predictor: Predictor, rules: list | None) -> dict:
-  """What a C++ / Triton deployer must reproduce around ``model.onnx``, step by step."""
+  """The settings a deployer reproduces around ``model.onnx``, as data: the algorithms are
+  this package's (`data.preprocessing`, `inference.tiler`, `inference.postprocess`)."""
   config, dataset = predictor.config, predictor.dataset
-  d, e = config.data, config.eval
-  window = [int(w) for w in d.patch_size]
-  target = d.get("target_spacing", None)
-  thresholds = postprocess.settings_from_config(e)
+  window = [int(w) for w in config.data.patch_size]
   names = list(dataset.region_names)
+  thresholds = postprocess.settings_from_config(config.eval)
   return {
     "model_file": onnx_runtime.FILE,
-    "inputs": {
-      "pre": f"float32 [n, 1, {', '.join(map(str, window))}]: pre-contrast tiles, preprocessed",
-      "post": f"float32 [n, 1, {', '.join(map(str, window))}]: post-contrast tiles, same places",
-    },
-    "outputs": {
-      "logits": f"float32 [n, {len(names)}, ...]: one channel per region {names}",
-      "probabilities": "float32, sigmoid(logits): what the sliding window averages",
-    },
-    "preprocessing": [
-      "read pre and post (NIfTI); reorient each to the closest canonical RAS+ orientation "
-      "(nibabel.as_closest_canonical); they must share shape and affine "
-      f"(entries within {d.get('affine_tolerance', 1e-3)} mm)",
-      "crop both to the bounding box of the voxels that are non-zero in pre or post",
-      (
-        f"resample both to spacing {list(target)} mm, linear (scipy.ndimage.zoom order "
-        f"{d.get('resample_order', 1)}, mode nearest, grid_mode True)"
-        if target
-        else "no resampling: the model runs on the scans' own spacing"
-      ),
-      {
-        "zscore": "normalise each scan on its own: (x - mean) / std over the voxels non-zero "
-        "in pre or post; every other voxel is set to 0",
-        "joint": "normalise both scans with the pre-contrast scan's mean and std over the "
-        "voxels non-zero in pre or post; every other voxel is set to 0",
-      }[d.get("normalization", "zscore")],
-    ],
+    "inputs": {n: ["n", 1, *window] for n in onnx_runtime.INPUTS},
+    "outputs": {n: ["n", len(names), *window] for n in onnx_runtime.OUTPUTS},
+    "layout": "NCDHW, float32; axes (d, h, w) of the RAS+ canonical, cropped, resampled scan",
+    "preprocessing": data.prep_settings(config.data).as_dict(),
     "sliding_window": {
       "window": window,
-      "overlap": float(e.overlap),
-      "padding": "zero-pad the volume at the end of each axis up to the window where smaller",
-      "starts": "per axis of size S (padded), window w: 0 if S <= w, else n = ceil((S - w) / "
-      "max(1, int(w * (1 - overlap)))) + 1 starts, round(linspace(0, S - w, n)), duplicates "
-      "dropped; every combination of the three axes",
-      "weights": "Gaussian per tile: exp(-0.5 ((i - (w - 1) / 2) / (w / 8))^2) per axis, "
-      "multiplied, scaled to peak 1, values below the smallest positive one raised to it",
-      "stitch": "probabilities = sum(weights * tile probabilities) / sum(weights), then crop "
-      "the padding",
-      "test_time_augmentation": "optional (predict --tta): average the tile probabilities "
-      "over all 8 flip combinations of the three spatial axes, each flipped back",
+      "overlap": float(config.eval.overlap),
+      "gaussian_sigma_scale": tiler.SIGMA_SCALE,
     },
     "labels": {
-      "thresholds": thresholds["thresholds"] or [0.5] * len(names),
-      "threshold_then": "mask_r = probability_r > threshold_r; "
-      + (
-        f"drop components under {thresholds['min_component_voxels']} voxels; "
-        if thresholds["min_component_voxels"]
-        else ""
-      )
-      + "nest: each region also holds every inner one (region r |= region r+1, inner last)",
       "regions": {n: list(v) for n, v in dataset.regions.items()},
-      "paint": "start from 0; paint each region's mask with its value in this order: "
-      f"{postprocess.region_label_values(dataset.regions)}",
+      "thresholds": thresholds["thresholds"] or [0.5] * len(names),
+      "min_component_voxels": thresholds["min_component_voxels"],
+      "paint_order": postprocess.region_label_values(dataset.regions),
     },
     "postprocessing": (
-      {
-        "file": postprocess.FILE,
-        "rules": {n: r.to_dict() for n, r in zip(names, rules)},
-        "apply": "after nesting, outer region first, in mm^3 (voxel volume = product of the "
-        "spacing): remove 26-connected components under min_component_mm3; keep only the "
-        "largest component if largest_only; empty the region if its total volume is under "
-        "relabel_below_mm3; then each inner region keeps only voxels its outer region kept",
-      }
+      {"file": postprocess.FILE, "rules": {n: r.to_dict() for n, r in zip(names, rules)}}
       if rules
       else None
     ),
-    "output": "undo the resampling (nearest neighbour to the cropped shape), the crop (zeros "
-    "outside) and the reorientation; write uint8 labels with the input's affine",
   }
 
 
 def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> dict:
   """Writes ``folder/model.onnx`` when ``mode`` and the model allow; returns its record.
 
-  ``auto``: writes it when the model has an ONNX form and ``onnx`` is installed, else
-  records why not; ``yes``: either missing is an error; ``no``: nothing.
+  ``auto``: writes it when ``onnx`` is installed and the model translates (every
+  registered model does), else records why not; ``yes``: either missing is an error; ``no``: nothing.
   """
   if mode not in ONNX_MODES:
     raise ConfigError(f"--onnx must be one of {', '.join(ONNX_MODES)}; got {mode!r}")
@@ -183,19 +136,19 @@ def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> d
     "sha256": onnx_runtime.file_digest(path),
     "opset": onnx_graph.OPSET,
     "ir_version": onnx_graph.IR_VERSION,
-    "inputs": {n: ["n", 1, *window] for n in onnx_graph.INPUTS},
-    "outputs": {n: ["n", len(predictor.dataset.regions), *window] for n in onnx_graph.OUTPUTS},
+    "inputs": {n: ["n", 1, *window] for n in onnx_runtime.INPUTS},
+    "outputs": {n: ["n", len(predictor.dataset.regions), *window] for n in onnx_runtime.OUTPUTS},
     "dtype": "float32",
   }
 
 
-def _metadata(predictor: Predictor, workdir: Path) -> dict:
+def _metadata(predictor: Predictor, workdir: Path | None) -> dict:
   config, regions = predictor.config, predictor.dataset.regions
   patch = ", ".join(map(str, config.data.patch_size))
   return {
     "format": checkpointing.EXPORT_FORMAT,
     "step": predictor.step,
-    "source_workdir": str(workdir.absolute()),
+    "source_workdir": None if workdir is None else str(workdir.absolute()),
     "model": config.model.name,
     "variant": config.model.get("variant", config.model.name),
     "dataset": config.data.name,
@@ -219,18 +172,27 @@ def export_model(
 
   ``onnx``: whether to write ``model.onnx`` (`write_onnx`).
   """
-  workdir, output = Path(workdir), Path(output)
-  if output.exists():
+  if Path(output).exists():
     raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
   if onnx not in ONNX_MODES:
     raise ConfigError(f"--onnx must be one of {', '.join(ONNX_MODES)}; got {onnx!r}")
-  predictor = Predictor.load(workdir, step)
+  return write_export(Predictor.load(workdir, step), output, onnx, Path(workdir))
+
+
+def write_export(
+  predictor: Predictor, output: str | Path, onnx: str = "auto", workdir: Path | None = None
+) -> Path:
+  """Writes the export folder ``output`` of a loaded ``predictor``; ``workdir``: its source,
+  whose chosen post-processing travels with it."""
+  output = Path(output)
+  if output.exists():
+    raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
   tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
   files.make_dirs(tmp)
   try:
     files.write_json(tmp / "config.json", predictor.config.to_dict())
-    chosen = workdir / postprocess.FILE
-    if chosen.is_file():  # the post-processing chosen on validation travels with the model
+    chosen = None if workdir is None else workdir / postprocess.FILE
+    if chosen is not None and chosen.is_file():
       files.write_bytes(tmp / postprocess.FILE, chosen.read_bytes())
     digests = checkpointing.save_export_params(tmp, predictor.params)
     serving = tmp / checkpointing.EXPORT_SERVING_FILE
@@ -238,15 +200,9 @@ def export_model(
     serving.write_bytes(serving_function(predictor).serialize())
     deploy = deployment(predictor, predictor.rules)
     onnx_record = write_onnx(tmp, predictor, onnx, deploy)
-    files.write_json(
-      tmp / "export.json",
-      {
-        **_metadata(predictor, workdir),
-        "onnx": onnx_record,
-        "deploy": deploy,
-        "param_digests": digests,
-      },
-    )
+    meta = _metadata(predictor, workdir)
+    record = {**meta, "onnx": onnx_record, "deploy": deploy, "param_digests": digests}
+    files.write_json(tmp / "export.json", record)
     tmp.rename(output)
   except OSError as e:
     shutil.rmtree(tmp, ignore_errors=True)
