@@ -1,5 +1,5 @@
 """Why the training step is slow on XLA CPU: forward, input-gradient and weight-gradient
-convolutions of every level's shape, ours (both `layers.conv3d` implementations) against
+convolutions of every level's shape, ours (both `convolution.conv3d` implementations) against
 PyTorch's Conv3d (oneDNN), in one run.
 
   python -m benchmarks.conv_kernels [--batch 4] [--shapes 128x16,64x32,32x64,16x128,8x256]
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resfuse_jax.models import layers
+from resfuse_jax.models import convolution
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def best_of(fn, reps: int = 3) -> float:
 
 
 def jax_times(impl: str, x, w) -> dict[str, float]:
-  conv = lambda x, w: layers.conv3d(x, w, PAD, impl)  # noqa: E731
+  conv = lambda x, w: convolution.conv3d(x, w, PAD, impl)  # noqa: E731
   dy = jnp.ones(x.shape[:-1] + (w.shape[-1],), x.dtype)
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])

@@ -52,14 +52,14 @@ def export_routes(features, window, rev: str, folder: Path, names=None) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from resfuse_jax.models import layers
+  from resfuse_jax.models import convolution
   from resfuse_jax.models.resfuse import ResFuse
   from resfuse_jax.serving import onnx_graph
 
   model = ResFuse(tuple(features), REGIONS)
   dummy = jnp.zeros((1, *window, 1))
   params = jax.jit(model.init)(jax.random.key(0), dummy, dummy)["params"]
-  rewrites = layers.ConvPlan("xla", "space_to_depth", "depth_to_space")
+  rewrites = convolution.ConvPlan("xla", "space_to_depth", "depth_to_space")
   routes = {
     "hand": lambda: hand_module(rev).to_onnx(model, params, window),
     "traced": lambda: onnx_graph.to_onnx(model, params, window),

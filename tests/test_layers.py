@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from resfuse_jax.errors import ConfigError
-from resfuse_jax.models import layers
+from resfuse_jax.models import convolution, layers
 
 
 def test_space_to_depth_roundtrip():
   x = jax.random.normal(jax.random.key(0), (2, 4, 6, 8, 3))
-  y = layers.space_to_depth(x)
+  y = convolution.space_to_depth(x)
   assert y.shape == (2, 2, 3, 4, 24)
-  np.testing.assert_array_equal(layers.depth_to_space(y), x)
+  np.testing.assert_array_equal(convolution.depth_to_space(y), x)
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8, 8, 3), (2, 6, 10, 4, 2)])
@@ -83,7 +83,7 @@ def test_conv3d_planes_is_the_3d_conv_with_its_gradients(shape, kernel, padding)
   w = jax.random.normal(jax.random.key(9), (*kernel, shape[-1], 4))
 
   def run(impl):
-    y, vjp = jax.vjp(lambda x, w: layers.conv3d(x, w, padding, impl), x, w)
+    y, vjp = jax.vjp(lambda x, w: convolution.conv3d(x, w, padding, impl), x, w)
     return (y, *vjp(jnp.cos(y)))
 
   ref = run("xla")
@@ -104,21 +104,21 @@ def test_conv3d_planes_is_the_3d_conv_with_its_gradients(shape, kernel, padding)
   ],
 )
 def test_resolve_conv_impl(name, backend, impl):
-  assert layers.resolve_conv_impl(name, backend) == impl
+  assert convolution.resolve_conv_impl(name, backend) == impl
 
 
 def test_resolve_conv_impl_defaults_to_this_backend():
   expected = "planes" if jax.default_backend() == "cpu" else "xla"
-  assert layers.resolve_conv_impl("auto") == expected
+  assert convolution.resolve_conv_impl("auto") == expected
 
 
 def test_unknown_conv_impl_is_a_config_error_listing_the_valid_ones():
   with pytest.raises(
     ConfigError, match="model.conv_impl must be one of auto, xla, planes; got 'fast'"
   ):
-    layers.resolve_conv_impl("fast")
+    convolution.resolve_conv_impl("fast")
   with pytest.raises(ValueError, match="resolve_conv_impl"):  # conv3d takes a resolved impl only
-    layers.conv3d(jnp.ones((1, 3, 3, 3, 1)), jnp.ones((3, 3, 3, 1, 1)), ((1, 1),) * 3, "auto")
+    convolution.conv3d(jnp.ones((1, 3, 3, 3, 1)), jnp.ones((3, 3, 3, 1, 1)), ((1, 1),) * 3, "auto")
 
 
 @pytest.mark.parametrize("strides", [1, 2])
@@ -135,8 +135,8 @@ def test_conv3_impls_agree(strides):
 
 def test_strided_conv_equals_space_to_depth_forward_and_backward():
   x = jax.random.normal(jax.random.key(12), (2, 6, 4, 8, 3))
-  s2d = layers.Conv3(5, 2, conv_impl=layers.ConvPlan("xla", "space_to_depth"))
-  strided = layers.Conv3(5, 2, conv_impl=layers.ConvPlan("xla", "strided"))
+  s2d = layers.Conv3(5, 2, conv_impl=convolution.ConvPlan("xla", "space_to_depth"))
+  strided = layers.Conv3(5, 2, conv_impl=convolution.ConvPlan("xla", "strided"))
   params = s2d.init(jax.random.key(13), x)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
   (gp_a, gx_a), (gp_b, gx_b) = (jax.grad(loss(m), (0, 1))(params, x) for m in (s2d, strided))
@@ -148,8 +148,8 @@ def test_strided_conv_equals_space_to_depth_forward_and_backward():
 
 def test_conv_transpose_equals_depth_to_space_with_the_same_parameters():
   x = jax.random.normal(jax.random.key(14), (2, 3, 4, 2, 6))
-  d2s = layers.UpConv(5, conv_impl=layers.ConvPlan(upsample="depth_to_space"))
-  transpose = layers.UpConv(5, conv_impl=layers.ConvPlan(upsample="transpose"))
+  d2s = layers.UpConv(5, conv_impl=convolution.ConvPlan(upsample="depth_to_space"))
+  transpose = layers.UpConv(5, conv_impl=convolution.ConvPlan(upsample="transpose"))
   params = d2s.init(jax.random.key(15), x)
   params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
   assert jax.tree.map(jnp.shape, transpose.init(jax.random.key(15), x)) == jax.tree.map(
@@ -164,7 +164,7 @@ def test_conv3d_planes_takes_its_weight_gradient_from_one_3d_conv():
   """Forward and input gradient as 2D convs, the weight gradient as XLA's 3D one (faster on CPU)."""
   x = jnp.ones((1, 4, 4, 4, 2))
   w = jnp.ones((3, 3, 3, 2, 3))
-  loss = lambda x, w: jnp.sum(layers.conv3d(x, w, ((1, 1),) * 3, "planes") ** 2)  # noqa: E731
+  loss = lambda x, w: jnp.sum(convolution.conv3d(x, w, ((1, 1),) * 3, "planes") ** 2)  # noqa: E731
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
   convs = [line for line in hlo.splitlines() if " convolution(" in line]
   assert sum("size=3x3x3" in c or "size=4x4x4" in c for c in convs) == 1  # weight gradient

@@ -7,7 +7,7 @@ import pytest
 
 from resfuse_jax import models
 from resfuse_jax.errors import ConfigError
-from resfuse_jax.models import layers, resfuse
+from resfuse_jax.models import convolution, layers, resfuse
 
 FEATURES = (4, 8, 16)
 
@@ -48,8 +48,8 @@ def test_unknown_conv_impl_is_a_config_error():
 
 def test_conv_plan_defaults_to_auto_resolved_for_this_backend():
   plan = build("resfuse").conv_impl
-  assert plan == layers.resolve_conv_plan(ml_collections.ConfigDict({}))
-  assert plan.conv == layers.resolve_conv_impl("auto")
+  assert plan == convolution.resolve_conv_plan(ml_collections.ConfigDict({}))
+  assert plan.conv == convolution.resolve_conv_impl("auto")
   assert build("resunet", conv_impl="xla").conv_impl.conv == "xla"
   chosen = build("resunet", downsample="strided", upsample="transpose").conv_impl
   assert (chosen.downsample, chosen.upsample) == ("strided", "transpose")
@@ -87,7 +87,7 @@ def conv3_impls(model, params, x):
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, layers.Conv3) and context.method_name == "__call__":
-      seen.append(layers.as_plan(context.module.conv_impl).conv)
+      seen.append(convolution.as_plan(context.module.conv_impl).conv)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):

@@ -20,7 +20,7 @@ from resfuse_jax.data import brats  # noqa: E402
 from resfuse_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from resfuse_jax.inference import onnx_runtime, postprocess, prediction, predictor, tiler  # noqa: E402
 from resfuse_jax.inference.predictor import Predictor  # noqa: E402
-from resfuse_jax.models import layers  # noqa: E402
+from resfuse_jax.models import convolution  # noqa: E402
 from resfuse_jax.serving import exporting, onnx_graph  # noqa: E402
 
 ATOL = 1e-4
@@ -119,7 +119,7 @@ def test_every_traced_form_computes_the_same_function():
   _, model, params, patch = random_model("resfuse", 5)
   tiles = np.random.default_rng(5).normal(size=(2, *patch, 2)).astype(np.float32)
   expected = flax_logits(model, params, tiles)
-  rewrites = layers.ConvPlan("planes", "space_to_depth", "depth_to_space")
+  rewrites = convolution.ConvPlan("planes", "space_to_depth", "depth_to_space")
   for form in ({"plan": rewrites}, {"fuse_norms": False}):
     proto = onnx_graph.to_onnx(model, params, patch, **form)
     np.testing.assert_allclose(run_onnx(proto, tiles), expected, atol=ATOL, rtol=0)

@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from resfuse_jax import backend as backends
 from resfuse_jax.errors import ConfigError
-from resfuse_jax.models import layers
+from resfuse_jax.models import convolution
 from resfuse_jax.models.a2fnet import A2FNet
 from resfuse_jax.models.layers import FUSION_TERMS
 from resfuse_jax.models.lits import LiTS
@@ -30,8 +30,8 @@ from resfuse_jax.models.tsf_seq2seq import TSFSeq2Seq
 
 __all__ = ["FUSION_TERMS", "build", "compute_dtype", "count_params", "fusion_weight_norms", "names"]
 
-# (model config, num_outputs, dtype, resolved layers.ConvPlan) -> module
-Builder = Callable[[Any, int, Any, layers.ConvPlan], nn.Module]
+# (model config, num_outputs, dtype, resolved convolution.ConvPlan) -> module
+Builder = Callable[[Any, int, Any, convolution.ConvPlan], nn.Module]
 
 
 def _resunet(inputs: str) -> Builder:
@@ -45,7 +45,7 @@ def _resunet(inputs: str) -> Builder:
   )
 
 
-def _resfuse(cfg: Any, num_outputs: int, dtype: Any, conv_impl: layers.ConvPlan) -> nn.Module:
+def _resfuse(cfg: Any, num_outputs: int, dtype: Any, conv_impl: convolution.ConvPlan) -> nn.Module:
   levels = cfg.get("fuse_levels", None)
   return ResFuse(
     tuple(cfg.features),
@@ -83,14 +83,14 @@ def names() -> list[str]:
 
 
 def build(model_config: Any, num_outputs: int, dtype: Any = jnp.float32) -> nn.Module:
-  """Builds ``model_config.name`` with its conv plan (`layers.resolve_conv_plan`) for this backend.
+  """Builds ``model_config.name`` with its conv plan (`convolution.resolve_conv_plan`) for this backend.
 
   Unknown names or conv implementations raise ``ConfigError`` listing the valid ones.
   """
   name = model_config.name
   if name not in _REGISTRY:
     raise ConfigError(f"Unknown model.name {name!r}; registered models: {', '.join(names())}")
-  plan = layers.resolve_conv_plan(model_config)
+  plan = convolution.resolve_conv_plan(model_config)
   return _REGISTRY[name](model_config, num_outputs, dtype, plan)
 
 

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from resfuse_jax.inference.onnx_runtime import INPUTS, OUTPUTS
-from resfuse_jax.models import layers
+from resfuse_jax.models import convolution
 from resfuse_jax.serving import onnx_convs, onnx_emitters, onnx_gather, onnx_shapes
 from resfuse_jax.serving.onnx_translate import NotExportable, Translator, Value, channels_first
 
@@ -39,7 +39,7 @@ __all__ = ["EXPORT_PLAN", "INPUTS", "IR_VERSION", "NotExportable", "OPSET", "OUT
 OPSET = 18  # Split's num_outputs, Reduce* axes as inputs; unchanged up to opset 23
 IR_VERSION = 8  # the oldest IR that carries opset 18: the widest runtime support
 # Fastest under onnxruntime and OpenVINO (benchmarks/onnx_routes.py): textbook operators.
-EXPORT_PLAN = layers.ConvPlan(conv="xla", downsample="strided", upsample="transpose")
+EXPORT_PLAN = convolution.ConvPlan(conv="xla", downsample="strided", upsample="transpose")
 NORM_CALL = "instance_norm"  # the name of the traced call; ":<epsilon>" follows it
 EMITTERS = {
   **onnx_emitters.EMITTERS,
@@ -92,7 +92,7 @@ def instance_norm(t: Translator, eqn, ins: list[Value]) -> list[Value]:
   return [Value(eqn.outvars[0].aval, y, perm=perm)]
 
 
-def export_form(model: nn.Module, plan: layers.ConvPlan = EXPORT_PLAN) -> nn.Module:
+def export_form(model: nn.Module, plan: convolution.ConvPlan = EXPORT_PLAN) -> nn.Module:
   """``model`` computing in float32 with ``plan``, without remat (same parameters)."""
   fields = {f.name for f in dataclasses.fields(model)}
   changes = {"conv_impl": plan, "dtype": jnp.float32, "remat": False}
@@ -138,7 +138,7 @@ def to_onnx(
   name: str = "",
   metadata: Mapping[str, str] | None = None,
   *,
-  plan: layers.ConvPlan = EXPORT_PLAN,
+  plan: convolution.ConvPlan = EXPORT_PLAN,
   fuse_norms: bool = True,
 ) -> onnx.ModelProto:
   """The checked ONNX model of ``model`` (a built registry model) with ``params``.
