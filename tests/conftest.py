@@ -15,6 +15,23 @@ def _cache_dir(tmp_path_factory):
   os.environ["RESFUSE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One XLA compilation cache for the session, this process and every CLI it starts.
+
+  Most end-to-end tests run the same smoke programs (a tiny model's step, its
+  validation windows); compiled once, each later process loads them. Correctness is
+  unaffected: the cache key is the program's fingerprint.
+  """
+  import jax
+
+  folder = str(tmp_path_factory.mktemp("xla_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 @pytest.fixture(scope="session")
 def small_phantom(tmp_path_factory):
   """8 cases of 32^3, written once per session in the BraTS layout."""

@@ -34,8 +34,7 @@ def sweep_command(workdir):
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sweep")
-  env = dict(os.environ)  # identical programs at both values: compile them once
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+  env = dict(os.environ)  # conftest's compilation cache: identical programs compile once
   proc = subprocess.run(sweep_command(workdir), cwd=ROOT, capture_output=True, text=True, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc, env
