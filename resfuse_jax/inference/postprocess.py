@@ -22,7 +22,6 @@ from scipy import ndimage
 from resfuse_jax import files
 from resfuse_jax.errors import ConfigError
 
-FILE = "postprocessing.json"  # the rules chosen on validation, in W and in an export
 FORMAT = "resfuse_jax-postprocessing-1"
 
 _CONN26 = np.ones((3, 3, 3), bool)

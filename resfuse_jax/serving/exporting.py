@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from resfuse_jax import checkpointing, files
+from resfuse_jax import checkpointing, data, files
 from resfuse_jax.errors import CheckpointError, ConfigError, UserError
 from resfuse_jax.inference import onnx_runtime, postprocess
 from resfuse_jax.inference.predictor import Predictor, window_probabilities
+from resfuse_jax.workdir import CONFIG, POSTPROCESSING, Workdir
 
 PLATFORMS = ("cpu", "cuda")
 ONNX_MODES = ("auto", "yes", "no")
@@ -67,7 +68,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
   config, dataset = predictor.config, predictor.dataset
   d, e = config.data, config.eval
   window = [int(w) for w in d.patch_size]
-  target = d.get("target_spacing", None)
+  target, prep = d.target_spacing, data.prep_settings(d)
   thresholds = postprocess.settings_from_config(e)
   names = list(dataset.region_names)
   return {
@@ -83,11 +84,11 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
     "preprocessing": [
       "read pre and post (NIfTI); reorient each to the closest canonical RAS+ orientation "
       "(nibabel.as_closest_canonical); they must share shape and affine "
-      f"(entries within {d.get('affine_tolerance', 1e-3)} mm)",
+      f"(entries within {prep.affine_tolerance} mm)",
       "crop both to the bounding box of the voxels that are non-zero in pre or post",
       (
         f"resample both to spacing {list(target)} mm, linear (scipy.ndimage.zoom order "
-        f"{d.get('resample_order', 1)}, mode nearest, grid_mode True)"
+        f"{prep.resample_order}, mode nearest, grid_mode True)"
         if target
         else "no resampling: the model runs on the scans' own spacing"
       ),
@@ -96,7 +97,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
         "in pre or post; every other voxel is set to 0",
         "joint": "normalise both scans with the pre-contrast scan's mean and std over the "
         "voxels non-zero in pre or post; every other voxel is set to 0",
-      }[d.get("normalization", "zscore")],
+      }[prep.normalization],
     ],
     "sliding_window": {
       "window": window,
@@ -127,7 +128,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
     },
     "postprocessing": (
       {
-        "file": postprocess.FILE,
+        "file": POSTPROCESSING,
         "rules": {n: r.to_dict() for n, r in zip(names, rules)},
         "apply": "after nesting, outer region first, in mm^3 (voxel volume = product of the "
         "spacing): remove 26-connected components under min_component_mm3; keep only the "
@@ -159,7 +160,7 @@ def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> d
   from resfuse_jax.serving import onnx_graph
 
   config = predictor.config
-  name = config.model.get("variant", config.model.name)
+  name = config.model.variant
   window = tuple(int(w) for w in config.data.patch_size)
   metadata = {
     "resfuse_jax.step": str(predictor.step),
@@ -197,7 +198,7 @@ def _metadata(predictor: Predictor, workdir: Path) -> dict:
     "step": predictor.step,
     "source_workdir": str(workdir.absolute()),
     "model": config.model.name,
-    "variant": config.model.get("variant", config.model.name),
+    "variant": config.model.variant,
     "dataset": config.data.name,
     "regions": list(regions),
     "label_values": postprocess.region_label_values(regions),
@@ -228,10 +229,10 @@ def export_model(
   tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
   files.make_dirs(tmp)
   try:
-    files.write_json(tmp / "config.json", predictor.config.to_dict())
-    chosen = workdir / postprocess.FILE
+    files.write_json(tmp / CONFIG, predictor.config.to_dict())
+    chosen = Workdir(workdir).postprocessing_file
     if chosen.is_file():  # the post-processing chosen on validation travels with the model
-      files.write_bytes(tmp / postprocess.FILE, chosen.read_bytes())
+      files.write_bytes(tmp / POSTPROCESSING, chosen.read_bytes())
     digests = checkpointing.save_export_params(tmp, predictor.params)
     serving = tmp / checkpointing.EXPORT_SERVING_FILE
     serving.parent.mkdir()
