@@ -84,7 +84,8 @@ def prepare(
 ) -> tuple[Path, list[str], list[dict]]:
   """Builds or reuses the preprocessed cache; returns (cache folder, good ids, bad cases).
 
-  ``verify`` also checks every cached array's hash (damaged cases are rebuilt). Bad cases (``data.on_bad_case='skip'``) are also listed in ``<cache>/bad_cases.json``.
+  ``verify`` also checks every cached array's hash (damaged cases are rebuilt). Bad cases
+  (``data.on_bad_case='skip'``) are returned; the caller lists them (W's bad-case list).
   """
   dataset = get_dataset(cfg.name)
   files = find_cases(cfg) if files is None else files
@@ -108,7 +109,6 @@ def prepare(
       len(files),
       bad[0]["error"],
     )
-    file_io.write_json(out / "bad_cases.json", bad)
   if not good:
     raise DataError(f"every case under {cfg.get('root', '')!r} was bad; see the errors above")
   return out, good, bad
