@@ -53,7 +53,11 @@ RUNTIME_ONLY = {
 RUN_IDENTITY = ("model", "data")
 # Per dataset, keys added after runs were written: a saved config without one ran at this value
 # (keys of ``config_lib.base_config`` need no entry: ``fill_defaults`` knows them).
-ADDED_LATER = {"phantom": {"data": {knob: 0.0 for knob in data.PHANTOM_KNOBS}}}
+ADDED_LATER = {
+  "phantom": {"data": {knob: 0.0 for knob in data.PHANTOM_KNOBS}},
+  "breast": {"data": {"post_phase": 1}},  # the first post-contrast phase, _0001
+  "manifest": {"data": {"manifest": ""}},
+}
 
 
 def read_config(path: str | Path) -> ml_collections.ConfigDict:
