@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from resfuse_jax import checkpointing, data, files
+from resfuse_jax import checkpointing, files
 from resfuse_jax.errors import CheckpointError, ConfigError, UserError
 from resfuse_jax.inference import onnx_runtime, postprocess
 from resfuse_jax.inference.predictor import Predictor, window_probabilities
@@ -68,7 +68,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
   config, dataset = predictor.config, predictor.dataset
   d, e = config.data, config.eval
   window = [int(w) for w in d.patch_size]
-  target, prep = d.target_spacing, data.prep_settings(d)
+  target, prep = d.target_spacing, predictor.task.prep_settings
   thresholds = postprocess.settings_from_config(e)
   names = list(dataset.region_names)
   return {
