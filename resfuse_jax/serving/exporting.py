@@ -68,7 +68,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
   config, dataset = predictor.config, predictor.dataset
   d, e = config.data, config.eval
   window = [int(w) for w in d.patch_size]
-  target, prep = d.target_spacing, predictor.task.prep_settings
+  target = d.get("target_spacing", None)
   thresholds = postprocess.settings_from_config(e)
   names = list(dataset.region_names)
   return {
@@ -84,11 +84,11 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
     "preprocessing": [
       "read pre and post (NIfTI); reorient each to the closest canonical RAS+ orientation "
       "(nibabel.as_closest_canonical); they must share shape and affine "
-      f"(entries within {prep.affine_tolerance} mm)",
+      f"(entries within {d.get('affine_tolerance', 1e-3)} mm)",
       "crop both to the bounding box of the voxels that are non-zero in pre or post",
       (
         f"resample both to spacing {list(target)} mm, linear (scipy.ndimage.zoom order "
-        f"{prep.resample_order}, mode nearest, grid_mode True)"
+        f"{d.get('resample_order', 1)}, mode nearest, grid_mode True)"
         if target
         else "no resampling: the model runs on the scans' own spacing"
       ),
@@ -97,7 +97,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
         "in pre or post; every other voxel is set to 0",
         "joint": "normalise both scans with the pre-contrast scan's mean and std over the "
         "voxels non-zero in pre or post; every other voxel is set to 0",
-      }[prep.normalization],
+      }[d.get("normalization", "zscore")],
     ],
     "sliding_window": {
       "window": window,
