@@ -16,13 +16,12 @@ import grain
 import jax
 
 from benchmarks.conv_kernels import best_of
-from resfuse_jax import checkpointing, config_lib, train
-from resfuse_jax.inference import predictor
+from resfuse_jax import checkpointing, config_lib, task, train
 
 
 def main(config_spec: str = "configs/brats.py:resfuse") -> dict:
   config = config_lib.load(config_spec)
-  model, tx = predictor.build_model(config), train.make_optimizer(config.train)
+  model, tx = task.build_model(config), train.make_optimizer(config.train)
   state = jax.jit(lambda k: train.init_state(model, tx, (32, 32, 32), k))(jax.random.key(0))
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state

@@ -32,24 +32,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 # --- the project's parts ------------------------------------------------------------------------
 
 
+def parts(config):
+  """The config's parts (model, regions, crop, augmentation) as every command gets them."""
+  from resfuse_jax import task
+
+  return task.Task.from_config(config)
+
+
 def build_model(config):
   """The config's model for its dataset's regions (what predict and training build)."""
-  from resfuse_jax.inference import predictor
-
-  return predictor.build_model(config)
+  return parts(config).model
 
 
 def regions(config) -> tuple[tuple[int, ...], ...]:
-  from resfuse_jax import data
-
-  return tuple(data.get_dataset(config.data.name).regions.values())
+  return parts(config).region_values
 
 
 def crop_shape(config) -> tuple[int, ...]:
   """The host crop training's step takes: the patch plus augmentation's margin."""
-  from resfuse_jax import train
-
-  return tuple(train.crop_shape(config))
+  return parts(config).crop_shape
 
 
 @dataclasses.dataclass
@@ -79,12 +80,12 @@ def train_step(config, augmented: bool = False) -> TrainStep:
 
   from resfuse_jax import train
 
-  model, tx = build_model(config), train.make_optimizer(config.train)
-  patch = tuple(config.data.patch_size)
-  state = jax.jit(lambda k: train.init_state(model, tx, patch, k))(jax.random.key(0))
-  step = train.make_step_fn(config, model, tx, regions(config), augmented=augmented)
+  task = parts(config)
+  model, tx = task.model, train.make_optimizer(config.train)
+  state = jax.jit(lambda k: train.init_state(model, tx, task.patch_size, k))(jax.random.key(0))
+  step = train.make_step_fn(config, model, tx, task.region_values, augmented=augmented)
   batch = random_batch(train.input_shapes(config, augmented))
-  return TrainStep(jax.jit(step, donate_argnums=0), state, batch, model, train.augmentation(config))
+  return TrainStep(jax.jit(step, donate_argnums=0), state, batch, model, task.augmentation)
 
 
 def use_compilation_cache(folder: str) -> None:

@@ -26,7 +26,6 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -322,19 +321,6 @@ def export_metadata(path: str | Path) -> dict:
   if meta.get("format") != EXPORT_FORMAT:
     raise CheckpointError(f"{meta_path}: unknown export format {meta.get('format')!r}")
   return meta
-
-
-def read_config(path: str | Path) -> ml_collections.ConfigDict:
-  """``config.json`` of a training workdir or an export folder."""
-  config_path = Path(path) / "config.json"
-  if not config_path.is_file():
-    raise CheckpointError(
-      f"{path} is neither a training workdir nor an export: {config_path} is missing"
-    )
-  try:
-    return ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
 
 
 def save_export_params(path: str | Path, params: Any) -> dict:

@@ -80,85 +80,126 @@ def add_input_limits(data: ml_collections.ConfigDict) -> None:
 
 
 def base_config(variant: str) -> ml_collections.ConfigDict:
+  """Every key a run reads, at its default: configs override, ``fill_defaults`` completes."""
+  if variant not in VARIANTS:
+    raise ConfigError(f"Unknown model {variant!r}; choose from {', '.join(MODELS)}")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  name, overrides = VARIANTS[variant]
-  c.model = ml_collections.ConfigDict()
-  c.model.name = name
-  c.model.variant = variant  # the label in results.json and comparison tables
-  c.model.features = (16, 32, 64, 128, 256)
-  c.model.fusion = "conv"  # identity | conv | gate (ResFuse only)
-  c.model.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
-  c.model.remat = False  # recompute encoder levels in the backward pass (less memory)
-  # 3D convolutions: auto (2D planes on CPU, XLA's 3D conv elsewhere) | xla | planes. The
-  # environment variable is read here, once, so the choice lands in W/config.json.
-  c.model.conv_impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")
-  # Stride-2 convs: auto | space_to_depth | strided; transposed convs: auto | depth_to_space |
-  # transpose; XLA's GPU conv layout: auto | default | nhwc | nchw (set before JAX starts).
-  # auto = the backend's default (resfuse_jax/backend.py); all choices share the parameters.
-  c.model.downsample = "auto"
-  c.model.upsample = "auto"
-  c.model.conv_layout = "auto"
-  for key, value in overrides.items():
-    c.model[key] = value
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = ""
-  c.data.root = ""
-  c.data.patch_size = (128, 128, 128)
-  c.data.fold = 0
-  c.data.num_folds = 5
-  c.data.split_seed = 12345
-  c.data.fg_fraction = 1.0 / 3.0
-  c.data.workers = 0  # Grain worker processes; 0 = in the main process
-  c.data.read_threads = 8  # threads cutting crops (per process)
-  c.data.prefetch = 16  # crops held ready ahead of the step (each 206³ crop is 79 MB)
-  # Preprocessing (changing any of these builds a new cache, keyed by their hash).
-  c.data.target_spacing = ml_collections.FieldReference(None, field_type=tuple)  # mm; None = keep
-  c.data.normalization = "zscore"  # zscore (per scan) | joint (pre's statistics for both)
-  c.data.affine_tolerance = 1e-3  # mm: pre/post/label affines may differ by this much
-  c.data.cache_dir = ""  # "" = $RESFUSE_CACHE/preprocessed (~/.cache/resfuse_jax/preprocessed)
-  c.data.preprocess_workers = 2
-  c.data.on_bad_case = "error"  # error | skip (skipped cases go to W/bad_cases.json)
-  add_input_limits(c.data)
-  # Augmentation runs on the device, inside the jitted step (resfuse_jax/augment.py): a preset
-  # (nnunet | light | none), then any field set here overrides it, e.g.
-  # --config.data.augment.p_rotation=0.5. The host only crops with the margin it needs.
-  c.data.augment = ml_collections.ConfigDict({"preset": "nnunet"})
-  for name, kind in AUGMENT_FIELDS.items():
-    c.data.augment[name] = ml_collections.config_dict.placeholder(kind)
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 100_000
-  c.train.batch_size = 2
-  c.train.optimizer = "adamw"
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 1000
-  c.train.weight_decay = 1e-5
-  c.train.grad_clip = 1.0
-  c.train.aux_loss_weight = 1.0  # per auxiliary output (A2FNet, TSF-Seq2Seq, LiTS)
-  # auto | float32 | bfloat16; auto is the backend's default (resfuse_jax/backend.py: float32 on
-  # CPU, bfloat16 on GPU). Parameters and Adam state stay float32.
-  c.train.compute_dtype = "auto"
-  c.train.grad_accum = 1  # microbatches per step: the global batch is split this many ways
-  c.train.log_every = 100
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 5000
-  c.eval.overlap = 0.5
-  c.eval.batch_size = 0  # sliding windows per forward call; 0 = the backend's default
-  c.eval.max_cases = 0  # 0 = every validation case
-  c.eval.thresholds = ml_collections.FieldReference(None, field_type=tuple)  # per region; 0.5
-  c.eval.min_component_voxels = 0  # predict: drop smaller connected components per region
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 1000
-  c.checkpoint.keep = 2
-
+  c.model = _model_section(variant)
+  c.data = _data_section()
+  c.train = _train_section()
+  c.eval = _eval_section()
+  c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 2})
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: every device the spatial axis leaves
   c.mesh.spatial = 1  # devices splitting the depth axis of each patch (for very large patches)
   return c
+
+
+def _model_section(variant: str) -> ml_collections.ConfigDict:
+  name, overrides = VARIANTS[variant]
+  m = ml_collections.ConfigDict()
+  m.name = name
+  m.variant = variant  # the label in results.json and comparison tables
+  m.features = (16, 32, 64, 128, 256)
+  m.fusion = "conv"  # identity | conv | gate (ResFuse only)
+  m.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
+  m.remat = False  # recompute encoder levels in the backward pass (less memory)
+  # 3D convolutions: auto (2D planes on CPU, XLA's 3D conv elsewhere) | xla | planes. The
+  # environment variable is read here, once, so the choice lands in W/config.json.
+  m.conv_impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")
+  # Stride-2 convs: auto | space_to_depth | strided; transposed convs: auto | depth_to_space |
+  # transpose; XLA's GPU conv layout: auto | default | nhwc | nchw (set before JAX starts).
+  # auto = the backend's default (resfuse_jax/backend.py); all choices share the parameters.
+  m.downsample = "auto"
+  m.upsample = "auto"
+  m.conv_layout = "auto"
+  for key, value in overrides.items():
+    m[key] = value
+  return m
+
+
+def _data_section() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.name = ""
+  d.root = ""
+  d.patch_size = (128, 128, 128)
+  d.fold = 0
+  d.num_folds = 5
+  d.split_seed = 12345
+  d.fg_fraction = 1.0 / 3.0
+  d.workers = 0  # Grain worker processes; 0 = in the main process
+  d.read_threads = 8  # threads cutting crops (per process)
+  d.prefetch = 16  # crops held ready ahead of the step (each 206³ crop is 79 MB)
+  # Preprocessing (changing any of these builds a new cache, keyed by their hash).
+  d.target_spacing = ml_collections.FieldReference(None, field_type=tuple)  # mm; None = keep
+  d.normalization = "zscore"  # zscore (per scan) | joint (pre's statistics for both)
+  d.affine_tolerance = 1e-3  # mm: pre/post/label affines may differ by this much
+  d.cache_dir = ""  # "" = $RESFUSE_CACHE/preprocessed (~/.cache/resfuse_jax/preprocessed)
+  d.preprocess_workers = 2
+  d.on_bad_case = "error"  # error | skip (skipped cases go to W/bad_cases.json)
+  add_input_limits(d)
+  # Augmentation runs on the device, inside the jitted step (resfuse_jax/augment.py): a preset
+  # (nnunet | light | none), then any field set here overrides it, e.g.
+  # --config.data.augment.p_rotation=0.5. The host only crops with the margin it needs.
+  d.augment = ml_collections.ConfigDict({"preset": "nnunet"})
+  for name, kind in AUGMENT_FIELDS.items():
+    d.augment[name] = ml_collections.config_dict.placeholder(kind)
+  return d
+
+
+def _train_section() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.steps = 100_000
+  t.batch_size = 2
+  t.optimizer = "adamw"
+  t.lr = 1e-3
+  t.warmup_steps = 1000
+  t.weight_decay = 1e-5
+  t.grad_clip = 1.0
+  t.aux_loss_weight = 1.0  # per auxiliary output (A2FNet, TSF-Seq2Seq, LiTS)
+  # auto | float32 | bfloat16; auto is the backend's default (resfuse_jax/backend.py: float32 on
+  # CPU, bfloat16 on GPU). Parameters and Adam state stay float32.
+  t.compute_dtype = "auto"
+  t.grad_accum = 1  # microbatches per step: the global batch is split this many ways
+  t.log_every = 100
+  return t
+
+
+def _eval_section() -> ml_collections.ConfigDict:
+  e = ml_collections.ConfigDict()
+  e.every_steps = 5000
+  e.overlap = 0.5
+  e.batch_size = 0  # sliding windows per forward call; 0 = the backend's default
+  e.max_cases = 0  # 0 = every validation case
+  e.thresholds = ml_collections.FieldReference(None, field_type=tuple)  # per region; 0.5
+  e.min_component_voxels = 0  # predict: drop smaller connected components per region
+  return e
+
+
+def fill_defaults(config, added_later: dict | None = None) -> ml_collections.ConfigDict:
+  """A config (or its dict, e.g. an older ``config.json``) with every missing key filled.
+
+  Missing keys take ``base_config``'s value for the config's model variant, or, per
+  dataset, ``added_later[data.name]`` (dataset keys added after runs were written).
+  Keys the config has are kept as they are.
+  """
+  saved = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  model = saved.get("model", {})
+  variant = model.get("variant", model.get("name", "resfuse"))
+  filled = base_config(variant).to_dict()
+  dataset = saved.get("data", {}).get("name", "")
+  _merge_into(filled, (added_later or {}).get(dataset, {}))
+  _merge_into(filled, saved)
+  return ml_collections.ConfigDict(filled)
+
+
+def _merge_into(base: dict, top: dict) -> None:
+  for key, value in top.items():
+    if isinstance(value, dict) and isinstance(base.get(key), dict):
+      _merge_into(base[key], value)
+    else:
+      base[key] = value
 
 
 def apply_dce_defaults(c: ml_collections.ConfigDict) -> None:
@@ -180,14 +221,33 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every_steps = 2
 
 
+def lookup(config, key: str) -> tuple[object, str]:
+  """``'data.augment.preset'`` -> (the ``data.augment`` node, ``'preset'``); ``KeyError``
+  (with the dotted key) when a parent is missing. The one walk over dotted config keys."""
+  *parents, leaf = key.split(".")
+  node = config
+  try:
+    for p in parents:
+      node = node[p]
+  except (KeyError, AttributeError, TypeError):
+    raise KeyError(key) from None
+  return node, leaf
+
+
+def get_path(config, key: str):
+  """The value at a dotted key; ``KeyError`` naming it when absent."""
+  node, leaf = lookup(config, key)
+  try:
+    return node[leaf]
+  except (KeyError, AttributeError, TypeError):
+    raise KeyError(key) from None
+
+
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   """{'train.steps': 50, ...} -> set in place (what `--config.train.steps=50` does)."""
   for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
     try:
-      for p in parents:
-        node = node[p]
+      node, leaf = lookup(c, key)
       node[leaf] = value
     except (KeyError, AttributeError, TypeError) as e:
       raise ConfigError(f"cannot set config.{key}={value!r}: {e}") from None
@@ -219,6 +279,5 @@ def with_model(spec: str, variant: str) -> str:
   path, _, arg = spec.partition(":")
   if variant not in MODELS:
     raise ConfigError(f"Unknown model {variant!r}; choose from {', '.join(MODELS)}")
-  parts = [p for p in arg.split(",") if p]
-  options = [p for p in parts if p not in MODELS]
-  return f"{path}:{','.join([variant, *options])}"
+  _, options = parse_arg(arg)
+  return f"{path}:{','.join([variant, *sorted(options)])}"

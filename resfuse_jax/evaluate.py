@@ -17,6 +17,7 @@ from absl import app, flags
 
 from resfuse_jax import cli
 from resfuse_jax.evaluation import evaluation
+from resfuse_jax.workdir import Results
 
 FLAGS = flags.FLAGS
 
@@ -52,7 +53,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   out, _ = evaluation.evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures)
-  print((out / "report.md").read_text())
+  print(Results(out).report_file.read_text())
   print(f"wrote {out}")
 
 

@@ -4,7 +4,7 @@
 - ``under``: every output and cache path is resolved and must stay under its root;
 - ``require_file``: an input that is not a readable file is named with the reason
   (missing, a folder, a broken link, a symbolic link loop);
-- ``exclusive_lock``: one run per folder (``fcntl.flock``, released on any exit);
+- ``exclusive_lock``: one holder per lock file (``fcntl.flock``, released on any exit);
 - ``atomic_path`` / ``write_text`` / ``write_json``: results are written to a temporary
   name in the same folder, flushed, then renamed; a reader sees the old file or the new
   one, never half, and an unwritable, full or wrong-type target is an ``OutputError``
@@ -149,14 +149,15 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
-  """Holds ``folder/.lock`` for the block; a second holder fails at once with ``WorkdirBusy``.
+def exclusive_lock(path: str | Path, what: str = "run") -> Iterator[Path]:
+  """Holds the lock file ``path`` for the block; a second holder fails at once (``WorkdirBusy``).
 
   ``flock`` is released by the kernel when the process exits however it exits, so
   a killed run never leaves a stale lock; the file names the holder's host and PID.
+  The lock's folder is named in the error (``workdir.Workdir.lock`` names the file).
   """
-  folder = make_dirs(folder)
-  path = folder / ".lock"
+  path = Path(path)
+  folder = make_dirs(path.parent)
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:

@@ -68,7 +68,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  backend.apply_conv_layout(FLAGS.config.model.get("conv_layout", "auto"))  # before JAX starts
+  backend.apply_conv_layout(FLAGS.config.model.conv_layout)  # before JAX starts
   initialize_distributed()
   logging.info(
     "JAX process %d/%d, local devices: %s",

@@ -12,10 +12,13 @@ named ``BraTS-GLI-XXXXX-YYY.nii.gz`` as the challenge expects.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from absl import app, flags
 
 from resfuse_jax import cli
 from resfuse_jax.inference import prediction
+from resfuse_jax.workdir import BAD_CASES
 
 FLAGS = flags.FLAGS
 
@@ -82,7 +85,7 @@ def main(argv):
     print(
       f"wrote {len(written)} label maps to {FLAGS.output} (checkpoint step {predictor.step}, "
       f"{predictor.backend})"
-      + (f"; skipped {len(bad)} bad case(s), see {FLAGS.output}/bad_cases.json" if bad else "")
+      + (f"; skipped {len(bad)} bad case(s), see {Path(FLAGS.output) / BAD_CASES}" if bad else "")
     )
 
 

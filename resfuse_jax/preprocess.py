@@ -14,7 +14,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from resfuse_jax import cli, data
+from resfuse_jax import cli, data, files, workdir
 
 FLAGS = flags.FLAGS
 
@@ -33,9 +33,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   out, good, bad = data.prepare(FLAGS.config.data, workers=FLAGS.workers, verify=FLAGS.verify)
+  if bad:
+    files.write_json(out / workdir.BAD_CASES, bad)
   print(
     f"{len(good)} cases ready in {out}"
-    + (f"; {len(bad)} skipped, see {out}/bad_cases.json" if bad else "")
+    + (f"; {len(bad)} skipped, see {out / workdir.BAD_CASES}" if bad else "")
   )
 
 

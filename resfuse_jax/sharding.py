@@ -23,7 +23,7 @@ SPATIAL = "spatial"
 def make_mesh(mesh_config: Any, devices: list | None = None) -> jax.sharding.Mesh:
   """('data', 'spatial') mesh; ``mesh.data = -1`` takes every device ``mesh.spatial`` leaves."""
   devices = jax.devices() if devices is None else devices
-  spatial = mesh_config.get("spatial", 1)
+  spatial = mesh_config.spatial
   n = mesh_config.data
   if spatial < 1 or len(devices) % spatial:
     raise ConfigError(f"mesh.spatial={spatial} does not divide the {len(devices)} devices")

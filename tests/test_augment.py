@@ -240,7 +240,7 @@ def test_the_train_step_with_augmentation_lowers_for_cuda():
   from conftest import smoke_config
 
   from resfuse_jax import train
-  from resfuse_jax.inference import predictor
+  from resfuse_jax.task import build_model
 
   config = smoke_config(
     **{
@@ -249,7 +249,7 @@ def test_the_train_step_with_augmentation_lowers_for_cuda():
       "train.compute_dtype": "bfloat16",
     }
   )
-  model, tx = predictor.build_model(config), train.make_optimizer(config.train)
+  model, tx = build_model(config), train.make_optimizer(config.train)
   patch = tuple(config.data.patch_size)
   state = jax.eval_shape(functools.partial(train.init_state, model, tx, patch), jax.random.key(0))
   step = jax.jit(train.make_step_fn(config, model, tx, ((1, 2, 3), (1, 3), (3,))))

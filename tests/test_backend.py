@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 from conftest import ROOT
 
-from resfuse_jax import backend, models
+from resfuse_jax import backend, config_lib, models
 from resfuse_jax.errors import ConfigError
 from resfuse_jax.models import convolution
 
@@ -26,10 +26,10 @@ def test_auto_takes_the_backends_column(platform):
 
 def test_the_gpu_column_is_cudnns_3d_conv_in_bfloat16():
   assert backend.platform("cuda") == "gpu" and backend.platform("cpu") == "cpu"
-  plan = convolution.resolve_conv_plan(ml_collections.ConfigDict({}), "cuda")
+  plan = convolution.resolve_conv_plan(config_lib.base_config("resfuse").model, "cuda")
   assert plan == convolution.ConvPlan("xla", "space_to_depth", "depth_to_space")
-  assert models.compute_dtype(ml_collections.ConfigDict({}), "cuda") == jnp.bfloat16
-  assert models.compute_dtype(ml_collections.ConfigDict({}), "cpu") == jnp.float32
+  assert models.compute_dtype(config_lib.base_config("resfuse").train, "cuda") == jnp.bfloat16
+  assert models.compute_dtype(config_lib.base_config("resfuse").train, "cpu") == jnp.float32
   explicit = ml_collections.ConfigDict({"compute_dtype": "float32"})
   assert models.compute_dtype(explicit, "cuda") == jnp.float32
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from resfuse_jax import losses, models, train
+from resfuse_jax import config_lib, losses, models, train
 from resfuse_jax.data import brats, pipeline
 from resfuse_jax.models import lits
 
@@ -19,15 +19,8 @@ REGIONS = tuple(brats.REGIONS.values())
 
 
 def build(name, features=FEATURES, conv_impl="auto"):
-  cfg = ml_collections.ConfigDict(
-    {
-      "name": name,
-      "features": features,
-      "fusion": "conv",
-      "fuse_levels": None,
-      "conv_impl": conv_impl,
-    }
-  )
+  cfg = config_lib.base_config(name).model
+  cfg.update({"features": features, "conv_impl": conv_impl})
   return models.build(cfg, num_outputs=R)
 
 

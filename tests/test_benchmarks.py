@@ -9,20 +9,20 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 from conftest import ROOT
 
 torch = pytest.importorskip("torch")
 
 from benchmarks import measure, suite, torch_reference  # noqa: E402
-from resfuse_jax import models  # noqa: E402
+from resfuse_jax import config_lib, models  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["resfuse", "resunet"])
 @pytest.mark.parametrize("features", [(4, 8), (16, 32, 64, 128, 256)])
 def test_torch_reference_has_our_parameter_count_and_output_shape(name, features):
-  cfg = ml_collections.ConfigDict({"name": name, "features": features})
+  cfg = config_lib.base_config(name).model
+  cfg.features = features
   model = models.build(cfg, 3)
   x = jnp.zeros((1, 16, 16, 16, 1))
   params = jax.eval_shape(model.init, jax.random.key(0), x, x)["params"]

@@ -9,6 +9,7 @@ import pytest
 
 from resfuse_jax import checkpointing
 from resfuse_jax.errors import CheckpointError
+from resfuse_jax.workdir import read_config
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_restore_train_state_gives_everything_back(saved):
 
 def test_read_config_says_what_the_folder_lacks(tmp_path):
   with pytest.raises(CheckpointError, match="neither a training workdir nor an export"):
-    checkpointing.read_config(tmp_path)
+    read_config(tmp_path)
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(CheckpointError, match="not valid JSON"):
-    checkpointing.read_config(tmp_path)
+    read_config(tmp_path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from resfuse_jax import data
+from resfuse_jax import config_lib, data
 from resfuse_jax.data import breast, cache, manifest
 
 AFFINE = np.array([[0, 0, -1.5, 20], [0, 0.8, 0, -10], [1.0, 0, 0, 5], [0, 0, 0, 1]], float)
@@ -63,12 +63,10 @@ class Cfg(dict):
 
 def cfg(tmp_path, **kw):
   base = {
+    **config_lib.base_config("resfuse").data.to_dict(),
     "name": "breast",
-    "root": "",
     "post_phase": 1,
     "cache_dir": str(tmp_path / "cache"),
-    "normalization": "zscore",
-    "on_bad_case": "error",
     "preprocess_workers": 1,
   }
   return Cfg({**base, **kw})
@@ -234,12 +232,12 @@ def test_interrupted_preprocessing_resumes_without_corrupt_cases(tmp_path):
 def test_parallel_build_equals_serial(tmp_path):
   csv = write_manifest(tmp_path / "m", n=4)
   a, _, _ = data.prepare(
-    Cfg(name="manifest", manifest=str(csv), cache_dir=str(tmp_path / "a")),
+    cfg(tmp_path, name="manifest", manifest=str(csv), cache_dir=str(tmp_path / "a")),
     workers=2,
     progress=False,
   )
   b, _, _ = data.prepare(
-    Cfg(name="manifest", manifest=str(csv), cache_dir=str(tmp_path / "b")),
+    cfg(tmp_path, name="manifest", manifest=str(csv), cache_dir=str(tmp_path / "b")),
     workers=1,
     progress=False,
   )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from resfuse_jax.evaluation import evaluation, metrics
+from resfuse_jax.evaluation import evaluation, finalize, metrics
 from resfuse_jax.inference import postprocess
 
 
@@ -54,7 +54,7 @@ def test_evaluate_cases_adds_lesion_wise_scores_and_tta_is_consistent(small_case
 def test_results_record_has_the_contract_keys(small_cases):
   config = smoke_config("resunet")
   acc = evaluation.evaluate_cases(constant(0.9), small_cases[:2], config)
-  record = evaluation.results_record(config, 7, 123, acc)
+  record = finalize.results_record(config, 7, 123, acc)
   assert set(record) == {
     "model",
     "variant",

@@ -34,6 +34,7 @@ from resfuse_jax.errors import (
 )
 from resfuse_jax.inference import prediction
 from resfuse_jax.inference.predictor import Predictor
+from resfuse_jax.workdir import Workdir, resume_conflicts
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 TRAIN = {"train.steps": 4, "checkpoint.every_steps": 2, "checkpoint.keep": 3}
@@ -376,8 +377,8 @@ def test_a_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path)
   workdir = tmp_path / "w"
   holder = subprocess.Popen(
     [sys.executable, "-c",
-     "import sys; from resfuse_jax import files\n"
-     "with files.exclusive_lock(sys.argv[1]):\n  print('held', flush=True); sys.stdin.read()",
+     "import sys; from resfuse_jax.workdir import Workdir\n"
+     "with Workdir(sys.argv[1]).lock():\n  print('held', flush=True); sys.stdin.read()",
      str(workdir)],
     cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
   )  # fmt: skip
@@ -393,7 +394,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused_naming_the_holder(tmp_path)
   finally:
     holder.kill()  # kill -9: the kernel releases the lock
     holder.wait()
-  with files.exclusive_lock(workdir):
+  with Workdir(workdir).lock():
     pass
 
 
@@ -410,7 +411,7 @@ def test_a_resume_with_another_model_is_refused_and_changes_nothing(trained, tmp
   assert after == before
   # Settings that change neither parameters nor data may differ on resume.
   ok = smoke_config(**{**TRAIN, "data.read_threads": 2, "model.conv_impl": "planes"})
-  assert train.resume_conflicts(json.loads((workdir / "config.json").read_text()), ok) == []
+  assert resume_conflicts(json.loads((workdir / "config.json").read_text()), ok) == []
 
 
 # ----- 5. The cache is verified -------------------------------------------------------

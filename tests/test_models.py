@@ -1,11 +1,10 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from resfuse_jax import models
+from resfuse_jax import config_lib, models
 from resfuse_jax.errors import ConfigError
 from resfuse_jax.models import convolution, layers, resfuse
 
@@ -13,9 +12,8 @@ FEATURES = (4, 8, 16)
 
 
 def build(name, fusion="conv", features=FEATURES, fuse_levels=None, **model_config):
-  cfg = ml_collections.ConfigDict(
-    {"name": name, "features": features, "fusion": fusion, "fuse_levels": fuse_levels}
-  )
+  cfg = config_lib.base_config("resfuse").model  # every key at its default, then:
+  cfg.update({"name": name, "features": features, "fusion": fusion, "fuse_levels": fuse_levels})
   cfg.update(model_config)  # e.g. conv_impl, remat
   return models.build(cfg, num_outputs=3)
 
@@ -48,7 +46,7 @@ def test_unknown_conv_impl_is_a_config_error():
 
 def test_conv_plan_defaults_to_auto_resolved_for_this_backend():
   plan = build("resfuse").conv_impl
-  assert plan == convolution.resolve_conv_plan(ml_collections.ConfigDict({}))
+  assert plan == convolution.resolve_conv_plan(config_lib.base_config("resfuse").model)
   assert plan.conv == convolution.resolve_conv_impl("auto")
   assert build("resunet", conv_impl="xla").conv_impl.conv == "xla"
   chosen = build("resunet", downsample="strided", upsample="transpose").conv_impl

@@ -15,7 +15,7 @@ from conftest import ROOT, smoke_config
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from resfuse_jax import config_lib, data, models  # noqa: E402
+from resfuse_jax import config_lib, data, models, task  # noqa: E402
 from resfuse_jax.data import brats  # noqa: E402
 from resfuse_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from resfuse_jax.inference import onnx_runtime, postprocess, prediction, predictor, tiler  # noqa: E402
@@ -30,7 +30,7 @@ def random_model(variant, seed=0, **overrides):
   """A tiny model with random parameters (no init compiled): kernels He-scaled, norms'
   scales and every bias moved off 1 and 0, so each parameter changes the output."""
   config = smoke_config(variant, **overrides)
-  model = predictor.build_model(config)
+  model = task.build_model(config)
   patch = tuple(config.data.patch_size)
   x = jax.ShapeDtypeStruct((1, *patch, 1), jnp.float32)
   shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, t)["params"], x)

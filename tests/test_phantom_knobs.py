@@ -217,12 +217,12 @@ def test_enhancement_gain_and_timing_scale_tumour_and_vessels_apart(base_cases):
 
 
 def test_a_workdir_written_before_the_knobs_resumes_but_a_knob_change_is_refused():
-  from resfuse_jax import train
+  from resfuse_jax import workdir
 
   config = config_lib.load(f"{ROOT}/configs/phantom.py:smoke")
   saved = json.loads(json.dumps(config.to_dict()))
   for knob in phantom.KNOBS:
     del saved["data"][knob]  # a config.json from before the knobs existed
-  assert train.resume_conflicts(saved, config) == []
+  assert workdir.resume_conflicts(saved, config) == []
   config.data.pre_slice_mm = 4.5
-  assert train.resume_conflicts(saved, config) == ["data.pre_slice_mm: 0.0 -> 4.5"]
+  assert workdir.resume_conflicts(saved, config) == ["data.pre_slice_mm: 0.0 -> 4.5"]

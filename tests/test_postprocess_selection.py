@@ -11,6 +11,7 @@ from resfuse_jax.evaluation import metrics, postprocess_selection
 from resfuse_jax.evaluation.postprocess_selection import CaseMasks
 from resfuse_jax.inference import postprocess, prediction
 from resfuse_jax.inference.postprocess import NO_RULE, Rule
+from resfuse_jax.workdir import VALIDATION_MASKS
 
 
 def blob(shape, corner, size) -> np.ndarray:
@@ -197,7 +198,7 @@ def test_folds_are_pooled_into_one_choice(tmp_path):
   for name, cases in folds.items():
     (tmp_path / name).mkdir()
     (tmp_path / name / "config.json").write_text(json.dumps({"data": {"name": "phantom"}}))
-    postprocess_selection.save_masks(tmp_path / name / postprocess_selection.MASKS_FILE, cases)
+    postprocess_selection.save_masks(tmp_path / name / VALIDATION_MASKS, cases)
   alone = postprocess_selection.determine(folds["f0"], list(brats.REGIONS), True)
   assert Rule.from_dict(alone["rules"]["WT"]) == NO_RULE
   out = tmp_path / "pooled.json"

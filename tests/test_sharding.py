@@ -18,7 +18,7 @@ from resfuse_jax import sharding
 def sharded_runs():
   # The script builds with XLA's 3D conv (model.conv_impl = xla), the accelerators' path. The
   # CPU rewrite under several processes is covered by test_launch.py.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8", "PYTHONPATH": str(ROOT)}
   proc = subprocess.run(
     [sys.executable, "tests/scripts/sharded_equivalence.py"],
     cwd=ROOT,

@@ -10,7 +10,7 @@ from conftest import smoke_config
 from scipy import ndimage
 
 from resfuse_jax import losses, train
-from resfuse_jax.inference import predictor
+from resfuse_jax.task import build_model
 
 REGIONS = ((1, 2, 3), (1, 3), (3,))
 # Tests that read convolutions off a jaxpr want one 3D conv primitive per layer (the CPU
@@ -34,7 +34,7 @@ def setup(**overrides):
   config = smoke_config(
     **{"train.warmup_steps": 0, "train.lr": 1e-2, "data.augment.preset": "none", **overrides}
   )
-  model = predictor.build_model(config)
+  model = build_model(config)
   tx = train.make_optimizer(config.train)
   state = train.init_state(model, tx, (16, 16, 16), jax.random.key(0))
   step = jax.jit(train.make_step_fn(config, model, tx, REGIONS))

@@ -122,8 +122,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(Spec))
 
 
 def spec_from_config(cfg: Any) -> Spec:
-  """``data.augment``: a preset, then every field that is not None overrides it."""
-  preset = cfg.get("preset", "nnunet")
+  """``data.augment`` (every field, None = unset): a preset, then each set field overrides it."""
+  preset = cfg.preset
   if preset not in PRESETS:
     raise ConfigError(f"data.augment.preset must be one of {', '.join(PRESETS)}; got {preset!r}")
   unknown = sorted(set(cfg.keys()) - set(FIELDS) - {"preset"})
@@ -131,7 +131,7 @@ def spec_from_config(cfg: Any) -> Spec:
     raise ConfigError(f"data.augment has unknown fields {unknown}; known: {', '.join(FIELDS)}")
   values = {}
   for name in FIELDS:
-    value = cfg.get(name, None)
+    value = cfg[name]
     if value is not None:
       values[name] = tuple(value) if isinstance(value, list | tuple) else value
   spec = dataclasses.replace(PRESETS[preset], **values)

@@ -55,22 +55,23 @@ def find_cases(cfg: Any, require_label: bool = True) -> list[CaseFiles]:
 
 
 def prep_settings(cfg: Any) -> PrepSettings:
-  spacing = cfg.get("target_spacing", None)
+  """``data.target_spacing``, ``normalization`` and ``affine_tolerance`` (a complete config)."""
+  spacing = cfg.target_spacing
   return PrepSettings(
     target_spacing=None if spacing is None else tuple(float(s) for s in spacing),
-    normalization=cfg.get("normalization", "zscore"),
-    affine_tolerance=cfg.get("affine_tolerance", 1e-3),
+    normalization=cfg.normalization,
+    affine_tolerance=cfg.affine_tolerance,
   )
 
 
 def input_limits(cfg: Any) -> InputLimits:
-  """``data.max_voxels`` / ``max_bytes`` / ``spacing_range`` (defaults for older configs)."""
+  """``data.max_voxels`` / ``max_bytes`` / ``spacing_range``."""
   return InputLimits.from_config(cfg)
 
 
 def cache_dir(cfg: Any) -> Path:
   """``<cache root>/<dataset tag>-<hash of the preprocessing settings>``."""
-  root = Path(cfg.get("cache_dir", "") or default_cache_dir() / "preprocessed")
+  root = Path(cfg.cache_dir or default_cache_dir() / "preprocessed")
   tag = get_dataset(cfg.name).cache_tag(cfg)
   return root / f"{tag}-{cache.settings_key(tag, prep_settings(cfg))}"
 
@@ -84,7 +85,8 @@ def prepare(
 ) -> tuple[Path, list[str], list[dict]]:
   """Builds or reuses the preprocessed cache; returns (cache folder, good ids, bad cases).
 
-  ``verify`` also checks every cached array's hash (damaged cases are rebuilt). Bad cases (``data.on_bad_case='skip'``) are also listed in ``<cache>/bad_cases.json``.
+  ``verify`` also checks every cached array's hash (damaged cases are rebuilt). Bad cases
+  (``data.on_bad_case='skip'``) are returned; the caller lists them (W's bad-case list).
   """
   dataset = get_dataset(cfg.name)
   files = find_cases(cfg) if files is None else files
@@ -95,8 +97,8 @@ def prepare(
     prep_settings(cfg),
     dataset.regions,
     dataset.label_values,
-    workers=cfg.get("preprocess_workers", 1) if workers is None else workers,
-    on_bad_case=cfg.get("on_bad_case", "error"),
+    workers=cfg.preprocess_workers if workers is None else workers,
+    on_bad_case=cfg.on_bad_case,
     progress=progress,
     limits=input_limits(cfg),
     verify=verify,
@@ -108,9 +110,8 @@ def prepare(
       len(files),
       bad[0]["error"],
     )
-    file_io.write_json(out / "bad_cases.json", bad)
   if not good:
-    raise DataError(f"every case under {cfg.get('root', '')!r} was bad; see the errors above")
+    raise DataError(f"every case under {cfg.root!r} was bad; see the errors above")
   return out, good, bad
 
 

@@ -33,11 +33,10 @@ class InputLimits:
 
   @classmethod
   def from_config(cls, cfg) -> InputLimits:
-    d = cls()
     return cls(
-      max_voxels=int(cfg.get("max_voxels", d.max_voxels)),
-      max_bytes=int(cfg.get("max_bytes", d.max_bytes)),
-      spacing_range=tuple(float(s) for s in cfg.get("spacing_range", d.spacing_range)),
+      max_voxels=int(cfg.max_voxels),
+      max_bytes=int(cfg.max_bytes),
+      spacing_range=tuple(float(s) for s in cfg.spacing_range),
     )
 
 

@@ -58,12 +58,12 @@ def phantom_root(cfg: Any) -> Path:
 
 
 def phantom_spec(cfg: Any) -> phantom.PhantomSpec:
-  """The phantom ``data`` describes; its acquisition knobs are ``data.<knob>`` (0 when absent)."""
+  """The phantom ``data`` describes; its acquisition knobs are ``data.<knob>``."""
   return phantom.PhantomSpec(
     num_cases=cfg.phantom_cases,
     shape=tuple(cfg.phantom_shape),
     seed=cfg.phantom_seed,
-    **{k: float(cfg.get(k, 0.0)) for k in phantom.KNOBS},
+    **{k: float(cfg[k]) for k in phantom.KNOBS},
   )
 
 
@@ -104,20 +104,16 @@ _REGISTRY = {
     breast.REGIONS,
     breast.LABELS,
     find_cases=lambda cfg, require_label: breast.find_cases(
-      cfg.root, cfg.get("post_phase", 1), require_label
+      cfg.root, cfg.post_phase, require_label
     ),
-    find_inputs=lambda path, cfg: breast.find_cases(
-      path, cfg.get("post_phase", 1), require_label=False
-    ),
-    cache_tag=lambda cfg: f"breast-phase{cfg.get('post_phase', 1)}",
+    find_inputs=lambda path, cfg: breast.find_cases(path, cfg.post_phase, require_label=False),
+    cache_tag=lambda cfg: f"breast-phase{cfg.post_phase}",
   ),
   "manifest": Dataset(
     "manifest",
     breast.REGIONS,
     breast.LABELS,
-    find_cases=lambda cfg, require_label: manifest.find_cases(
-      cfg.get("manifest", ""), require_label
-    ),
+    find_cases=lambda cfg, require_label: manifest.find_cases(cfg.manifest, require_label),
     find_inputs=_manifest_inputs,
     cache_tag=lambda cfg: "manifest",
   ),

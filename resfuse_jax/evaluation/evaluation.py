@@ -1,13 +1,12 @@
 """The one evaluation path: training's validation and ``python -m resfuse_jax.evaluate``.
 
-Both call ``evaluate_cases``. Training owns ``W/results.json`` and
-``W/metrics.csv``; ``evaluate_workdir`` writes its own folder
-``W/eval-<step>[-tta]/`` and never touches what training wrote.
+Both call ``evaluate_cases`` and end with ``finalize.finalize``. Training owns the
+results in W; ``evaluate_workdir`` writes its own folder (``Workdir.eval_dir``) and
+never touches what training wrote.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,11 +14,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resfuse_jax import checkpointing, data, files
+from resfuse_jax import data, files
 from resfuse_jax.errors import CheckpointError
 from resfuse_jax.evaluation import metrics, postprocess_selection, report
+from resfuse_jax.evaluation.finalize import finalize
 from resfuse_jax.inference import postprocess, tiler
 from resfuse_jax.inference.predictor import Predictor
+from resfuse_jax.task import Task
+from resfuse_jax.workdir import Workdir, read_config
 
 CaseHook = Callable[[data.Case, np.ndarray, np.ndarray, dict], None]
 
@@ -47,7 +49,7 @@ def evaluate_cases(
     rules: post-processing per region (default none); masks are nested either way, as the
       label map ``predict`` writes reads them.
   """
-  dataset = data.get_dataset(config.data.name)
+  dataset = Task.from_config(config).dataset
   settings = postprocess.settings_from_config(config.eval)
   acc = metrics.RegionMetrics(dataset.region_names, lesion_wise=lesion_wise)
   for case in cases:
@@ -62,23 +64,6 @@ def evaluate_cases(
     if on_case is not None:
       on_case(case, probs, masks, row)
   return acc
-
-
-def results_record(config, step: int, num_params: int, acc: metrics.RegionMetrics) -> dict:
-  """``results.json``'s contract keys: model, variant, dataset, steps, params, metrics, cases."""
-  return {
-    "model": config.model.name,
-    "variant": config.model.get("variant", config.model.name),
-    "dataset": config.data.name,
-    "steps": int(step),
-    "params": int(num_params),
-    **acc.summary(),
-    "cases": len(acc.rows),
-  }
-
-
-def eval_dir(workdir: str | Path, step: int, tta: bool) -> Path:
-  return Path(workdir) / f"eval-{step}{'-tta' if tta else ''}"
 
 
 def _figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
@@ -105,27 +90,21 @@ def evaluate_workdir(
 ) -> tuple[Path, dict]:
   """Evaluates a trained workdir on every case of its validation fold.
 
-  Writes ``W/eval-<step>[-tta]/``: ``results.json`` (training's keys plus
-  standard deviations, the TTA flag, for BraTS regions lesion-wise metrics, and
-  ``postprocessed``: the same after the rules chosen on these cases),
-  ``postprocessing.json`` (those rules and every candidate's score),
-  ``metrics.csv`` and ``metrics_postprocessed.csv`` (one row per case),
-  ``report.md`` (the paper's table layout) and ``figures/<case>.png``. Returns
-  (that folder, results).
+  Writes ``W/eval-<step>[-tta]/`` (``Workdir.eval_dir``) through ``finalize``: results
+  (training's keys plus standard deviations, the TTA flag, for BraTS regions lesion-wise
+  metrics, and ``postprocessed``: the same after the rules chosen on these cases), those
+  rules, per-case rows before and after them; then the paper-layout report and a figure
+  per case. Returns (that folder, results).
   """
-  workdir = Path(workdir)
-  predictor = Predictor.load(workdir, step)
-  config, dataset = predictor.config, predictor.dataset
-  splits_path = workdir / "splits.json"
-  if not splits_path.is_file():
-    raise CheckpointError(f"{workdir} has no splits.json: not a training workdir")
+  w = Workdir(workdir)
+  predictor = Predictor.load(w.path, step)
+  config, task = predictor.config, predictor.task
+  val_ids = w.read_splits()["val"]
   cache, _, _ = data.prepare(config.data, progress=False)
-  cases = data.load_cases(cache, json.loads(splits_path.read_text())["val"])
-  out = eval_dir(workdir, predictor.step, tta)
-  files.make_dirs(out)
-  figure = _figure_writer(out / "figures", predictor) if figures else None
-
-  collector = postprocess_selection.Collector(config.eval, dataset.regions)
+  cases = data.load_cases(cache, val_ids)
+  out = w.eval_dir(predictor.step, tta).make()
+  figure = _figure_writer(out.figures_dir, predictor) if figures else None
+  collector = postprocess_selection.Collector(config.eval, task.regions)
 
   def log_case(case, probs, masks, row):
     collector(case, probs, masks, row)
@@ -139,25 +118,14 @@ def evaluate_workdir(
     cases,
     config,
     tta=tta,
-    lesion_wise=dataset.brats_like,
+    lesion_wise=task.dataset.brats_like,
     on_case=log_case,
   )
-  names, brats_like = dataset.region_names, dataset.brats_like
-  record = postprocess_selection.determine(collector.cases, names, brats_like)
-  rules = postprocess.rules_from_record(record, names, str(out))
-  after = postprocess_selection.evaluate_rules(collector.cases, rules, names, brats_like)
-  results = {
-    **results_record(config, predictor.step, predictor.num_params, acc),
-    "std": acc.std(),
-    "tta": tta,
-    "postprocessed": {**after.summary(), "std": after.std(), "rules": record["describe"]},
-  }
-  files.write_json(out / postprocess.FILE, record)
-  after.write_csv(out / "metrics_postprocessed.csv")
-  acc.write_csv(out / "metrics.csv")
-  files.write_json(out / "results.json", results)
-  files.write_text(out / "report.md", report.results_markdown([results], dataset.region_names))
-  return out, results
+  results = finalize(
+    out, task, predictor.step, predictor.num_params, acc, collector.cases, extra={"tta": tta}
+  )
+  files.write_text(out.report_file, report.results_markdown([results], task.region_names))
+  return out.path, results
 
 
 def pool_folds(workdirs: list[str | Path], output: str | Path) -> dict:
@@ -168,13 +136,11 @@ def pool_folds(workdirs: list[str | Path], output: str | Path) -> dict:
   """
   if not workdirs:
     raise CheckpointError("give the workdirs of the folds to pool")
-  names = set()
-  for w in workdirs:
-    config = checkpointing.read_config(w)
-    names.add(config.data.name)
+  tasks = [Task.from_config(read_config(w)) for w in workdirs]
+  names = {t.dataset.name for t in tasks}
   if len(names) > 1:
     raise CheckpointError(f"the workdirs were trained on different datasets: {sorted(names)}")
-  dataset = data.get_dataset(names.pop())
+  dataset = tasks[0].dataset
   record = postprocess_selection.determine_from_workdirs(
     workdirs, dataset.region_names, dataset.brats_like
   )

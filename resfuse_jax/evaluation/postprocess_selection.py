@@ -23,8 +23,8 @@ from resfuse_jax.errors import CheckpointError
 from resfuse_jax.evaluation import metrics
 from resfuse_jax.inference import postprocess
 from resfuse_jax.inference.postprocess import NO_RULE, Rule
+from resfuse_jax.workdir import Workdir
 
-MASKS_FILE = "validation_masks.npz"
 MARGIN = metrics.LESION_DILATION + 2  # voxels kept around prediction ∪ reference
 MIN_COMPONENT_GRID_MM3 = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 RELABEL_GRID_MM3 = (50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -176,7 +176,7 @@ def determine_from_workdirs(workdirs: Sequence[str | Path], region_names, brats_
   """Pools the saved validation masks of several folds' workdirs into one choice."""
   cases, seen = [], set()
   for w in workdirs:
-    path = Path(w) / MASKS_FILE
+    path = Workdir(w).validation_masks_file
     if not path.is_file():
       raise CheckpointError(f"{path} is missing: train (or resume) that workdir to the end first")
     for c in load_masks(path):

@@ -22,7 +22,6 @@ from scipy import ndimage
 from resfuse_jax import files
 from resfuse_jax.errors import ConfigError
 
-FILE = "postprocessing.json"  # the rules chosen on validation, in W and in an export
 FORMAT = "resfuse_jax-postprocessing-1"
 
 _CONN26 = np.ones((3, 3, 3), bool)
@@ -188,8 +187,8 @@ def probabilities_to_labels(
 def settings_from_config(eval_config) -> dict:
   """``eval.thresholds`` and ``eval.min_component_voxels`` as keyword arguments."""
   return {
-    "thresholds": list(eval_config.get("thresholds", None) or []) or None,
-    "min_component_voxels": int(eval_config.get("min_component_voxels", 0)),
+    "thresholds": list(eval_config.thresholds or []) or None,
+    "min_component_voxels": int(eval_config.min_component_voxels),
   }
 
 

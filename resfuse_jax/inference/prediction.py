@@ -20,6 +20,7 @@ from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
 from resfuse_jax.inference import postprocess
 from resfuse_jax.inference.predictor import Predictor
+from resfuse_jax.workdir import BAD_CASES
 
 
 def predict_case(
@@ -33,11 +34,9 @@ def predict_case(
   """Writes ``out`` (uint8 labels), and optionally ``<name>_probabilities.nii.gz``
   [D, H, W, R] and ``<name>.png`` beside it."""
   config = predictor.config
+  task = predictor.task
   case = data.preprocess_case(
-    files,
-    predictor.dataset.label_values,
-    data.prep_settings(config.data),
-    data.input_limits(config.data),
+    files, task.dataset.label_values, task.prep_settings, task.input_limits
   )
   probs = predictor.probabilities(case, tta)
   if not np.isfinite(probs).all():
@@ -171,7 +170,7 @@ def predict_folder(
     logging.info("[%d/%d] %s -> %s", i, len(cases), case_files.case_id, out)
     written.append(out)
   if bad:
-    files.write_json(output / "bad_cases.json", bad)
+    files.write_json(output / BAD_CASES, bad)
     if not written:
-      raise DataError(f"every case of --input={input_path} was bad; see {output}/bad_cases.json")
+      raise DataError(f"every case of --input={input_path} was bad; see {output / BAD_CASES}")
   return written, bad

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resfuse_jax import checkpointing, data, models, sharding
+from resfuse_jax import checkpointing, data, models, sharding, workdir
 from resfuse_jax.errors import CheckpointError, ConfigError
 from resfuse_jax.inference import onnx_runtime, postprocess, tiler
+from resfuse_jax.task import Task
 
 BACKENDS = ("auto", "jax", "onnxruntime")
 
@@ -38,12 +39,6 @@ def make_sharded_window_fn(model: nn.Module, mesh: jax.sharding.Mesh) -> Callabl
     in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
     out_shardings=sharding.replicated(mesh),
   )
-
-
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The config's model for its dataset's regions, in ``train.compute_dtype``."""
-  num_outputs = len(data.get_dataset(config.data.name).regions)
-  return models.build(config.model, num_outputs, models.compute_dtype(config.train))
 
 
 def abstract_params(model: nn.Module, patch_size, sharding_=None) -> Any:
@@ -93,8 +88,8 @@ class Predictor:
     num_params: int | None = None,
   ):
     self.config = config
-    self.dataset = data.get_dataset(config.data.name)
-    self.model = build_model(config)
+    self.task = Task.from_config(config)
+    self.dataset, self.model = self.task.dataset, self.task.model
     self._params, self._load_params = params, load_params
     self._window, self._num_params = window, num_params
     self.backend = "jax" if window is None else "onnxruntime"
@@ -112,18 +107,19 @@ class Predictor:
     """``path``: a training workdir (its latest or ``step`` checkpoint) or an export folder.
 
     Parameters land on this machine's first device, whatever topology trained them. The
-    post-processing chosen on validation (``path/postprocessing.json``) comes along.
+    post-processing chosen on validation (``workdir.POSTPROCESSING``) comes along.
     ``backend``: see `resolve_backend`.
     """
     path = Path(path)
     backend = resolve_backend(backend, path)
-    config = checkpointing.read_config(path)
+    config = workdir.read_config(path)
+    task = Task.from_config(config)
+    folder = workdir.Workdir(path)
     rules = None
-    if (path / postprocess.FILE).is_file():
-      regions = data.get_dataset(config.data.name).region_names
-      rules = postprocess.read_rules(path / postprocess.FILE, regions)
+    if folder.postprocessing_file.is_file():
+      rules = postprocess.read_rules(folder.postprocessing_file, task.region_names)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = abstract_params(build_model(config), tuple(config.data.patch_size), device)
+    abstract = abstract_params(task.model, task.patch_size, device)
     if checkpointing.is_export(path):
       meta = checkpointing.export_metadata(path)
       exported_step = int(meta["step"])
@@ -147,7 +143,7 @@ class Predictor:
           num_params=int(meta["params"]),
         )
       return cls(config, checkpointing.load_export_params(path, abstract), exported_step, rules)
-    params, step = checkpointing.restore_params(path / "checkpoints", step, abstract)
+    params, step = checkpointing.restore_params(folder.checkpoints_dir, step, abstract)
     return cls(config, params, step, rules)
 
   @property

@@ -40,20 +40,20 @@ def _resunet(inputs: str) -> Builder:
     num_outputs,
     inputs,
     dtype,
-    cfg.get("remat", False),
+    cfg.remat,
     conv_impl=conv_impl,
   )
 
 
 def _resfuse(cfg: Any, num_outputs: int, dtype: Any, conv_impl: convolution.ConvPlan) -> nn.Module:
-  levels = cfg.get("fuse_levels", None)
+  levels = cfg.fuse_levels
   return ResFuse(
     tuple(cfg.features),
     num_outputs,
-    fusion=cfg.get("fusion", "conv"),
+    fusion=cfg.fusion,
     fuse_levels=None if levels is None else tuple(levels),
     dtype=dtype,
-    remat=cfg.get("remat", False),
+    remat=cfg.remat,
     conv_impl=conv_impl,
   )
 
@@ -63,7 +63,7 @@ def _baseline(cls: type[nn.Module]) -> Builder:
     tuple(cfg.features),
     num_outputs,
     dtype=dtype,
-    remat=cfg.get("remat", False),
+    remat=cfg.remat,
     conv_impl=conv_impl,
   )
 
@@ -84,6 +84,8 @@ def names() -> list[str]:
 
 def build(model_config: Any, num_outputs: int, dtype: Any = jnp.float32) -> nn.Module:
   """Builds ``model_config.name`` with its conv plan (`convolution.resolve_conv_plan`) for this backend.
+
+  ``model_config``: a complete ``config.model`` (``config_lib`` owns the defaults).
 
   Unknown names or conv implementations raise ``ConfigError`` listing the valid ones.
   """
@@ -119,5 +121,5 @@ def compute_dtype(train_config: Any, backend: str | None = None) -> Any:
 
   Parameters stay float32. ``auto`` is the backend's default (`resfuse_jax.backend`).
   """
-  name = train_config.get("compute_dtype", "auto")
+  name = train_config.compute_dtype
   return jnp.dtype(backends.resolve("compute_dtype", name, backend, "train.compute_dtype"))

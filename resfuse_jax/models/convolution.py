@@ -83,13 +83,9 @@ def resolve_conv_impl(name: str, backend: str | None = None) -> str:
 def resolve_conv_plan(model_config: Any, backend: str | None = None) -> ConvPlan:
   """``model.conv_impl``, ``model.downsample`` and ``model.upsample`` for ``backend``."""
   return ConvPlan(
-    conv=resolve_conv_impl(model_config.get("conv_impl", "auto"), backend),
-    downsample=backends.resolve(
-      "downsample", model_config.get("downsample", "auto"), backend, "model.downsample"
-    ),
-    upsample=backends.resolve(
-      "upsample", model_config.get("upsample", "auto"), backend, "model.upsample"
-    ),
+    conv=resolve_conv_impl(model_config.conv_impl, backend),
+    downsample=backends.resolve("downsample", model_config.downsample, backend, "model.downsample"),
+    upsample=backends.resolve("upsample", model_config.upsample, backend, "model.upsample"),
   )
 
 

@@ -40,6 +40,7 @@ from resfuse_jax import checkpointing, data, files
 from resfuse_jax.errors import CheckpointError, ConfigError, UserError
 from resfuse_jax.inference import onnx_runtime, postprocess, tiler
 from resfuse_jax.inference.predictor import Predictor, window_probabilities
+from resfuse_jax.workdir import CONFIG, POSTPROCESSING, Workdir
 
 PLATFORMS = ("cpu", "cuda")
 ONNX_MODES = ("auto", "yes", "no")
@@ -88,7 +89,7 @@ def deployment(predictor: Predictor, rules: list | None) -> dict:
       "paint_order": postprocess.region_label_values(dataset.regions),
     },
     "postprocessing": (
-      {"file": postprocess.FILE, "rules": {n: r.to_dict() for n, r in zip(names, rules)}}
+      {"file": POSTPROCESSING, "rules": {n: r.to_dict() for n, r in zip(names, rules)}}
       if rules
       else None
     ),
@@ -112,7 +113,7 @@ def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> d
   from resfuse_jax.serving import onnx_graph
 
   config = predictor.config
-  name = config.model.get("variant", config.model.name)
+  name = config.model.variant
   window = tuple(int(w) for w in config.data.patch_size)
   metadata = {
     "resfuse_jax.step": str(predictor.step),
@@ -150,7 +151,7 @@ def _metadata(predictor: Predictor, workdir: Path | None) -> dict:
     "step": predictor.step,
     "source_workdir": None if workdir is None else str(workdir.absolute()),
     "model": config.model.name,
-    "variant": config.model.get("variant", config.model.name),
+    "variant": config.model.variant,
     "dataset": config.data.name,
     "regions": list(regions),
     "label_values": postprocess.region_label_values(regions),
@@ -190,10 +191,10 @@ def write_export(
   tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
   files.make_dirs(tmp)
   try:
-    files.write_json(tmp / "config.json", predictor.config.to_dict())
-    chosen = None if workdir is None else workdir / postprocess.FILE
-    if chosen is not None and chosen.is_file():
-      files.write_bytes(tmp / postprocess.FILE, chosen.read_bytes())
+    files.write_json(tmp / CONFIG, predictor.config.to_dict())
+    chosen = None if workdir is None else Workdir(workdir).postprocessing_file
+    if chosen is not None and chosen.is_file():  # the rules chosen on validation travel along
+      files.write_bytes(tmp / POSTPROCESSING, chosen.read_bytes())
     digests = checkpointing.save_export_params(tmp, predictor.params)
     serving = tmp / checkpointing.EXPORT_SERVING_FILE
     serving.parent.mkdir()

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from resfuse_jax import config_lib, sharding, train
-from resfuse_jax.inference import predictor
+from resfuse_jax.task import Task
 
 REGIONS = ((1, 2, 3), (1, 3), (3,))
 MESHES = {"data8": (8, 1), "data4_spatial2": (4, 2)}
@@ -28,12 +28,13 @@ def batches(n, crop, batch=8):
 
 def run(config, data, spatial, steps):
   mesh = sharding.make_mesh(ml_mesh(data, spatial))
-  model = predictor.build_model(config)
+  task = Task.from_config(config)
+  model = task.model
   tx = train.make_optimizer(config.train)
   init = functools.partial(train.init_state, model, tx, tuple(config.data.patch_size))
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
   step = train.compile_train_step(config, model, tx, REGIONS, mesh)
-  crop, in_sharding = train.crop_shape(config), train.input_sharding(config, mesh)
+  crop, in_sharding = task.crop_shape, train.input_sharding(config, mesh)
   losses = []
   for b in batches(steps, crop):
     state, metrics = step(state, sharding.put_batch(b, in_sharding))

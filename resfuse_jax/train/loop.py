@@ -1,0 +1,190 @@
+"""The training loop: steps, and at its boundaries logging, validation and checkpoints.
+
+Host syncs happen only at those boundaries (``train.log_every``,
+``eval.every_steps``, ``checkpoint.every_steps``, the last step, a stop request).
+Validation runs the one evaluation path (``evaluation.evaluate_cases``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from resfuse_jax import backend, checkpointing, data, sharding
+from resfuse_jax.evaluation import evaluation, metrics, postprocess_selection
+from resfuse_jax.train import control
+from resfuse_jax.train.inputs import RunData
+from resfuse_jax.train.step import TrainMetrics, TrainState, input_sharding
+
+
+class Progress:
+  """Steps/s and ETA at logging points (clu's periodic_actions would import TensorFlow)."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total = total_steps
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(rate, 1e-9)
+    return {"steps_per_sec": rate, "eta_sec": eta}
+
+
+@dataclasses.dataclass
+class Loop:
+  """What the loop runs with: compiled functions, the data stream and the outputs."""
+
+  step_fn: Callable
+  window_fn: Callable
+  train_iter: Any
+  manager: Any
+  writer: Any
+  mesh: Any
+  final_masks: list | None = None  # the final validation's cropped masks
+
+
+def validate(
+  window_fn: Callable,
+  params: Any,
+  cases: list[data.Case],
+  config,
+  mesh,
+  collector: postprocess_selection.Collector | None = None,
+  lesion_wise: bool = False,
+) -> metrics.RegionMetrics:
+  """Validation through the one evaluation path, windows split over the mesh's 'data'.
+
+  ``collector`` keeps every case's masks; ``lesion_wise`` adds BraTS lesion-wise metrics.
+  """
+  n = mesh.shape[sharding.DATA]
+  batch = -(-backend.resolve("eval_batch_size", config.eval.batch_size) // n) * n
+  tiles_sharding = sharding.data_sharding(mesh)
+
+  def predict(tiles: np.ndarray) -> np.ndarray:
+    return np.asarray(window_fn(params, sharding.put_global(tiles, tiles_sharding)))
+
+  return evaluation.evaluate_cases(
+    predict, cases, config, batch_size=batch, lesion_wise=lesion_wise, on_case=collector
+  )
+
+
+def final_validation(config, loop: Loop, state: TrainState, run: RunData):
+  """The last validation, keeping every case's masks for choosing the post-processing."""
+  collector = postprocess_selection.Collector(config.eval, run.dataset.regions)
+  val = validate(
+    loop.window_fn, state.params, run.val_cases, config, loop.mesh, collector,
+    lesion_wise=run.dataset.brats_like,
+  )  # fmt: skip
+  loop.final_masks = collector.cases
+  return val
+
+
+def _format_eta(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  return f"{m}m{s:02d}s"
+
+
+def _log_train(step: int, total: int, computed: dict, progress: Progress, writer) -> None:
+  scalars = {f"train/{k}": float(v) for k, v in computed.items()}
+  speed = progress.report(step)
+  writer.write_scalars(step, {**scalars, "train/steps_per_sec": speed["steps_per_sec"]})
+  logging.info(
+    "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
+    step,
+    total,
+    scalars["train/loss"],
+    speed["steps_per_sec"],
+    _format_eta(speed["eta_sec"]),
+  )
+
+
+def _validate_and_log(config, loop: Loop, state, run: RunData, step: int):
+  t0 = time.perf_counter()
+  if step == config.train.steps:
+    val = final_validation(config, loop, state, run)
+  else:
+    val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh)
+    loop.final_masks = None
+  summary = val.summary()
+  loop.writer.write_scalars(
+    step, {f"val/{m}_{r}": v for m, d in summary.items() for r, v in d.items()}
+  )
+  logging.info(
+    "step %d validation (%d cases, %.1fs): Dice %s",
+    step,
+    len(run.val_cases),
+    time.perf_counter() - t0,
+    ", ".join(f"{r} {v:.4f}" for r, v in summary["dice"].items()),
+  )
+  return val
+
+
+@dataclasses.dataclass
+class _Boundary:
+  """What one step boundary does: log, validate, save, stop."""
+
+  log: bool
+  evaluate: bool
+  save: bool
+  stop: bool
+
+
+def _boundary(config, step: int, stop: control.StopRequest) -> _Boundary:
+  total = config.train.steps
+  is_eval = step % config.eval.every_steps == 0 or step == total
+  preempted = stop.requested(step)
+  return _Boundary(
+    log=step % config.train.log_every == 0 or step == total,
+    evaluate=is_eval and not preempted,
+    save=is_eval or preempted or step % config.checkpoint.every_steps == 0,
+    stop=preempted,
+  )
+
+
+def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunData):
+  """Steps ``start_step + 1 .. train.steps``; returns (state, last validation or None).
+
+  Host syncs only at logging, evaluation and checkpoint points. SIGTERM/SIGINT
+  save at the next step boundary and raise ``Preempted``.
+  """
+  total = config.train.steps
+  batch_sharding = input_sharding(config, loop.mesh)
+  progress = Progress(total, start_step)
+  pending: TrainMetrics | None = None
+  val = None
+  stop = control.StopRequest()
+  try:
+    for step in range(start_step + 1, total + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.put_batch(next(loop.train_iter), batch_sharding)
+        state, step_metrics = loop.step_fn(state, batch)
+      pending = step_metrics if pending is None else pending.merge(step_metrics)
+      at = _boundary(config, step, stop)
+      if at.log or at.save:  # the finiteness check rides on the logging sync
+        computed = {k: np.asarray(v) for k, v in pending.compute().items()}
+        control.raise_if_nonfinite(int(computed.pop("nonfinite_step")), loop.manager, state)
+      if at.log:
+        pending = None
+        _log_train(step, total, computed, progress, loop.writer)
+      ckpt_metrics = None
+      if at.evaluate:
+        val = _validate_and_log(config, loop, state, run, step)
+        ckpt_metrics = {checkpointing.BEST_METRIC: val.summary()["dice"]["mean"]}
+        progress.last_time = time.perf_counter()  # keep evaluation out of steps/s
+      if at.save:
+        checkpointing.save(loop.manager, step, state, loop.train_iter, ckpt_metrics)
+        loop.writer.flush()  # a killed run keeps its curves up to its last checkpoint
+      if at.stop:
+        stop.stop(step, total, loop.manager)
+  finally:
+    stop.restore()
+    loop.manager.wait_until_finished()  # a good save in flight completes before any exit
+  return state, val
