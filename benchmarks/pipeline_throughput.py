@@ -96,7 +96,7 @@ def main():
   config = config_lib.load(f"{ROOT / args.config}:{args.model}")
   patch, batch_size = tuple(config.data.patch_size), config.train.batch_size
   crop = measure.crop_shape(config)
-  info = data.get_dataset("brats")
+  info = measure.parts(config).dataset
 
   with tempfile.TemporaryDirectory() as tmp:
     spec = phantom.PhantomSpec(num_cases=args.cases, shape=(240, 240, 155), spacing=1.0, seed=0)

@@ -256,7 +256,6 @@ def crops_per_second(config, cases, workers: int, batches: int, threads: int | N
   """Patches/s out of training's Grain pipeline (nnU-Net's crop margin), after start-up."""
   from absl import flags
 
-  from resfuse_jax import data
   from resfuse_jax.data import pipeline
 
   flags.FLAGS.mark_as_parsed()
@@ -266,7 +265,7 @@ def crops_per_second(config, cases, workers: int, batches: int, threads: int | N
       cases,
       patch_size=tuple(config.data.patch_size),
       batch_size=config.train.batch_size,
-      regions=data.get_dataset(config.data.name).regions,
+      regions=measure.parts(config).regions,
       fg_fraction=1 / 3,
       seed=0,
       crop_shape=measure.crop_shape(config),
