@@ -32,6 +32,7 @@ KINDS = (
   ("reduce", ("reduce",)),
   ("pad/slice/concatenate", ("pad", "slice", "concatenate", "dynamic-update")),
   ("fusion", ("fusion",)),
+  ("command buffer", ("command_buffer",)),  # XLA GPU: a CUDA graph of fusions, timed as one op
 )
 
 
