@@ -61,3 +61,25 @@ def test_predict_folder_names_outputs_like_brats(trained_workdir, small_phantom,
   assert names == [f"{c.name}.nii.gz" for c in cases]
   ref = nib.load(cases[0] / f"{cases[0].name}-t1c.nii.gz")
   assert nib.load(tmp_path / "out" / names[0]).shape == ref.shape
+
+
+def test_loading_builds_the_model_once_and_decides_the_rules_then(trained_workdir, monkeypatch):
+  """Issue 25: the predictor built its model twice and had its rules overwritten after loading."""
+  from resfuse_jax import task as task_lib
+  from resfuse_jax import workdir
+  from resfuse_jax.inference import postprocess
+  from resfuse_jax.inference.predictor import Predictor
+
+  calls = []
+  real = task_lib.Task.from_config.__func__
+
+  def counted(cls, config):
+    calls.append(config.model.name)
+    return real(cls, config)
+
+  monkeypatch.setattr(task_lib.Task, "from_config", classmethod(counted))
+  auto = Predictor.load(trained_workdir)
+  assert len(calls) == 1
+  saved = postprocess.read_rules(trained_workdir / workdir.POSTPROCESSING, auto.task.region_names)
+  assert auto.rules == saved
+  assert Predictor.load(trained_workdir, postprocessing="none").rules is None

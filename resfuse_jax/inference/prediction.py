@@ -90,12 +90,8 @@ def load_predictor(
   """
   if model and not checkpointing.is_export(model):
     raise CheckpointError(f"--model={model} is not an export: export.json is missing")
-  predictor = Predictor.load(workdir or model, step, backend)
+  predictor = Predictor.load(workdir or model, step, backend, postprocess_)
   logging.info("window function: %s", predictor.backend)
-  if postprocess_ == "none":
-    predictor.rules = None
-  elif postprocess_ != "auto":
-    predictor.rules = postprocess.read_rules(postprocess_, predictor.dataset.region_names)
   if predictor.rules is None:
     logging.info("post-processing: none (thresholds and nesting only)")
   else:

@@ -70,6 +70,16 @@ def resolve_backend(name: str, path: str | Path) -> str:
   return name
 
 
+def chosen_rules(folder: workdir.Workdir, task: Task, postprocessing: str) -> list | None:
+  """The post-processing rules a prediction applies, decided once, when the model loads."""
+  if postprocessing == "none":
+    return None
+  if postprocessing == "auto":
+    file = folder.postprocessing_file
+    return postprocess.read_rules(file, task.region_names) if file.is_file() else None
+  return postprocess.read_rules(postprocessing, task.region_names)
+
+
 class Predictor:
   """A model with its parameters, one compiled window function for all cases.
 
@@ -86,9 +96,10 @@ class Predictor:
     window: Callable[[np.ndarray], np.ndarray] | None = None,
     load_params: Callable[[], Any] | None = None,
     num_params: int | None = None,
+    task: Task | None = None,
   ):
     self.config = config
-    self.task = Task.from_config(config)
+    self.task = task if task is not None else Task.from_config(config)  # built once
     self.dataset, self.model = self.task.dataset, self.task.model
     self._params, self._load_params = params, load_params
     self._window, self._num_params = window, num_params
@@ -103,21 +114,25 @@ class Predictor:
     )
 
   @classmethod
-  def load(cls, path: str | Path, step: int | None = None, backend: str = "jax") -> Predictor:
+  def load(
+    cls,
+    path: str | Path,
+    step: int | None = None,
+    backend: str = "jax",
+    postprocessing: str = "auto",
+  ) -> Predictor:
     """``path``: a training workdir (its latest or ``step`` checkpoint) or an export folder.
 
-    Parameters land on this machine's first device, whatever topology trained them. The
-    post-processing chosen on validation (``workdir.POSTPROCESSING``) comes along.
-    ``backend``: see `resolve_backend`.
+    Parameters land on this machine's first device, whatever topology trained them.
+    ``postprocessing``: ``auto`` (the rules chosen on validation, when ``path`` has them),
+    ``none``, or a ``postprocessing.json`` file. ``backend``: see `resolve_backend`.
     """
     path = Path(path)
     backend = resolve_backend(backend, path)
     config = workdir.read_config(path)
     task = Task.from_config(config)
     folder = workdir.Workdir(path)
-    rules = None
-    if folder.postprocessing_file.is_file():
-      rules = postprocess.read_rules(folder.postprocessing_file, task.region_names)
+    rules = chosen_rules(folder, task, postprocessing)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = abstract_params(task.model, task.patch_size, device)
     if checkpointing.is_export(path):
@@ -141,10 +156,12 @@ class Predictor:
           window=window,
           load_params=lambda: checkpointing.load_export_params(path, abstract),
           num_params=int(meta["params"]),
+          task=task,
         )
-      return cls(config, checkpointing.load_export_params(path, abstract), exported_step, rules)
+      params = checkpointing.load_export_params(path, abstract)
+      return cls(config, params, exported_step, rules, task=task)
     params, step = checkpointing.restore_params(folder.checkpoints_dir, step, abstract)
-    return cls(config, params, step, rules)
+    return cls(config, params, step, rules, task=task)
 
   @property
   def params(self) -> Any:
