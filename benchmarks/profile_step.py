@@ -11,15 +11,12 @@ benchmarks/results/profile_<model>_<patch>.json.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import tempfile
-import time
 from pathlib import Path
 
 import jax
 
-from benchmarks import measure, suite
+from benchmarks import suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,37 +88,20 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--top", type=int, default=15)
   args = p.parse_args()
-  step = measure.train_step(suite.brats_config(args.model, args.patch, args.batch))
-  step()  # compiles
-  with tempfile.TemporaryDirectory() as tmp:
-    jax.profiler.start_trace(tmp)
-    t = time.perf_counter()
-    step()
-    wall = time.perf_counter() - t
-    jax.profiler.stop_trace()
-    (pb,) = Path(tmp).rglob("*.xplane.pb")
-    events = op_events(pb.read_bytes())
-  if not events:
-    raise SystemExit("the trace has no XLA op events; this jax build does not emit them")
-  by_kind = collections.Counter()
-  by_op = collections.Counter()
-  for name, sec in events:
-    by_kind[kind_of(name)] += sec
-    by_op[name] += sec
-  total = sum(by_kind.values())
-  print(f"{args.model} {args.patch}^3 batch {args.batch}: step {wall:.2f}s wall, ops {total:.2f}s")
-  for k, v in by_kind.most_common():
-    print(f"  {k:12s} {v:7.2f}s  {100 * v / total:5.1f}%")
-  print("top ops:")
-  for k, v in by_op.most_common(args.top):
-    print(f"  {v:7.3f}s  {k}")
-  out = ROOT / "benchmarks" / "results" / f"profile_{args.model}_{args.patch}.json"
-  out.write_text(
-    json.dumps(
-      {"wall_s": wall, "ops_s": total, "by_kind": by_kind, "top": by_op.most_common(args.top)},
-      indent=2,
-    )
+  from benchmarks import workloads
+
+  config = suite.brats_config(args.model, args.patch, args.batch)
+  r = workloads.step_profile(config, warmup=1, top=args.top)
+  print(
+    f"{args.model} {args.patch}^3 batch {args.batch}: step {r['ms']:.0f} ms wall, ops {r['ops_ms']:.0f} ms"
   )
+  for kind, ms in r["by_kind_ms"].items():
+    print(f"  {kind:22s} {ms:9.1f} ms  {100 * r['by_kind_share'][kind]:5.1f}%")
+  print("top ops:")
+  for name, ms in r["top_ops_ms"]:
+    print(f"  {ms:9.2f} ms  {name}")
+  out = ROOT / "benchmarks" / "results" / f"profile_{args.model}_{args.patch}.json"
+  out.write_text(json.dumps(r, indent=2))
 
 
 if __name__ == "__main__":

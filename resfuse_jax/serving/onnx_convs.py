@@ -13,21 +13,10 @@ import numpy as np
 
 from resfuse_jax.serving.onnx_emitters import (
   elementwise,
+  emits,
   out_value,
 )
 from resfuse_jax.serving.onnx_translate import NotExportable, Translator, Value
-
-EMITTERS: dict = {}
-
-
-def emits(*names: str):
-  def register(fn):
-    for name in names:
-      EMITTERS[name] = fn
-    return fn
-
-  return register
-
 
 # -- contractions --------------------------------------------------------------------------
 

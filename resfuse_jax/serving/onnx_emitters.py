@@ -13,10 +13,12 @@ from onnx import helper
 
 from resfuse_jax.serving.onnx_translate import NotExportable, Translator, Value, channels_first
 
-EMITTERS: dict = {}
+EMITTERS: dict = {}  # JAX primitive name -> emitter; onnx_shapes and onnx_convs add theirs
 
 
 def emits(*names: str):
+  """Registers an emitter for these primitives (in every emitter module, this one table)."""
+
   def register(fn):
     for name in names:
       EMITTERS[name] = fn

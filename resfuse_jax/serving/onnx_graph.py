@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 
 from resfuse_jax.inference.onnx_runtime import INPUTS, OUTPUTS
 from resfuse_jax.models import convolution
-from resfuse_jax.serving import onnx_convs, onnx_emitters, onnx_gather, onnx_shapes
+from resfuse_jax.serving import onnx_convs, onnx_emitters, onnx_gather, onnx_shapes  # noqa: F401  (they register emitters)
 from resfuse_jax.serving.onnx_translate import NotExportable, Translator, Value, channels_first
 
 __all__ = ["EXPORT_PLAN", "INPUTS", "IR_VERSION", "NotExportable", "OPSET", "OUTPUTS", "to_onnx"]
@@ -41,12 +41,8 @@ IR_VERSION = 8  # the oldest IR that carries opset 18: the widest runtime suppor
 # Fastest under onnxruntime and OpenVINO (benchmarks/onnx_routes.py): textbook operators.
 EXPORT_PLAN = convolution.ConvPlan(conv="xla", downsample="strided", upsample="transpose")
 NORM_CALL = "instance_norm"  # the name of the traced call; ":<epsilon>" follows it
-EMITTERS = {
-  **onnx_emitters.EMITTERS,
-  **onnx_shapes.EMITTERS,
-  **onnx_convs.EMITTERS,
-  "gather": onnx_gather.gather,
-}
+# One table: onnx_shapes and onnx_convs register their emitters into onnx_emitters' on import.
+EMITTERS = {**onnx_emitters.EMITTERS, "gather": onnx_gather.gather}
 
 
 class _NormsAsCalls:

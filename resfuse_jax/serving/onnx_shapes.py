@@ -10,24 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from resfuse_jax.serving.onnx_emitters import (
+  EMITTERS,
   common_perm,
+  emits,
   onnx_dtype,
   out_value,
   same,
 )
 from resfuse_jax.serving.onnx_translate import NotExportable, Translator, Value, channels_first
-
-EMITTERS: dict = {}
-
-
-def emits(*names: str):
-  def register(fn):
-    for name in names:
-      EMITTERS[name] = fn
-    return fn
-
-  return register
-
 
 # -- reductions and layout ops -------------------------------------------------------------
 
