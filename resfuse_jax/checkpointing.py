@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from resfuse_jax.errors import CheckpointError
+from resfuse_jax import files
+from resfuse_jax.errors import CheckpointError, OutputError
 
 BEST_METRIC = "val_dice_mean"
 EXPORT_FORMAT = "resfuse_jax-export-1"
@@ -129,8 +131,22 @@ def read_digests(step_dir: Path) -> dict:
 
 
 def _reason(e: BaseException) -> str:
+  """A short cause: the innermost exception's first line, without TensorStore's spec dump."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+  line = re.split(
+    r"\s*(See full TensorStore details|\[source locations=)", text[0] if text else ""
+  )[0]
+  return f"{type(e).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
+
+
+def _other_steps(step: int, steps: list[int]) -> str:
+  """Where to go instead of a damaged step: ``--step=N`` of the newest other one."""
+  others = sorted((s for s in steps if s != step), reverse=True)
+  if not others:
+    return "it is the only checkpoint: retrain, or restore the folder from a backup"
+  return f"use another checkpoint with --step={others[0]} (steps here: {sorted(steps)})"
 
 
 def make_manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
@@ -167,7 +183,37 @@ def save(
     data=grain.checkpoint.CheckpointSave(data_iterator),
     digests=ocp.args.JsonSave(state_digests(state)),
   )
-  manager.save(step, args=args, metrics=metrics, force=True)
+  try:
+    manager.save(step, args=args, metrics=metrics, force=True)
+  except Exception as e:  # an earlier async save's failure surfaces here too
+    _raise_if_disk_full(manager, e)
+    raise
+
+
+TMP_STEP_GLOB = "*.orbax-checkpoint-tmp*"
+
+
+def _raise_if_disk_full(manager: ocp.CheckpointManager, error: BaseException) -> None:
+  """A save that failed for want of space: its partial step removed, then one line."""
+  reason = files.disk_full_reason(error)
+  if reason is None:
+    return
+  directory = Path(manager.directory)
+  for partial in directory.glob(TMP_STEP_GLOB):  # never restored, but would block a re-save
+    shutil.rmtree(partial, ignore_errors=True)
+  raise OutputError(
+    f"cannot save a checkpoint in {directory}: {reason}; the partial step was removed and "
+    "the last complete one is kept (free space, then rerun the same command to resume)"
+  ) from None
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+  """``manager.wait_until_finished()``; an async save that ran out of space is one line."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    _raise_if_disk_full(manager, e)
+    raise
 
 
 def restore_train_state(
@@ -298,10 +344,12 @@ def restore_params(directory: str | Path, step: int | None, abstract_params: Any
   try:
     restored = ocp.PyTreeCheckpointer().restore(directory / str(step) / "state", args=args)
   except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-    raise CheckpointError(f"{where} cannot be read: {_reason(e)}") from e
+    raise CheckpointError(
+      f"{where} is damaged and cannot be read ({_reason(e)}); {_other_steps(step, steps)}"
+    ) from e
   problem = digest_problem(recorded, array_digests(restored["params"], "params"))
   if problem:
-    raise CheckpointError(f"{where}: {problem}; refusing to use it (choose another with --step)")
+    raise CheckpointError(f"{where}: {problem}; refusing to use it: {_other_steps(step, steps)}")
   return restored["params"], step
 
 

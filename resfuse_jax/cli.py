@@ -2,32 +2,117 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
-from absl import app, logging
+from absl import app, flags, logging
 
-from resfuse_jax import writers
+from resfuse_jax import config_lib, validation, writers
 from resfuse_jax.errors import Preempted, UserError
+
+FLAGS = flags.FLAGS
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+HINT = "(run with --help to see the flags)"
+
+
+def fail(message) -> None:
+  """One line (or one per problem) on stderr, exit status 1: no log line repeating it."""
+  sys.exit(f"error: {message}")
+
+
+def flag_error_line(error: Exception) -> str:
+  """absl's flag error as one line: the missing flags named, a config file's own error kept."""
+  text = str(error)
+  missing = re.findall(r"Flag --(\w+) must have a value other than None", text)
+  if missing:
+    return f"missing {', '.join('--' + m for m in missing)} {HINT}"
+  if "Traceback" in text:  # the config file raised: its last line is the error itself
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+  return f"{'; '.join(text.splitlines())} {HINT}"
+
+
+def _module_key(main: Callable) -> str:
+  """The name absl filed the command's flags under: its module, or its file under ``-m``."""
+  by_module = FLAGS.flags_by_module_dict()
+  for key in (main.__module__, sys.argv[0]):
+    if key in by_module:
+      return key
+  return main.__module__
+
+
+def command_help(main: Callable) -> str:
+  """The command's docstring and its own flags (not those of the libraries it imports)."""
+  module = sys.modules.get(main.__module__)
+  text = [((module.__doc__ if module else "") or "").strip(), "", "flags:"]
+  text.append(FLAGS.module_help(_module_key(main)))
+  if "config" in FLAGS:
+    text += [
+      "",
+      "  --config.<section>.<key>=VALUE: set any config key, e.g. --config.train.steps=500 "
+      "(every key and its default: resfuse_jax/config_lib.py)",
+    ]
+  return "\n".join(text)
+
+
+def _override_problem(argv: list[str]) -> str | None:
+  """The first ``--config.KEY`` that the config file does not have, with the nearest key."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  keys = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)", a))]
+  if spec is None or not keys:
+    return None
+  try:
+    config = config_lib.load(spec)
+  except Exception:  # the file itself fails: the original message says more
+    return None
+  for key in keys:
+    try:
+      config_lib.get_path(config, key)
+    except KeyError:
+      return validation.unknown_key(config, key)
+  return None
+
+
+def parse_flags(argv: list[str], main: Callable) -> list[str]:
+  """``FLAGS(argv)`` inside the error mapping: --help exits 0, a flag error is one line."""
+  args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+  if any(a in HELP_ARGS for a in args):
+    print(command_help(main))
+    sys.exit(0)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(flag_error_line(e))
+  except UserError as e:
+    fail(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.KEY=VALUE
+    fail(_override_problem(argv) or f"cannot apply the config overrides: {e} {HINT}")
+  return []
 
 
 def run(main: Callable[[list[str]], None]) -> None:
   """``app.run(main)`` with library logs quieted and user errors reported as one line.
 
-  A ``UserError`` (bad data, config, flag or checkpoint: its message names the
-  file and the problem) exits with status 1 and no traceback; a ``Preempted``
-  stop (checkpoint saved) exits 0; anything else is a bug and keeps its traceback.
+  Flags are parsed inside the mapping (``parse_flags``); a config given by ``--config`` is
+  validated before ``main`` runs (``validation.check``). A ``UserError`` (bad data,
+  config, flag or checkpoint: its message names the file and the problem) or a usage
+  error exits with status 1 and no traceback; a ``Preempted`` stop (checkpoint saved)
+  exits 0; anything else is a bug and keeps its traceback.
   """
 
   def wrapped(argv):
     writers.quiet_library_logs()
     try:
+      if "config" in FLAGS and FLAGS.config is not None:
+        validation.check(FLAGS.config)
       main(argv)
     except UserError as e:
-      logging.error("%s", e)
-      sys.exit(f"error: {e}")
+      fail(e)
+    except app.UsageError as e:
+      fail(f"{e} {HINT}")
     except Preempted as e:  # a clean stop: the checkpoint is saved, the job can be requeued
       logging.warning("%s", e)
       sys.exit(0)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, main))

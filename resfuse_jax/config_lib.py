@@ -7,6 +7,7 @@ options, e.g. ``configs/brats.py:resfuse,smoke``.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from pathlib import Path
@@ -62,8 +63,11 @@ def parse_arg(arg: str | None) -> tuple[str, set[str]]:
   options = set(parts[1:] if parts and parts[0] in MODELS else parts)
   unknown = options - set(OPTIONS)
   if unknown:
+    near = difflib.get_close_matches(sorted(unknown)[0], [*MODELS, *OPTIONS], n=1)
     raise ConfigError(
-      f"Unknown config args {sorted(unknown)}; the first arg is a model ({', '.join(MODELS)}), "
+      f"Unknown config args {sorted(unknown)}"
+      + (f" (did you mean {near[0]!r}?)" if near else "")
+      + f"; the first arg is a model ({', '.join(MODELS)}), "
       f"the rest options ({', '.join(OPTIONS)})"
     )
   return model, options

@@ -35,6 +35,12 @@ def define_flags() -> None:
     "(the folds of a cross-validation) and write it to --output.",
   )
   flags.DEFINE_string("output", None, "With --pool_folds: the postprocessing.json to write.")
+  flags.DEFINE_string(
+    "cache_dir",
+    None,
+    "Preprocessed cache (and regenerated phantom) folder; default $RESFUSE_CACHE or "
+    "~/.cache/resfuse_jax. W's config.json never decides where anything is written.",
+  )
 
 
 def main(argv):
@@ -52,7 +58,9 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  out, _ = evaluation.evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures)
+  out, _ = evaluation.evaluate_workdir(
+    FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures, FLAGS.cache_dir
+  )
   print(Results(out).report_file.read_text())
   print(f"wrote {out}")
 

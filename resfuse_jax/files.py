@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -113,8 +114,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
   if path.is_dir():
     raise OutputError(f"cannot write {path}: it is a folder")
   make_dirs(path.parent)
-  suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-  tmp = path.with_name(f".{path.name.removesuffix(suffix)}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+  double = path.name.lower().endswith(".nii.gz")
+  suffix = "".join(path.suffixes[-2:]) if double else path.suffix
+  stem = path.name.removesuffix(suffix)  # the temporary's suffix lower-case: nibabel's writers
+  tmp = path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix.lower()}")
   try:
     yield tmp
     with open(tmp, "rb+") as f:
@@ -181,3 +184,64 @@ def exclusive_lock(path: str | Path, what: str = "run") -> Iterator[Path]:
       os.ftruncate(fd, 0)
   finally:
     os.close(fd)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_full_reason(error: BaseException) -> str | None:
+  """'No space left on device' (or quota, read-only) when ``error`` or its causes say so.
+
+  Tensorstore (Orbax's writer) reports a full disk as RESOURCE_EXHAUSTED in a
+  ``ValueError``'s text, not as an ``OSError``; both are recognised. None otherwise.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+      return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+      return "no space left on the device (RESOURCE_EXHAUSTED)"
+    if "Read-only file system" in text:
+      return "read-only file system"
+    error = error.__cause__ or error.__context__
+  return None
+
+
+TMP_OWNER = ".owner"  # "<host> <pid>" of the process writing a temporary folder
+
+
+def make_owned_tmp_dir(path: str | Path) -> Path:
+  """Creates the temporary folder ``path`` recording this process as its owner."""
+  path = make_dirs(path)
+  write_text(path / TMP_OWNER, f"{socket.gethostname()} {os.getpid()}\n")
+  return path
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def remove_orphaned_tmp_dirs(parent: str | Path, pattern: str) -> list[Path]:
+  """Removes temporaries under ``parent`` whose recorded owner (this host) is dead.
+
+  One without an owner record, from another host, or whose process lives, is left alone.
+  """
+  removed = []
+  for folder in Path(parent).glob(pattern):
+    try:
+      host, pid = (folder / TMP_OWNER).read_text().split()
+      pid = int(pid)
+    except (OSError, ValueError):
+      continue
+    if host == socket.gethostname() and pid != os.getpid() and not _alive(pid):
+      shutil.rmtree(folder, ignore_errors=True)
+      removed.append(folder)
+  return removed

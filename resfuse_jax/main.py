@@ -62,12 +62,17 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+  flags.DEFINE_string(
+    "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.cache_dir:
+    FLAGS.config.data.cache_dir = FLAGS.cache_dir
   backend.apply_conv_layout(FLAGS.config.model.conv_layout)  # before JAX starts
   initialize_distributed()
   logging.info(

@@ -63,6 +63,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   pair, folder = FLAGS.pre or FLAGS.post or FLAGS.out, FLAGS.input or FLAGS.output
+  if FLAGS.workdir and FLAGS.model:
+    raise app.UsageError(
+      "give --workdir (a training workdir) or --model (an export), not both: they name two models"
+    )
   if bool(FLAGS.workdir) == bool(FLAGS.model) or bool(pair) == bool(folder):
     raise app.UsageError(
       "give --workdir (or --model) and either --pre/--post/--out or --input/--output"
@@ -71,6 +75,17 @@ def main(argv):
     raise app.UsageError("--pre, --post and --out go together")
   if folder and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--input and --output go together")
+  if pair:
+    prediction.check_label_map_path(FLAGS.out)  # before the model loads
+  prediction.check_outputs(  # before the model loads: no output may touch an input
+    FLAGS.workdir,
+    FLAGS.model,
+    (FLAGS.pre, FLAGS.post, FLAGS.out) if pair else None,
+    (FLAGS.input, FLAGS.output) if folder else None,
+    FLAGS.probabilities,
+    FLAGS.figures,
+    FLAGS.postprocess,
+  )
   predictor = prediction.load_predictor(
     FLAGS.workdir, FLAGS.model, FLAGS.step, FLAGS.postprocess, FLAGS.backend
   )

@@ -5,8 +5,8 @@
 
 Training builds (or reuses) the same cache by itself; running this first lets
 a cluster job start training at once. Interrupted runs resume. A cached case
-whose arrays do not match their recorded shape, dtype and size is rebuilt;
-``--verify`` also checks their hashes.
+whose arrays do not match their recorded shape, dtype, size and (the first time a
+process opens it) SHA-256 is rebuilt; ``--verify`` checks every hash again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
   flags.DEFINE_integer("workers", None, "Parallel processes (default: data.preprocess_workers).")
   flags.DEFINE_bool(
-    "verify", False, "Also check every cached array against its SHA-256; rebuild those that differ."
+    "verify",
+    False,
+    "Check every cached array against its SHA-256 again (each is checked once per process anyway); rebuild those that differ.",
+  )
+  flags.DEFINE_string(
+    "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
   )
   flags.mark_flags_as_required(["config"])
 
@@ -32,6 +37,8 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.cache_dir:
+    FLAGS.config.data.cache_dir = FLAGS.cache_dir
   out, good, bad = data.prepare(FLAGS.config.data, workers=FLAGS.workers, verify=FLAGS.verify)
   if bad:
     files.write_json(out / workdir.BAD_CASES, bad)

@@ -22,11 +22,24 @@ from resfuse_jax import files  # noqa: E402
 # label value -> RGB (BraTS: 1 NCR green, 2 ED blue, 3 ET red; a binary lesion is red)
 BRATS_COLOURS = {1: (0.0, 1.0, 0.0), 2: (0.0, 0.3, 1.0), 3: (1.0, 0.0, 0.0)}
 LESION_COLOURS = {1: (1.0, 0.0, 0.0)}
+# label value -> the legend's words (logs, metrics.csv and reports use the region names)
+BRATS_LABEL_NAMES = {1: "necrotic core (NCR)", 2: "edema (ED)", 3: "enhancing tumour (ET)"}
+LESION_LABEL_NAMES = {1: "lesion"}
 
 
-def save_figure(fig, path: Path, dpi: int) -> Path:
-  """Written whole or not at all (a half-written PNG never replaces a good one); closes ``fig``."""
-  fig.tight_layout()
+def add_colour_legend(fig, colours: dict, names: dict) -> None:
+  """One legend under the panels saying which colour paints which label."""
+  from matplotlib.patches import Patch
+
+  handles = [Patch(facecolor=colours[v], label=names[v]) for v in sorted(colours)]
+  fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+
+
+def save_figure(fig, path: Path, dpi: int, bottom: float = 0.0) -> Path:
+  """Written whole or not at all (a half-written PNG never replaces a good one); closes ``fig``.
+
+  ``bottom``: the figure's fraction kept free under the panels (for a legend there)."""
+  fig.tight_layout(rect=(0, bottom, 1, 1))
   try:
     with files.atomic_path(path) as tmp:
       fig.savefig(tmp, dpi=dpi)
@@ -70,6 +83,7 @@ def case_figure(
 ) -> int:
   """Writes one PNG row for the axial slice through the largest lesion; returns the slice."""
   colours = BRATS_COLOURS if brats_colours else LESION_COLOURS
+  names = BRATS_LABEL_NAMES if brats_colours else LESION_LABEL_NAMES
   z = largest_lesion_slice(reference if reference is not None else prediction)
   panels = [
     ("pre-contrast", pre[..., z], "gray"),
@@ -81,13 +95,14 @@ def case_figure(
   panels.append(("prediction", overlay(post[..., z], prediction[..., z], colours), None))
   if heat is not None:
     panels.append(("fusion |W(a)|", heat[..., z], "inferno"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.2))
   for ax, (title, img, cmap) in zip(axes, panels):
     ax.imshow(np.rot90(img), cmap=cmap)  # RAS+ (x, y) -> radiological-looking display
     ax.set_title(title, fontsize=9)
     ax.axis("off")
   fig.suptitle(f"{case_id}, axial slice {z}", fontsize=10)
-  save_figure(fig, path, dpi=80)
+  add_colour_legend(fig, colours, names)
+  save_figure(fig, path, dpi=80, bottom=0.1)
   return z
 
 

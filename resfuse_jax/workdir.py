@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
+from absl import logging
 
-from resfuse_jax import config_lib, data, files
+from resfuse_jax import checkpointing, config_lib, data, files, validation
 from resfuse_jax.errors import CheckpointError, DataError
 
 CONFIG = "config.json"  # the resolved config; an export folder holds one too
@@ -67,7 +68,9 @@ def read_config(path: str | Path) -> ml_collections.ConfigDict:
     raise CheckpointError(
       f"{path} is neither a training workdir nor an export: {config_path} is missing"
     )
-  return config_lib.fill_defaults(_read_json(config_path, "it describes this run"), ADDED_LATER)
+  config = config_lib.fill_defaults(_read_json(config_path, "it describes this run"), ADDED_LATER)
+  validation.check(config, where=str(config_path))
+  return config
 
 
 def _read_json(path: Path, why: str) -> dict:
@@ -170,15 +173,30 @@ class Workdir(Results):
   def read_config(self) -> ml_collections.ConfigDict:
     return read_config(self.path)
 
+  def has_checkpoint(self) -> bool:
+    """Whether W holds a finished checkpoint step (what a rerun would resume)."""
+    if not self.checkpoints_dir.is_dir() or not any(self.checkpoints_dir.iterdir()):
+      return False
+    return bool(checkpointing.checkpoint_steps(self.checkpoints_dir))
+
   def claim(self, config: ml_collections.ConfigDict) -> None:
-    """Refuses a rerun whose model or data differ from ``W/config.json``, then writes it.
+    """Refuses a rerun whose model or data differ from a trained W's config, then writes it.
 
     Checked before anything is written, so a refused run leaves the workdir as it was.
+    A W without a checkpoint (a first run that failed before its first save, e.g. on a
+    wrong data root) holds nothing to mix with: it takes the new settings, and the
+    splits it made from the old data are dropped.
     """
     if self.config_file.exists():
       saved = _read_json(self.config_file, "it describes this workdir's run")
       conflicts = resume_conflicts(saved, config)
-      if conflicts:
+      if conflicts and not self.has_checkpoint():
+        logging.info(
+          "%s has no checkpoint: its settings are replaced (%s)", self.path, "; ".join(conflicts)
+        )
+        for stale in (self.splits_file, self.bad_cases_file):
+          stale.unlink(missing_ok=True)
+      elif conflicts:
         raise CheckpointError(
           f"{self.path} holds a run of another model or data; resuming it with this config "
           f"would mix the two. Differences from {self.config_file}: {'; '.join(conflicts[:6])}"

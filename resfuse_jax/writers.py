@@ -63,11 +63,23 @@ def create(logdir: str | Path, just_logging: bool) -> TensorBoardWriter | NullWr
 
 
 class _QuietLibraries:
-  """Drops INFO chatter of Orbax and Grain (every save logs ~30 lines); keeps warnings."""
+  """Drops INFO chatter of Orbax and Grain (every save logs ~30 lines), and two lines that
+  every command would print for nothing: JAX's "Unable to initialize backend 'tpu'" (no
+  libtpu on a CPU or GPU machine) and Orbax's "read only" warnings when evaluate, predict
+  and export open a checkpoint read-only, as they mean to. Other warnings are kept."""
 
   NOISY = ("/orbax/", "/grain/")
+  EXPECTED = (
+    ("xla_bridge", "Unable to initialize backend 'tpu'"),
+    ("/orbax/", "read_only=True"),
+    ("/orbax/", "Given directory is read only"),
+  )
 
   def filter(self, record) -> bool:
+    if any(
+      where in record.pathname and text in record.getMessage() for where, text in self.EXPECTED
+    ):
+      return False
     if record.levelno >= std_logging.WARNING or logging.get_verbosity() > 0:
       return True
     return not any(n in record.pathname for n in self.NOISY)

@@ -45,7 +45,7 @@ def run(*args):
         "--workdir={tmp}/w",
         "--config.data.name=mri9000",
       ],
-      "Unknown data.name 'mri9000'; registered datasets: brats, breast, manifest, phantom",
+      "config.data.name='mri9000': unknown; choose from brats, breast, manifest, phantom",
     ),
     # ConfigError from deep inside training: a mesh the machine cannot hold
     (
@@ -60,7 +60,7 @@ def run(*args):
     # CheckpointError: a workdir that was never trained
     (["resfuse_jax.evaluate", "--workdir={tmp}/nothing"], "is neither a training workdir"),
     (
-      ["resfuse_jax.predict", "--workdir={tmp}", "--pre=a", "--post=b", "--out=c"],
+      ["resfuse_jax.predict", "--workdir={tmp}", "--pre=a", "--post=b", "--out=c.nii.gz"],
       "is neither a training workdir",
     ),
   ],
@@ -69,3 +69,7 @@ def test_user_errors_are_one_line_and_exit_1(args, message, tmp_path):
   code, stderr = run(*(a.format(tmp=tmp_path) for a in args))
   assert code == 1 and message in stderr
   assert "Traceback" not in stderr
+  assert stderr.count(message) == 1  # said once: no log line repeating the error line
+  lines = stderr.strip().splitlines()
+  first = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+  assert message in "\n".join(lines[first:])  # the error block is last: a line per problem

@@ -294,9 +294,10 @@ def test_inputs_that_are_not_real_scans_are_refused(tmp_path, kind, make, messag
 
 def test_a_resampled_size_over_the_cap_is_refused(tmp_path):
   """15 mm voxels resampled to 1 mm: 48³ would become 720³ (373 M voxels)."""
-  vol = np.ones((48, 48, 48), np.float32)
-  pre = write_nifti(tmp_path / "pre.nii.gz", vol, (15.0, 15.0, 15.0))
-  post = write_nifti(tmp_path / "post.nii.gz", vol, (15.0, 15.0, 15.0))
+  rng = np.random.default_rng(0)  # real-looking scans (a constant one is refused first)
+  vol = (1 + rng.random((2, 48, 48, 48))).astype(np.float32)
+  pre = write_nifti(tmp_path / "pre.nii.gz", vol[0], (15.0, 15.0, 15.0))
+  post = write_nifti(tmp_path / "post.nii.gz", vol[1], (15.0, 15.0, 15.0))
   files_ = data.CaseFiles("c", pre, post, None)
   settings = data.PrepSettings(target_spacing=(1.0, 1.0, 1.0))
   with pytest.raises(DataError, match=r"case c: resampling .*would make 720x720x720"):
@@ -469,16 +470,39 @@ def test_a_damaged_cached_case_is_named_on_load_and_rebuilt(built_cache, damage)
   np.testing.assert_array_equal(cache.load_case(case_dir).pre, reference)
 
 
-def test_preprocess_verify_finds_tampered_arrays(built_cache):
+def test_a_tampered_cached_array_is_found_the_first_time_a_process_opens_it(
+  built_cache, monkeypatch, caplog
+):
+  """Issue 26, class 6: same shape, dtype and size, changed in place: only the hash can
+  tell, and it is checked the first time a process opens the case (not only --verify):
+  loading refuses it, a build (train, evaluate, preprocess) rebuilds it with a warning."""
   cases, out = built_cache
   case_dir = out / cases[1].case_id
   pre = np.load(case_dir / "pre.npy")
   tampered = pre.copy()
-  tampered[0, 0, 0] += 1.0  # same shape, dtype and size: only the hash can tell
+  tampered[0, 0, 0] += 1.0
   np.save(case_dir / "pre.npy", tampered)
-  cache.load_case(case_dir)  # loading checks the cheap things only
-  assert cache.case_problem(case_dir, cases[1]) is None
-  assert "differs from the SHA-256" in cache.case_problem(case_dir, cases[1], hashes=True)
+  monkeypatch.setattr(cache, "_HASHED", set())  # a new process
+  with pytest.raises(DataError, match="pre.npy differs from the SHA-256"):
+    cache.load_case(case_dir)
+  assert "differs from the SHA-256" in cache.case_problem(case_dir, cases[1])
+  assert cache.case_problem(case_dir, cases[1], hashes=False) is None  # the cheap checks pass
+  with caplog.at_level("WARNING"):
+    cache.build(cases, out, data.PrepSettings(), brats.REGIONS, brats.LABELS, progress=False)
+  assert f"cached case {cases[1].case_id} is damaged, rebuilding it" in caplog.text
+  np.testing.assert_array_equal(np.load(case_dir / "pre.npy"), pre)
+  monkeypatch.setattr(cache, "_HASHED", set())  # another new process
+  hashed, real = [], cache.file_sha256
+  monkeypatch.setattr(cache, "file_sha256", lambda p: hashed.append(p) or real(p))
+  cache.load_case(case_dir)
+  arrays = len(json.loads((case_dir / "meta.json").read_text())["arrays"])
+  assert len(hashed) == arrays >= 3  # every array hashed on the first open...
+  cache.load_case(case_dir)
+  assert len(hashed) == arrays  # ...and not again in the same process for the same files
+  tampered[0, 0, 0] += 1.0
+  np.save(case_dir / "pre.npy", tampered)  # a later change in place: hashed again
+  assert "differs from the SHA-256" in cache.case_problem(case_dir, cases[1])
+  assert len(hashed) > arrays
   cache.build(
     cases, out, data.PrepSettings(), brats.REGIONS, brats.LABELS, progress=False, verify=True
   )

@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 from resfuse_jax import config_lib, data, models, task  # noqa: E402
 from resfuse_jax.data import brats  # noqa: E402
 from resfuse_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from resfuse_jax.inference import onnx_runtime, postprocess, prediction, predictor, tiler  # noqa: E402
+from resfuse_jax.inference import integrity, onnx_runtime, postprocess, prediction, predictor, tiler  # noqa: E402
 from resfuse_jax.inference.predictor import Predictor  # noqa: E402
 from resfuse_jax.models import convolution  # noqa: E402
 from resfuse_jax.serving import exporting, onnx_graph  # noqa: E402
@@ -336,5 +336,10 @@ def test_a_damaged_onnx_file_is_refused(onnx_export, tmp_path):
   meta = json.loads((copy / "export.json").read_text())
   del meta["onnx"]["sha256"]  # a model.onnx the export did not record
   (copy / "export.json").write_text(json.dumps(meta))
+  with pytest.raises(
+    CheckpointError, match="export.json does not match the SHA-256 recorded in it"
+  ):
+    Predictor.load(copy, backend="onnxruntime")
+  (copy / "export.json").write_text(json.dumps(integrity.seal(meta, copy)))  # digest rewritten too
   with pytest.raises(CheckpointError, match="records no SHA-256 for model.onnx"):
     Predictor.load(copy, backend="onnxruntime")

@@ -115,12 +115,24 @@ def test_claim_writes_the_config_and_refuses_another_model_leaving_w_as_it_was(t
   config = smoke_config()
   w.claim(config)
   assert json.loads(w.config_file.read_text())["model"]["name"] == "resfuse"
+  (w.checkpoints_dir / "2").mkdir(parents=True)  # a saved step: there is a run to protect
   before = w.config_file.read_bytes()
   with pytest.raises(CheckpointError, match=r"another model or data.*model.name: 'resfuse'"):
     w.claim(smoke_config("resunet"))
   assert w.config_file.read_bytes() == before
   # runtime-only settings and the train/eval sections may change on resume
   w.claim(smoke_config(**{"data.read_threads": 1, "model.conv_impl": "xla", "train.lr": 0.5}))
+
+
+def test_a_workdir_without_a_checkpoint_takes_new_settings(tmp_path):
+  """A first run that failed before its first save (e.g. no data root) blocks no rerun."""
+  w = Workdir(tmp_path)
+  w.claim(smoke_config(**{"data.root": str(tmp_path / "wrong")}))
+  w.splits_file.write_text('{"train": ["a"], "val": ["b"]}')  # made from the wrong data
+  (w.checkpoints_dir / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)  # an unfinished save
+  w.claim(smoke_config("resunet"))
+  assert json.loads(w.config_file.read_text())["model"]["name"] == "resunet"
+  assert not w.splits_file.exists()
 
 
 def test_an_older_config_json_resumes_its_missing_keys_filled(tmp_path):

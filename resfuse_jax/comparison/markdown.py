@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from resfuse_jax.evaluation.report import markdown_table, paper_name
+from resfuse_jax.evaluation.report import markdown_table, paper_name, region_note
 
 METRICS = ("dice", "recall")
 
@@ -38,7 +38,8 @@ def comparison_markdown(c: dict) -> str:
     f"seed{'s' if multi_seed else ''} {', '.join(map(str, c['seeds']))}. "
     "Mean ± std over cases (population std"
     + ("; each case's metric averaged over the seeds first" if multi_seed else "")
-    + "); GFLOP/step: one training step (forward, backward, update) by XLA's cost analysis.",
+    + "); GFLOP/step: one training step (forward, backward, update) by XLA's cost analysis."
+    + region_note(regions),
   ]
   lines += _lesion_wise_table(c, cols, label)
   if multi_seed:
@@ -103,7 +104,7 @@ def sweep_markdown(s: dict) -> str:
     f"{s['dataset']}, {s['cases']} validation cases, {s['steps']} steps, seeds "
     f"{', '.join(map(str, s['seeds']))}. DSC (%): mean over cases of each case's DSC averaged "
     "over the seeds ± the std over seeds of the case-mean DSC. * marks a paired Wilcoxon "
-    f"signed-rank test against {ref} across cases with p < 0.05.",
+    f"signed-rank test against {ref} across cases with p < 0.05." + region_note(regions),
   ]
   for r in cols:
     rows = []

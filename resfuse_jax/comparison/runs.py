@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from scipy import stats
 
-from resfuse_jax import config_lib, files, train
+from resfuse_jax import config_lib, files, train, validation
 from resfuse_jax.comparison.markdown import comparison_markdown
 from resfuse_jax.errors import DataError
 from resfuse_jax.evaluation import metrics
@@ -96,6 +96,8 @@ def compare(
   """Trains (or reuses) every model of ``names`` for ``config_spec`` ('configs/x.py[:args]')."""
   w = Workdir(workdir)
   configs = {n: config_lib.load(config_lib.with_model(config_spec, n), overrides) for n in names}
+  for name, config in configs.items():  # every model's settings, before the first run
+    validation.check(config, where=f"the config of --models={name}")
   with w.lock("comparison"):
     runs = {name: _train_seeds(config, w.path / name, seeds) for name, config in configs.items()}
     out = _comparison_record(runs, w.path, reference, seeds)

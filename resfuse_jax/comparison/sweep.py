@@ -7,7 +7,7 @@ from pathlib import Path
 import ml_collections
 from absl import logging
 
-from resfuse_jax import config_lib, files
+from resfuse_jax import config_lib, files, validation
 from resfuse_jax.comparison.markdown import sweep_markdown
 from resfuse_jax.comparison.runs import compare
 from resfuse_jax.errors import ConfigError
@@ -64,6 +64,10 @@ def sweep(
   if key in overrides:
     raise ConfigError(f"--sweep={sweep_text} and --config.{key}: sweep the field or set it")
   default = config_lib.get_path(config, key)
+  for value in values:  # every value's settings, before the first run
+    validation.check(
+      config_lib.load(config_spec, overrides | {key: value}), f"--sweep {key}={value}"
+    )
   points = []
   for value in values:
     folder = sweep_folder(key, value, default)

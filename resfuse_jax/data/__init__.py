@@ -19,10 +19,12 @@ from resfuse_jax.data.datasets import (
   default_cache_dir,
   find_input_cases,
   get_dataset,
+  holds_phantom,
   names,
+  phantom_name,
 )
 from resfuse_jax.data.phantom import KNOBS as PHANTOM_KNOBS
-from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
+from resfuse_jax.data.preprocessing import PrepSettings, check_case_id, preprocess_case
 from resfuse_jax.errors import ConfigError
 
 __all__ = [
@@ -40,12 +42,15 @@ __all__ = [
   "find_input_cases",
   "prep_settings",
   "cache_dir",
+  "user_cache_root",
+  "confined_to_user_cache",
   "default_cache_dir",
   "prepare",
   "load_cases",
   "read_cases",
   "make_splits",
   "preprocess_case",
+  "check_case_id",
 ]
 
 
@@ -76,6 +81,27 @@ def cache_dir(cfg: Any) -> Path:
   return root / f"{tag}-{cache.settings_key(tag, prep_settings(cfg))}"
 
 
+def user_cache_root(flag: str | Path | None = None) -> Path:
+  """The running user's cache: ``--cache_dir``, else ``$RESFUSE_CACHE``, else the default."""
+  return Path(flag) if flag else default_cache_dir()
+
+
+def confined_to_user_cache(cfg: Any, cache_root: str | Path | None = None) -> Any:
+  """A copy of a ``data`` config read from a workdir or an export, writing only to the user's cache.
+
+  ``data.cache_dir`` written in the file is replaced by ``user_cache_root(cache_root)``;
+  a phantom is read where the file says only if a complete phantom of the same spec is
+  there, else it is regenerated (deterministic from its spec) in that cache. Sources
+  (``data.root`` of a real dataset, a manifest) are only read.
+  """
+  root = user_cache_root(cache_root)
+  out = cfg.copy_and_resolve_references()
+  out.cache_dir = str(root / "preprocessed")
+  if cfg.name == "phantom" and not holds_phantom(cfg.root, cfg):
+    out.root = str(root / phantom_name(cfg))
+  return out
+
+
 def prepare(
   cfg: Any,
   files: list[CaseFiles] | None = None,
@@ -85,7 +111,8 @@ def prepare(
 ) -> tuple[Path, list[str], list[dict]]:
   """Builds or reuses the preprocessed cache; returns (cache folder, good ids, bad cases).
 
-  ``verify`` also checks every cached array's hash (damaged cases are rebuilt). Bad cases
+  Each cached case's hashes are checked the first time this process opens it; ``verify``
+  checks them again (damaged cases are rebuilt, with a warning). Bad cases
   (``data.on_bad_case='skip'``) are returned; the caller lists them (W's bad-case list).
   """
   dataset = get_dataset(cfg.name)

@@ -9,20 +9,27 @@ place, so an interrupted build leaves only complete cases and resumes from
 there; a case whose source files changed (size or mtime) is rebuilt.
 
 ``meta.json`` records every array file's shape, dtype, byte size and SHA-256.
-Loading checks shape, dtype and size (cheap: headers and ``stat``); a build
-checks the same before it trusts a case, and ``verify=True`` (``preprocess
---verify``) also checks the hashes. A case that fails is rebuilt from its sources.
+Every check compares shape, dtype and size (cheap: headers and ``stat``), and the
+hashes the first time a process opens a case (and again if an array's size or
+mtime changed since): 52 ms for a BraTS-sized case (2 x 240x240x155 float32 +
+uint8 label, 80 MB, page cache warm; BUILD_NOTES "Reliability 3"). A build
+(``prepare``: train, evaluate, preprocess) rebuilds a case that fails, with a
+warning; ``load_case`` refuses it; ``verify=True`` (``preprocess --verify``)
+hashes every case again even if this process already did.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -99,10 +106,42 @@ def read_meta(case_dir: Path) -> dict:
   return meta
 
 
-def array_problem(case_dir: Path, meta: dict, hashes: bool = False) -> str | None:
-  """Why the case's array files do not match ``meta['arrays']``, or None if they do."""
+def entry_file(case_dir: Path, name: str) -> Path:
+  """A file named in ``meta.json``, refused unless it is a plain name inside the entry."""
+  if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+    raise DataError(f"{case_dir / 'meta.json'}: names {name!r}, which is not a file of the entry")
+  return file_io.under(case_dir, name)
+
+
+_HASHED: set[tuple] = set()  # (case folder, its arrays' sizes and mtimes) this process hashed
+
+
+def _stamp(case_dir: Path, meta: dict) -> tuple | None:
+  try:
+    stats = [(n, entry_file(case_dir, n).stat()) for n in sorted(meta["arrays"])]
+  except (OSError, DataError):
+    return None
+  return (str(case_dir.resolve()), *((n, st.st_size, st.st_mtime_ns) for n, st in stats))
+
+
+def array_problem(case_dir: Path, meta: dict, hashes: bool | str = "once") -> str | None:
+  """Why the case's array files do not match ``meta['arrays']``, or None if they do.
+
+  ``hashes``: True compares every SHA-256, ``"once"`` only the first time this process
+  sees the case's arrays as they are now (size and mtime), False never.
+  """
+  if hashes == "once":
+    stamp = _stamp(case_dir, meta)
+    hashes = stamp is None or stamp not in _HASHED
+    problem = array_problem(case_dir, meta, hashes)
+    if problem is None and hashes:
+      _HASHED.add(stamp)
+    return problem
   for name, record in meta["arrays"].items():
-    path = case_dir / name
+    try:
+      path = entry_file(case_dir, name)
+    except DataError as e:
+      return str(e)
     if not path.is_file():
       return f"{path} is missing"
     size = path.stat().st_size
@@ -122,7 +161,7 @@ def array_problem(case_dir: Path, meta: dict, hashes: bool = False) -> str | Non
   return None
 
 
-def case_problem(case_dir: Path, files: CaseFiles, hashes: bool = False) -> str | None:
+def case_problem(case_dir: Path, files: CaseFiles, hashes: bool | str = "once") -> str | None:
   """None if ``case_dir`` is a complete, intact cache of ``files``; else why not."""
   if not (case_dir / "meta.json").is_file():
     return "not built"
@@ -186,6 +225,7 @@ def write_case(
       shutil.rmtree(trash, ignore_errors=True)
     try:
       tmp.rename(final)
+      _HASHED.add(_stamp(final, meta))  # hashed as written, by this process
     except OSError:  # another process finished the same case first
       if not is_complete(final, files):
         raise
@@ -220,7 +260,7 @@ def _cases_to_build(files: list[CaseFiles], out_dir: Path, verify: bool) -> list
   todo = []
   for f in files:
     case_dir = file_io.under(out_dir, file_io.check_name(f.case_id, f"case folder in {out_dir}"))
-    problem = case_problem(case_dir, f, hashes=verify)
+    problem = case_problem(case_dir, f, hashes=True if verify else "once")
     if problem is not None:
       if problem not in ("not built", "its source files changed"):
         logging.warning("cached case %s is damaged, rebuilding it: %s", f.case_id, problem)
@@ -241,19 +281,56 @@ def _build_here(todo, args, record, workers, progress) -> None:
       record(e, f)
 
 
+class Terminated(SystemExit):
+  """SIGTERM while worker processes run: they are ended before the exit."""
+
+
+def _raise_terminated(signum, frame):
+  del frame
+  raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+  """SIGTERM becomes an exception in the main thread (so the workers can be ended)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _raise_terminated)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _end_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+  """Cancels what has not started and terminates the workers (none outlives the build)."""
+  processes = list((getattr(pool, "_processes", None) or {}).values())
+  pool.shutdown(wait=False, cancel_futures=True)
+  for p in processes:
+    if p.is_alive():
+      p.terminate()
+  for p in processes:
+    p.join(timeout=10)
+    if p.is_alive():
+      p.kill()
+
+
 def _build_in_processes(todo, args, record, workers, progress) -> None:
   ctx = multiprocessing.get_context("spawn")  # JAX may be loaded: never fork it
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    futures = {pool.submit(write_case, f, *args): f for f in todo}
+  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+  with _sigterm_raises():
     try:
+      futures = {pool.submit(write_case, f, *args): f for f in todo}
       for fut in progress(concurrent.futures.as_completed(futures)):
         try:
           fut.result()
         except DataError as e:
           record(e, futures[fut])
     except BaseException:
-      pool.shutdown(cancel_futures=True)
+      _end_workers(pool)
       raise
+  pool.shutdown()
 
 
 def build(
@@ -271,8 +348,9 @@ def build(
 ) -> tuple[list[str], list[dict]]:
   """Brings ``out_dir`` up to date for ``files``; returns (good case ids, bad cases).
 
-  A cached case is trusted only if its arrays match their recorded shape, dtype and
-  size (and, with ``verify``, hash); one that does not is rebuilt, with a warning.
+  A cached case is trusted only if its arrays match their recorded shape, dtype, size
+  and (the first time this process opens it, or always with ``verify``) SHA-256; one
+  that does not is rebuilt, with a warning.
   ``on_bad_case='error'`` raises the first bad case's ``DataError``; ``'skip'``
   leaves bad cases out and reports them as ``{'case_id', 'error'}``.
   """
@@ -300,7 +378,8 @@ def build(
 def load_case(case_dir: Path) -> Case:
   """A cached case with its volumes memory-mapped (nothing read until sliced).
 
-  Its arrays are checked against ``meta.json`` first (shape, dtype, size).
+  Its arrays are checked against ``meta.json`` first (shape, dtype, size; the hashes
+  the first time this process opens the case).
   """
   meta = read_meta(case_dir)
   problem = array_problem(case_dir, meta)
@@ -322,5 +401,5 @@ def load_case(case_dir: Path) -> Case:
     original_spacing=tuple(meta["original_spacing"]),
     normalization=meta["normalization"],
   )
-  case.fg_locations = [np.load(case_dir / name) for name in meta["fg_locations"].values()]
+  case.fg_locations = [np.load(entry_file(case_dir, n)) for n in meta["fg_locations"].values()]
   return case

@@ -8,6 +8,7 @@ through the BraTS reader, so it exercises the real path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -48,13 +49,27 @@ def default_cache_dir() -> Path:
   return Path(os.environ.get("RESFUSE_CACHE", Path.home() / ".cache" / "resfuse_jax"))
 
 
+def phantom_name(cfg: Any) -> str:
+  """The phantom's cache folder name: its spec."""
+  shape = "x".join(str(s) for s in cfg.phantom_shape)
+  knobs = "".join(f"-{k}{v:g}" for k, v in phantom_spec(cfg).knobs().items())
+  return f"phantom-seed{cfg.phantom_seed}-n{cfg.phantom_cases}-{shape}{knobs}"
+
+
 def phantom_root(cfg: Any) -> Path:
   """The phantom's folder: ``data.root`` or a cache folder named by its spec."""
   if cfg.root:
     return Path(cfg.root)
-  shape = "x".join(str(s) for s in cfg.phantom_shape)
-  knobs = "".join(f"-{k}{v:g}" for k, v in phantom_spec(cfg).knobs().items())
-  return default_cache_dir() / f"phantom-seed{cfg.phantom_seed}-n{cfg.phantom_cases}-{shape}{knobs}"
+  return default_cache_dir() / phantom_name(cfg)
+
+
+def holds_phantom(root: str | Path, cfg: Any) -> bool:
+  """``root`` holds the complete phantom ``cfg`` describes (reading it writes nothing)."""
+  marker = Path(root) / phantom.MARKER
+  try:
+    return bool(root) and json.loads(marker.read_text()) == phantom_spec(cfg).key()
+  except (OSError, ValueError):
+    return False
 
 
 def phantom_spec(cfg: Any) -> phantom.PhantomSpec:
@@ -82,13 +97,46 @@ def _manifest_inputs(path: Path, cfg: Any) -> list[CaseFiles]:
   return manifest.find_cases(path, require_label=False)
 
 
+PREDICT_LAYOUTS = {  # what ``predict --input`` expects, per dataset (training's data.root aside)
+  "brats": (
+    lambda path: any(p.is_dir() and p.name.startswith("BraTS-") for p in path.iterdir()),
+    "BraTS case folders <input>/BraTS-GLI-XXXXX-YYY/ each with BraTS-GLI-XXXXX-YYY-t1n.nii.gz "
+    "and -t1c.nii.gz",
+  ),
+  "breast": (
+    lambda path: (path / "images").is_dir(),
+    "the MAMA-MIA layout <input>/images/<ID>/<ID>_0000.nii.gz (pre) and <ID>_0001.nii.gz (post)",
+  ),
+}
+PREDICT_ALTERNATIVES = (
+  "a CSV manifest (case_id,pre,post) as --input=cases.csv, or one case with "
+  "--pre=PRE.nii.gz --post=POST.nii.gz --out=SEG.nii.gz"
+)
+
+
+def _folder_inputs(layout: str, find: Callable[[Path, Any], list[CaseFiles]]) -> Callable:
+  """``find_inputs`` that first checks the folder's layout and words it as predict's flags."""
+  looks_right, expected = PREDICT_LAYOUTS[layout]
+
+  def find_inputs(path: Path, cfg: Any) -> list[CaseFiles]:
+    if not path.is_dir() or not looks_right(path):
+      what = "is not a folder" if not path.is_dir() else "is not in the model's layout"
+      raise DataError(
+        f"--input={path} {what}: a model trained on {cfg.name} data reads {expected}; "
+        f"or give {PREDICT_ALTERNATIVES}"
+      )
+    return find(path, cfg)
+
+  return find_inputs
+
+
 _REGISTRY = {
   "phantom": Dataset(
     "phantom",
     brats.REGIONS,
     brats.LABELS,
     find_cases=_phantom_cases,
-    find_inputs=lambda path, cfg: brats.find_cases(path, require_label=False),
+    find_inputs=_folder_inputs("brats", lambda p, cfg: brats.find_cases(p, require_label=False)),
     cache_tag=lambda cfg: phantom_root(cfg).name,
   ),
   "brats": Dataset(
@@ -96,7 +144,7 @@ _REGISTRY = {
     brats.REGIONS,
     brats.LABELS,
     find_cases=lambda cfg, require_label: brats.find_cases(cfg.root, require_label),
-    find_inputs=lambda path, cfg: brats.find_cases(path, require_label=False),
+    find_inputs=_folder_inputs("brats", lambda p, cfg: brats.find_cases(p, require_label=False)),
     cache_tag=lambda cfg: "brats",
   ),
   "breast": Dataset(
@@ -106,7 +154,9 @@ _REGISTRY = {
     find_cases=lambda cfg, require_label: breast.find_cases(
       cfg.root, cfg.post_phase, require_label
     ),
-    find_inputs=lambda path, cfg: breast.find_cases(path, cfg.post_phase, require_label=False),
+    find_inputs=_folder_inputs(
+      "breast", lambda p, cfg: breast.find_cases(p, cfg.post_phase, require_label=False)
+    ),
     cache_tag=lambda cfg: f"breast-phase{cfg.post_phase}",
   ),
   "manifest": Dataset(

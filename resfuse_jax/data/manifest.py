@@ -15,6 +15,25 @@ from resfuse_jax.data.common import CaseFiles, DataError
 COLUMNS = ("case_id", "pre", "post", "label")
 
 
+def _decoded_lines(path: Path) -> list[str]:
+  """The manifest's lines as UTF-8 (a byte-order mark is dropped); else one line naming the row."""
+  try:
+    blob = path.read_bytes()
+  except OSError as e:
+    raise DataError(f"manifest {path} cannot be read: {e.strerror}") from None
+  lines = blob.splitlines(keepends=True)
+  out = []
+  for number, raw in enumerate(lines, start=1):
+    try:
+      out.append(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+    except UnicodeDecodeError as e:
+      raise DataError(
+        f"manifest {path} line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+        f"{e.start + 1}); save the manifest as UTF-8"
+      ) from None
+  return out
+
+
 def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFiles]:
   path = Path(manifest) if manifest else None
   if path is None:
@@ -27,12 +46,11 @@ def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFil
     raise DataError(
       f"{e} (data.manifest); expected a CSV with columns {','.join(COLUMNS)}"
     ) from None
-  with path.open(newline="") as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-      raise DataError(f"manifest {path} lacks columns {missing}; it has {reader.fieldnames}")
-    rows = list(reader)
+  reader = csv.DictReader(_decoded_lines(path))
+  missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+  if missing:
+    raise DataError(f"manifest {path} lacks columns {missing}; it has {reader.fieldnames}")
+  rows = list(reader)
   cases, seen = [], set()
   for line, row in enumerate(rows, start=2):
     cid = (row["case_id"] or "").strip()
@@ -45,10 +63,10 @@ def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFil
     files = {}
     for column in ("pre", "post", "label"):
       value = (row[column] or "").strip()
+      if column == "label" and not require_label:  # never read: not demanded
+        files[column] = None
+        continue
       if not value:
-        if column == "label" and not require_label:
-          files[column] = None
-          continue
         raise DataError(f"manifest {path} line {line} (case {cid}): empty {column!r} path")
       p = Path(value) if Path(value).is_absolute() else path.parent / value
       files[column] = file_io.require_file(

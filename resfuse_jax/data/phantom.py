@@ -43,7 +43,7 @@ from resfuse_jax.data.phantom_acquisition import (
   smooth_noise,
   varied_enhancement,
 )
-from resfuse_jax.errors import DataError
+from resfuse_jax.errors import DataError, OutputError
 
 MARKER = "phantom.json"
 ACQUISITION = "acquisition.json"  # per case: what the knobs drew
@@ -282,6 +282,17 @@ def write_phantom(root: str | os.PathLike, spec: PhantomSpec) -> Path:
       f"{root} already holds a phantom with a different spec ({found}); "
       f"wanted {spec.key()}. Point data.root somewhere else or delete it."
     )
+  try:
+    _generate(root, spec, marker)
+  except OSError as e:
+    raise OutputError(
+      f"cannot write the phantom into {root}: {e.strerror or e} (a read-only or full cache "
+      "folder? set RESFUSE_CACHE, --cache_dir or data.root to a writable folder)"
+    ) from None
+  return root
+
+
+def _generate(root: Path, spec: PhantomSpec, marker: Path) -> None:
   root.mkdir(parents=True, exist_ok=True)
   affine = np.diag([spec.spacing] * 3 + [1.0])
   affine[:3, 3] = -np.array(spec.shape) * spec.spacing / 2
@@ -299,4 +310,3 @@ def write_phantom(root: str | os.PathLike, spec: PhantomSpec) -> Path:
   tmp = marker.with_suffix(".tmp")
   tmp.write_text(json.dumps(spec.key()))
   os.replace(tmp, marker)
-  return root

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import nibabel as nib
 import numpy as np
+from absl import logging
 from scipy import ndimage
 
 from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits, MiB, load_canonical
@@ -60,8 +62,57 @@ def nonzero_box(*volumes: np.ndarray) -> tuple[tuple[int, int], ...]:
 
 
 def _stats(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-  values = image[mask]
+  values = image[mask].astype(np.float64)
   return float(values.mean()), max(float(values.std()), 1e-8)
+
+
+MIN_DISTINCT = 3  # a scan's non-zero voxels take at least this many values
+MIN_REL_STD = 1e-6  # ... and their std is at least this fraction of their mean |value|
+LABEL_TOLERANCE = 1e-3  # a label voxel may differ from an integer by at most this
+
+
+def check_scan_contrast(cid: str, kind: str, path, volume: np.ndarray) -> None:
+  """Refuses a constant or near-constant scan (it would be z-scored into noise)."""
+  values = volume[volume != 0]
+  distinct = np.unique(values[: 2**16]).size if values.size else 0
+  if distinct < MIN_DISTINCT:
+    distinct = np.unique(values).size
+  if distinct < MIN_DISTINCT:
+    raise DataError(
+      f"case {cid}: {kind} file {path} is constant: its non-zero voxels take {distinct} "
+      f"distinct value(s), at least {MIN_DISTINCT} are needed for a scan"
+    )
+  std = float(values.std(dtype=np.float64))
+  mean_abs = float(np.abs(values).mean(dtype=np.float64))
+  if std < MIN_REL_STD * mean_abs:
+    raise DataError(
+      f"case {cid}: {kind} file {path} is near-constant: the std of its non-zero voxels "
+      f"{std:.3g} is below {MIN_REL_STD:g} of their mean absolute value {mean_abs:.3g}"
+    )
+
+
+def check_finite(cid: str, what: str, *volumes: np.ndarray) -> None:
+  """Refuses non-finite voxels after a cast or the normalisation (finite on disk is not enough)."""
+  for v in volumes:
+    if v is not None and not np.isfinite(v).all():
+      raise DataError(f"case {cid}: {what} gives NaN or Inf voxels (values too large for float32?)")
+
+
+def integer_labels(cid: str, path, label_raw: np.ndarray) -> np.ndarray:
+  """The label map as integers; refused if any voxel is not within 1e-3 of one."""
+  if not np.isfinite(label_raw).all():
+    raise DataError(f"case {cid}: label file {path} contains NaN or Inf voxels")
+  rounded = np.rint(label_raw)
+  if label_raw.dtype.kind == "f":
+    off = float(np.abs(label_raw - rounded).max()) if label_raw.size else 0.0
+    if off > LABEL_TOLERANCE:
+      where = np.unravel_index(int(np.argmax(np.abs(label_raw - rounded))), label_raw.shape)
+      raise DataError(
+        f"case {cid}: label file {path} has non-integer value "
+        f"{float(label_raw[where]):g} at voxel {tuple(int(i) for i in where)} "
+        f"(more than {LABEL_TOLERANCE:g} from an integer); labels are not rounded"
+      )
+  return rounded.astype(np.int64)
 
 
 def normalize(
@@ -91,12 +142,35 @@ def resample(volume: np.ndarray, spacing, target, order: int) -> np.ndarray:
   return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
 
 
-def _check_affine(cid: str, kind: str, path, affine, ref_affine, ref_path, tol: float) -> None:
-  diff = float(np.abs(np.asarray(affine) - np.asarray(ref_affine)).max())
+def canonical_affine(img) -> np.ndarray:
+  """The affine of ``img`` after ``nib.as_closest_canonical`` (computed, nothing read)."""
+  affine = np.asarray(img.affine, np.float64)
+  ornt = nib.orientations.io_orientation(affine)
+  shape = img.header.get_data_shape()[:3]
+  return affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+
+
+def _check_affine(cid: str, kind: str, path, img, ref_img, ref_path, tol: float) -> None:
+  """Compared in the canonical orientation: the same grid stored flipped or transposed passes."""
+  affine, ref_affine = canonical_affine(img), canonical_affine(ref_img)
+  diff = float(np.abs(affine - ref_affine).max())
   if diff > tol:
     raise DataError(
       f"case {cid}: {kind} file {path} is not in the same space as {ref_path}: affines differ "
       f"by up to {diff:.4g} (tolerance data.affine_tolerance={tol})"
+    )
+
+
+MAX_CASE_ID_BYTES = 200  # + ".tmp-", a random suffix, "_probabilities.nii.gz" < 255 per name
+
+
+def check_case_id(files: CaseFiles) -> None:
+  """A case ID too long for the file names made from it is a bad case (skippable)."""
+  size = len(files.case_id.encode("utf-8", "surrogateescape"))
+  if size > MAX_CASE_ID_BYTES:
+    raise DataError(
+      f"case {files.case_id[:40]}...: its case ID is {size} bytes long (from {files.pre}); "
+      f"at most {MAX_CASE_ID_BYTES} fit in the file names made from it"
     )
 
 
@@ -110,14 +184,16 @@ def preprocess_case(
   label_values: tuple[int, ...],
   settings: PrepSettings = PrepSettings(),
   limits: InputLimits = InputLimits(),
+  training: bool = True,
 ) -> Case:
   """Loads, checks, crops, resamples and normalises one case.
 
   Every failure is a ``DataError`` naming the case (so ``data.on_bad_case=skip``
   covers it); running out of memory says so, with what was being read.
+  ``training=False`` (prediction): identical pre and post scans are warned about, not refused.
   """
   try:
-    return _preprocess_case(files, label_values, settings, limits)
+    return _preprocess_case(files, label_values, settings, limits, training)
   except DataError:
     raise
   except MemoryError:
@@ -128,7 +204,20 @@ def preprocess_case(
     raise DataError(f"case {files.case_id}: preprocessing failed: {type(e).__name__}: {e}") from e
 
 
-def _read_checked(files: CaseFiles, label_values, settings, limits):
+def _check_identical(cid: str, files: CaseFiles, pre, post, training: bool) -> None:
+  """pre == post: refused in training data, warned about (once per case) in prediction."""
+  if pre.shape != post.shape or not np.array_equal(pre, post):
+    return
+  message = (
+    f"case {cid}: the pre-contrast scan {files.pre} and the post-contrast scan {files.post} "
+    "are identical (no contrast uptake to see; the same file given twice?)"
+  )
+  if training:
+    raise DataError(message)
+  logging.warning("%s", message)
+
+
+def _read_checked(files: CaseFiles, label_values, settings, limits, training: bool = True):
   """Scans and label in canonical orientation, each checked against the pre-contrast scan."""
   cid = files.case_id
   pre, pre_img, spacing = load_canonical(files.pre, cid, "pre-contrast", limits)
@@ -136,9 +225,7 @@ def _read_checked(files: CaseFiles, label_values, settings, limits):
   label, label_img = None, None
   if files.label is not None:
     label_raw, label_img, _ = load_canonical(files.label, cid, "label", limits)
-    if not np.isfinite(label_raw).all():
-      raise DataError(f"case {cid}: label file {files.label} contains NaN or Inf voxels")
-    label = np.rint(label_raw).astype(np.int64)
+    label = integer_labels(cid, files.label, label_raw)
   for kind, vol, img, path in (
     ("post-contrast", post, post_img, files.post),
     ("label", label, label_img, files.label),
@@ -150,12 +237,14 @@ def _read_checked(files: CaseFiles, label_values, settings, limits):
         f"case {cid}: {kind} file {path} has shape {vol.shape}, "
         f"but the pre-contrast scan {files.pre} has {pre.shape}"
       )
-    _check_affine(cid, kind, path, img.affine, pre_img.affine, files.pre, settings.affine_tolerance)
+    _check_affine(cid, kind, path, img, pre_img, files.pre, settings.affine_tolerance)
   for kind, vol, path in (("pre-contrast", pre, files.pre), ("post-contrast", post, files.post)):
     if not np.isfinite(vol).all():
       raise DataError(f"case {cid}: {kind} file {path} contains NaN or Inf voxels")
     if not vol.any():
       raise DataError(f"case {cid}: {kind} file {path} is all zero")
+    check_scan_contrast(cid, kind, path, vol)
+  _check_identical(cid, files, pre, post, training)
   if label is not None:
     bad = sorted(set(np.unique(label).tolist()) - set(label_values))
     if bad:
@@ -170,6 +259,7 @@ def _crop_and_resample(cid, files, pre, post, label, spacing, settings, limits):
   box = nonzero_box(pre, post)
   sl = tuple(slice(a, b) for a, b in box)
   pre, post = pre[sl].astype(np.float32), post[sl].astype(np.float32)
+  check_finite(cid, f"the cast of {files.pre} / {files.post} to float32", pre, post)
   label = None if label is None else label[sl].astype(np.uint8)
   target = spacing
   if settings.target_spacing is not None:
@@ -187,16 +277,23 @@ def _crop_and_resample(cid, files, pre, post, label, spacing, settings, limits):
     post = resample(post, spacing, target, settings.resample_order)
     if label is not None:
       label = resample(label, spacing, target, 0)
+    check_finite(cid, f"resampling {files.pre} / {files.post}", pre, post)
   return pre, post, label, box, target
 
 
-def _preprocess_case(files: CaseFiles, label_values, settings, limits) -> Case:
+def _preprocess_case(files: CaseFiles, label_values, settings, limits, training=True) -> Case:
   cid = files.case_id
-  pre, post, label, pre_img, spacing = _read_checked(files, label_values, settings, limits)
+  check_case_id(files)
+  pre, post, label, pre_img, spacing = _read_checked(
+    files, label_values, settings, limits, training
+  )
   pre, post, label, box, target = _crop_and_resample(
     cid, files, pre, post, label, spacing, settings, limits
   )
   pre, post, stats = normalize(pre, post, settings.normalization)
+  check_finite(
+    cid, f"the {settings.normalization} normalisation of {files.pre} / {files.post}", pre, post
+  )
   return Case(
     case_id=cid,
     pre=pre,

@@ -18,7 +18,7 @@ from resfuse_jax import data, files
 from resfuse_jax.errors import CheckpointError
 from resfuse_jax.evaluation import metrics, postprocess_selection, report
 from resfuse_jax.evaluation.finalize import finalize
-from resfuse_jax.inference import postprocess, tiler
+from resfuse_jax.inference import outputs, postprocess, tiler
 from resfuse_jax.inference.predictor import Predictor
 from resfuse_jax.task import Task
 from resfuse_jax.workdir import Workdir, read_config
@@ -86,7 +86,11 @@ def _figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
 
 
 def evaluate_workdir(
-  workdir: str | Path, step: int | None = None, tta: bool = False, figures: bool = True
+  workdir: str | Path,
+  step: int | None = None,
+  tta: bool = False,
+  figures: bool = True,
+  cache_dir: str | Path | None = None,
 ) -> tuple[Path, dict]:
   """Evaluates a trained workdir on every case of its validation fold.
 
@@ -94,13 +98,16 @@ def evaluate_workdir(
   (training's keys plus standard deviations, the TTA flag, for BraTS regions lesion-wise
   metrics, and ``postprocessed``: the same after the rules chosen on these cases), those
   rules, per-case rows before and after them; then the paper-layout report and a figure
-  per case. Returns (that folder, results).
+  per case. Returns (that folder, results). The preprocessed cache (and a phantom whose
+  files are missing) goes to the running user's cache (``cache_dir``, else ``$RESFUSE_CACHE``,
+  else the default), never where W's ``config.json`` says (``data.confined_to_user_cache``).
   """
   w = Workdir(workdir)
   predictor = Predictor.load(w.path, step)
   config, task = predictor.config, predictor.task
   val_ids = w.read_splits()["val"]
-  cache, _, _ = data.prepare(config.data, progress=False)
+  data_config = data.confined_to_user_cache(config.data, cache_dir)
+  cache, _, _ = data.prepare(data_config, progress=False)
   cases = data.load_cases(cache, val_ids)
   out = w.eval_dir(predictor.step, tta).make()
   figure = _figure_writer(out.figures_dir, predictor) if figures else None
@@ -136,6 +143,7 @@ def pool_folds(workdirs: list[str | Path], output: str | Path) -> dict:
   """
   if not workdirs:
     raise CheckpointError("give the workdirs of the folds to pool")
+  outputs.refuse_overlaps([("--output", output)], protected=[("--pool_folds", w) for w in workdirs])
   tasks = [Task.from_config(read_config(w)) for w in workdirs]
   names = {t.dataset.name for t in tasks}
   if len(names) > 1:

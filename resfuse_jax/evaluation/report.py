@@ -9,6 +9,17 @@ def paper_name(region: str) -> str:
   return PAPER_NAMES.get(region, region)
 
 
+def region_note(regions: list[str]) -> str:
+  """Said once under each table that uses a paper name: the two names are one region."""
+  same = [f"{paper_name(r)} (the paper's name) is {r}" for r in regions if paper_name(r) != r]
+  if not same:
+    return ""
+  return (
+    f" {'; '.join(same)}, as logs, metrics.csv, results.json and figures call it "
+    "(enhancing tumour)."
+  )
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
   """Lines of a GitHub markdown table."""
 
@@ -39,7 +50,8 @@ def results_markdown(all_results: list[dict], regions: list[str]) -> str:
   lines += [
     "",
     f"{r0['cases']} validation cases of {r0['dataset']}, checkpoint step {r0['steps']}"
-    f"{', mirroring TTA' if r0.get('tta') else ''}; Dice per case, averaged over cases.",
+    f"{', mirroring TTA' if r0.get('tta') else ''}; Dice per case, averaged over cases."
+    + region_note(regions),
   ]
   if "lesion_dice" in r0:
     lines += [""] + markdown_table(

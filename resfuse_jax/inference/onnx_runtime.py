@@ -22,6 +22,14 @@ OUTPUTS = ("logits", "probabilities")  # float32 [n, R, d, h, w]
 INSTALL_HINT = "pip install 'resfuse-jax[deploy]' (onnx and onnxruntime)"
 
 
+def export_hint() -> str:
+  """How to get an export with ``model.onnx``: install the extra first when onnx is missing."""
+  command = "python -m resfuse_jax.export --workdir=W --output=E --onnx=yes"
+  if importlib.util.find_spec("onnx") is None:
+    return f"{INSTALL_HINT}, then {command}"
+  return f"{command} writes it"
+
+
 def available() -> bool:
   return importlib.util.find_spec("onnxruntime") is not None
 
@@ -46,6 +54,7 @@ class OnnxWindow:
     sha256: str | None = None,
     threads: int = 0,
     max_batch: int | None = None,
+    regions: int | None = None,
   ):
     """``sha256``: the digest ``export.json`` recorded; a file that differs is refused.
 
@@ -54,6 +63,8 @@ class OnnxWindow:
     whose 3D kernels gain nothing from a batch while the activations' memory grows with
     it (measured at 128³: 4.2 s a tile and 2.2 GB at batch 1, 4.7 s and 5.3 GB at 2,
     BUILD_NOTES §11), and the whole batch on a GPU.
+    ``regions``: the config's region count; a graph with another output channel count
+    is refused (at load when its shape is static, else on the first window).
     """
     if not available():
       raise ConfigError(f"the onnxruntime backend needs onnxruntime: {INSTALL_HINT}")
@@ -79,9 +90,24 @@ class OnnxWindow:
       self.session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for a bad model file
       raise CheckpointError(f"onnxruntime cannot load {path}: {e}") from e
-    self.path = path
+    self.path, self.regions = path, regions
+    self._check_channels(self._declared_channels())
     on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
     self.max_batch = max_batch or (1 if on_cpu else None)
+
+  def _declared_channels(self) -> int | None:
+    outputs = {o.name: o.shape for o in self.session.get_outputs()}
+    if OUTPUTS[1] not in outputs:
+      raise CheckpointError(f"{self.path} has no output {OUTPUTS[1]!r}; it has {sorted(outputs)}")
+    shape = outputs[OUTPUTS[1]]
+    return shape[1] if len(shape) == 5 and isinstance(shape[1], int) else None
+
+  def _check_channels(self, channels: int | None) -> None:
+    if self.regions is not None and channels is not None and channels != self.regions:
+      raise CheckpointError(
+        f"{self.path} outputs {channels} channels, the config has {self.regions} regions: "
+        "the ONNX model is of another model; export the model again"
+      )
 
   def __call__(self, tiles: np.ndarray) -> np.ndarray:
     x = np.moveaxis(np.asarray(tiles, np.float32), -1, 1)  # [n, 2, d, h, w]
@@ -91,4 +117,5 @@ class OnnxWindow:
       part = x[i : i + step]
       feeds = {name: np.ascontiguousarray(part[:, i : i + 1]) for i, name in enumerate(INPUTS)}
       out.append(self.session.run([OUTPUTS[1]], feeds)[0])
+      self._check_channels(out[-1].shape[1] if out[-1].ndim == 5 else -1)
     return np.moveaxis(np.concatenate(out) if len(out) > 1 else out[0], 1, -1)

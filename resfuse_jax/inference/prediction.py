@@ -7,6 +7,7 @@ damaged checkpoint) is refused rather than written as an all-background map.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -15,10 +16,10 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
-from resfuse_jax import checkpointing, data, files
+from resfuse_jax import checkpointing, data, files, workdir
 from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
-from resfuse_jax.inference import postprocess
+from resfuse_jax.inference import outputs, postprocess
 from resfuse_jax.inference.predictor import Predictor
 from resfuse_jax.workdir import BAD_CASES
 
@@ -36,7 +37,7 @@ def predict_case(
   config = predictor.config
   task = predictor.task
   case = data.preprocess_case(
-    files, task.dataset.label_values, task.prep_settings, task.input_limits
+    files, task.dataset.label_values, task.prep_settings, task.input_limits, training=False
   )
   probs = predictor.probabilities(case, tta)
   if not np.isfinite(probs).all():
@@ -52,12 +53,12 @@ def predict_case(
     spacing=case.spacing,
   )
   geometry.save_label_map(labels, case, out)
-  name = out.name.removesuffix(".nii.gz")
+  _, probs_file, figure_file = case_outputs(out, True, True)  # the names check_outputs checks
   if figure:
     from resfuse_jax import visualize  # matplotlib only when figures are asked for
 
     visualize.case_figure(
-      out.with_name(f"{name}.png"),
+      figure_file,
       files.case_id,
       case.pre,
       case.post,
@@ -71,8 +72,91 @@ def predict_case(
     )
     geometry.save_nifti(
       nib.Nifti1Image(maps.astype(np.float32), case.affine),
-      out.with_name(f"{name}_probabilities.nii.gz"),
+      probs_file,
     )
+
+
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii")
+
+
+def label_map_stem(out: Path) -> str:
+  """``out``'s name without its NIfTI suffix (any letter case)."""
+  lower = out.name.lower()
+  for suffix in LABEL_MAP_SUFFIXES:
+    if lower.endswith(suffix):
+      return out.name[: -len(suffix)]
+  return out.name
+
+
+def check_label_map_path(out: str | Path, flag: str = "--out") -> Path:
+  """Refuses, before the model is loaded, a label-map name nibabel cannot write as NIfTI.
+
+  ``.nii.gz`` and ``.nii`` are accepted in any letter case; anything else (no suffix,
+  ``.png``, ``.nii.zip``) is an ``OutputError`` naming the path.
+  """
+  out = Path(out)
+  if not out.name.lower().endswith(LABEL_MAP_SUFFIXES) or not label_map_stem(out):
+    raise OutputError(
+      f"{flag}={out}: a label map is written as NIfTI; give a name ending in .nii.gz or .nii"
+    )
+  return out
+
+
+def case_outputs(out: Path, probs: bool, figure: bool) -> list[Path]:
+  """The files `predict_case` writes for the label map ``out``."""
+  name = label_map_stem(out)
+  extra = [f"{name}_probabilities.nii.gz"] * probs + [f"{name}.png"] * figure
+  return [out, *(out.with_name(e) for e in extra)]
+
+
+def _case_inputs(case_files: data.CaseFiles, pre: str = "--pre", post: str = "--post") -> list:
+  named = [(pre, case_files.pre), (post, case_files.post)]
+  return named + ([("label", case_files.label)] if case_files.label is not None else [])
+
+
+def _require_export(model: str | None) -> None:
+  if model and not checkpointing.is_export(model):
+    raise CheckpointError(f"--model={model} is not an export: export.json is missing")
+
+
+def check_outputs(
+  workdir_: str | None,
+  model: str | None,
+  pair: tuple[str, str, str] | None = None,
+  folder: tuple[str, str] | None = None,
+  probs: bool = False,
+  figure: bool = False,
+  postprocess_: str = "auto",
+) -> None:
+  """Refuses, before the model loads, any output of predict that would touch an input.
+
+  ``workdir_`` / ``model``: the workdir or export read (one of them); ``pair``: (--pre,
+  --post, --out); ``folder``: (--input, --output). The rule is `outputs.refuse_overlaps`.
+  """
+  _require_export(model)
+  source, flag = (model, "--model") if model else (workdir_, "--workdir")
+  inputs = [] if postprocess_ in ("auto", "none") else [("--postprocess", postprocess_)]
+  out_files, out_folders, in_folders = [], [], []
+  if pair is not None:
+    pre, post, out = pair
+    inputs += _case_inputs(data.CaseFiles(Path(pre).name, Path(pre), Path(post), None))
+    out_files = [("--out", p) for p in case_outputs(Path(out), probs, figure)]
+  if folder is not None:
+    input_path, output = folder
+    out_folders = [("--output", output)]
+    if Path(input_path).is_dir():
+      in_folders = [("--input", input_path)]
+    else:
+      inputs.append(("--input", input_path))
+    outputs.refuse_overlaps((), out_folders, inputs, in_folders, [(flag, source)])
+    cases = data.find_input_cases(input_path, workdir.read_config(source).data)
+    for case_files in cases:
+      inputs += _case_inputs(case_files, f"{case_files.case_id} pre", f"{case_files.case_id} post")
+      name = files.check_name(case_files.case_id, f"--input={input_path}")
+      out_files += [
+        ("--output", p) for p in case_outputs(Path(output, f"{name}.nii.gz"), probs, figure)
+      ]
+  outputs.refuse_overlaps(out_files, out_folders, inputs, in_folders, [(flag, source)])
 
 
 def load_predictor(
@@ -88,8 +172,7 @@ def load_predictor(
   workdir or export has one, ``none`` applies none, anything else is a
   ``postprocessing.json`` file to apply. ``backend``: `predictor.resolve_backend`.
   """
-  if model and not checkpointing.is_export(model):
-    raise CheckpointError(f"--model={model} is not an export: export.json is missing")
+  _require_export(model)
   predictor = Predictor.load(workdir or model, step, backend, postprocess_)
   logging.info("window function: %s", predictor.backend)
   if predictor.rules is None:
@@ -113,6 +196,7 @@ def predict_pair(
   out = Path(out)
   if out.is_dir():
     raise OutputError(f"--out={out} is a folder; give the label map's file name")
+  check_label_map_path(out)
   check_writable(out.parent, "--out")
   predict_case(predictor, case_files, out, tta, probs, figure)
   return out
@@ -153,9 +237,11 @@ def predict_folder(
   check_writable(output, "--output")
   written, bad = [], []
   for i, case_files in enumerate(cases, 1):
-    name = files.check_name(case_files.case_id, f"--input={input_path}")
-    out = files.under(output, f"{name}.nii.gz")
+    case_files = dataclasses.replace(case_files, label=None)  # never read: not demanded
     try:
+      name = files.check_name(case_files.case_id, f"--input={input_path}")
+      data.check_case_id(case_files)
+      out = files.under(output, f"{name}.nii.gz")
       predict_case(predictor, case_files, out, tta, probs, figure)
     except DataError as e:
       if on_bad_case == "error":

@@ -21,7 +21,7 @@ import numpy as np
 
 from resfuse_jax import checkpointing, data, models, sharding, workdir
 from resfuse_jax.errors import CheckpointError, ConfigError
-from resfuse_jax.inference import onnx_runtime, postprocess, tiler
+from resfuse_jax.inference import integrity, onnx_runtime, postprocess, tiler
 from resfuse_jax.task import Task
 
 BACKENDS = ("auto", "jax", "onnxruntime")
@@ -65,7 +65,7 @@ def resolve_backend(name: str, path: str | Path) -> str:
     what = "an export" if checkpointing.is_export(path) else "a training workdir, not an export"
     raise ConfigError(
       f"--backend=onnxruntime needs an export with {onnx_runtime.FILE}; {path} is {what} "
-      f"without one (python -m resfuse_jax.export --workdir=W --output=E writes it)"
+      f"without one ({onnx_runtime.export_hint()})"
     )
   return name
 
@@ -128,6 +128,8 @@ class Predictor:
     ``none``, or a ``postprocessing.json`` file. ``backend``: see `resolve_backend`.
     """
     path = Path(path)
+    if checkpointing.is_export(path):  # every file read below matches export.json's digests
+      integrity.verify_export(path)
     backend = resolve_backend(backend, path)
     config = workdir.read_config(path)
     task = Task.from_config(config)
@@ -147,7 +149,9 @@ class Predictor:
             f"{path / 'export.json'} records no SHA-256 for {onnx_runtime.FILE}: the file was "
             "not written by this export; export the model again"
           )
-        window = onnx_runtime.OnnxWindow(path / onnx_runtime.FILE, digest)
+        window = onnx_runtime.OnnxWindow(
+          path / onnx_runtime.FILE, digest, regions=len(task.regions)
+        )
         return cls(
           config,
           None,

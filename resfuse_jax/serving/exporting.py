@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from absl import logging
 
 from resfuse_jax import checkpointing, data, files
-from resfuse_jax.errors import CheckpointError, ConfigError, UserError
-from resfuse_jax.inference import onnx_runtime, postprocess, tiler
+from resfuse_jax.errors import CheckpointError, ConfigError, OutputError, UserError
+from resfuse_jax.inference import integrity, onnx_runtime, outputs, postprocess, tiler
 from resfuse_jax.inference.predictor import Predictor, window_probabilities
 from resfuse_jax.workdir import CONFIG, POSTPROCESSING, Workdir
 
@@ -109,7 +109,11 @@ def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> d
   if importlib.util.find_spec("onnx") is None:
     if mode == "yes":
       raise ConfigError(f"--onnx=yes needs the onnx package: {onnx_runtime.INSTALL_HINT}")
-    return {"written": False, "reason": "the onnx package is not installed"}
+    return {
+      "written": False,
+      "reason": f"the onnx package is not installed: {onnx_runtime.INSTALL_HINT}, then export "
+      "again",
+    }
   from resfuse_jax.serving import onnx_graph
 
   config = predictor.config
@@ -173,6 +177,7 @@ def export_model(
 
   ``onnx``: whether to write ``model.onnx`` (`write_onnx`).
   """
+  outputs.refuse_overlaps(output_folders=[("--output", output)], protected=[("--workdir", workdir)])
   if Path(output).exists():
     raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
   if onnx not in ONNX_MODES:
@@ -186,10 +191,15 @@ def write_export(
   """Writes the export folder ``output`` of a loaded ``predictor``; ``workdir``: its source,
   whose chosen post-processing travels with it."""
   output = Path(output)
+  if workdir is not None:
+    outputs.refuse_overlaps(
+      output_folders=[("--output", output)], protected=[("--workdir", workdir)]
+    )
   if output.exists():
     raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
   tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-  files.make_dirs(tmp)
+  files.remove_orphaned_tmp_dirs(output.parent, ".*.tmp-*")  # a killed export's leftovers
+  files.make_owned_tmp_dir(tmp)
   try:
     files.write_json(tmp / CONFIG, predictor.config.to_dict())
     chosen = None if workdir is None else Workdir(workdir).postprocessing_file
@@ -203,14 +213,18 @@ def write_export(
     onnx_record = write_onnx(tmp, predictor, onnx, deploy)
     meta = _metadata(predictor, workdir)
     record = {**meta, "onnx": onnx_record, "deploy": deploy, "param_digests": digests}
-    files.write_json(tmp / "export.json", record)
+    (tmp / files.TMP_OWNER).unlink()  # the record of who writes it, not part of E
+    files.write_json(tmp / integrity.EXPORT_JSON, integrity.seal(record, tmp))
     tmp.rename(output)
   except OSError as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, UserError):
       raise
     raise files.output_error(output, e) from e
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    reason = files.disk_full_reason(e)
+    if reason is not None:  # tensorstore's RESOURCE_EXHAUSTED is not an OSError
+      raise OutputError(f"cannot write the export {output}: {reason}; nothing was left") from None
     raise
   return output

@@ -54,7 +54,7 @@ class StopRequest:
 
   def stop(self, step: int, total: int, manager) -> None:
     """Waits for the checkpoint just saved, then raises ``Preempted`` (exit 0 in the CLI)."""
-    manager.wait_until_finished()
+    checkpointing.wait_for_saves(manager)
     raise Preempted(
       f"stopped by {self.reason} at step {step}/{total}; checkpoint saved in "
       f"{manager.directory}: rerun the same command to resume"

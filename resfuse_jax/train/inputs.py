@@ -55,6 +55,7 @@ def prepare_data(task: Task, workdir: Workdir) -> RunData:
     data.load_cases(cache_dir, splits["train"]),
     data.load_cases(cache_dir, val_ids),
   )
+  require_foreground(run.train_cases, cache_dir)
   logging.info(
     "%d training cases, %d validation cases (cache %s)",
     len(run.train_cases),
@@ -62,6 +63,16 @@ def prepare_data(task: Task, workdir: Workdir) -> RunData:
     cache_dir,
   )
   return run
+
+
+def require_foreground(cases: list[data.Case], cache_dir: Path) -> None:
+  """Training on label maps that are background everywhere learns nothing: refused."""
+  if any(len(loc) for c in cases for loc in (c.fg_locations or [])):
+    return
+  raise data.DataError(
+    f"none of the {len(cases)} training cases has any foreground voxel in its label map "
+    f"(cache {cache_dir}); check the label files (are they all zero?)"
+  )
 
 
 def make_input(task: Task, run: RunData, mesh) -> Any:

@@ -24,13 +24,27 @@ from resfuse_jax.train.step import TrainMetrics, TrainState, input_sharding
 
 
 class Progress:
-  """Steps/s and ETA at logging points (clu's periodic_actions would import TensorFlow)."""
+  """Steps/s and ETA at logging points (clu's periodic_actions would import TensorFlow).
+
+  The clock starts once the first step has returned: that call traced and compiled the
+  step function (seconds to minutes, once), and counting it made the first ETA far off.
+  """
 
   def __init__(self, total_steps: int, start_step: int):
     self.total = total_steps
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.compiled = False
 
-  def report(self, step: int) -> dict[str, float]:
+  def step_done(self, step: int) -> None:
+    """Call after every step's dispatch; the first one restarts the clock after compiling."""
+    if not self.compiled:
+      self.compiled = True
+      self.last_step, self.last_time = step, time.perf_counter()
+
+  def report(self, step: int) -> dict[str, float] | None:
+    """Speed since the last report; None when no step after the compiling one has run."""
+    if step <= self.last_step:
+      return None
     now = time.perf_counter()
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
@@ -95,15 +109,15 @@ def _format_eta(seconds: float) -> str:
 def _log_train(step: int, total: int, computed: dict, progress: Progress, writer) -> None:
   scalars = {f"train/{k}": float(v) for k, v in computed.items()}
   speed = progress.report(step)
-  writer.write_scalars(step, {**scalars, "train/steps_per_sec": speed["steps_per_sec"]})
-  logging.info(
-    "step %d/%d | loss %.4f | %.2f steps/s | ETA %s",
-    step,
-    total,
-    scalars["train/loss"],
-    speed["steps_per_sec"],
-    _format_eta(speed["eta_sec"]),
+  if speed is not None:
+    scalars["train/steps_per_sec"] = speed["steps_per_sec"]
+  writer.write_scalars(step, scalars)
+  timing = (
+    f"{speed['steps_per_sec']:.2f} steps/s | ETA {_format_eta(speed['eta_sec'])}"
+    if speed
+    else "compiled the step; speed and ETA from the next logging step"
   )
+  logging.info("step %d/%d | loss %.4f | %s", step, total, scalars["train/loss"], timing)
 
 
 def _validate_and_log(config, loop: Loop, state, run: RunData, step: int):
@@ -166,6 +180,7 @@ def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunD
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = sharding.put_batch(next(loop.train_iter), batch_sharding)
         state, step_metrics = loop.step_fn(state, batch)
+      progress.step_done(step)
       pending = step_metrics if pending is None else pending.merge(step_metrics)
       at = _boundary(config, step, stop)
       if at.log or at.save:  # the finiteness check rides on the logging sync
@@ -186,5 +201,5 @@ def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunD
         stop.stop(step, total, loop.manager)
   finally:
     stop.restore()
-    loop.manager.wait_until_finished()  # a good save in flight completes before any exit
+    checkpointing.wait_for_saves(loop.manager)  # a good save in flight completes first
   return state, val
