@@ -19,6 +19,8 @@ from numbers import Integral, Real
 from resfuse_jax import config_lib, data
 from resfuse_jax.errors import ConfigError
 
+AXES = ("x, right-left", "y, back-front", "z, foot-head")  # cached cases are canonical RAS
+
 # key -> what the count means
 _POSITIVE_INTEGERS = {
   "train.steps": "the number of training steps",
@@ -166,6 +168,30 @@ def check(config, where: str = "") -> None:
     source = f" in {where}" if where else ""
     raise ConfigError(
       f"{len(found)} invalid setting(s){source}:\n" + "\n".join(f"  {p}" for p in found)
+    )
+
+
+def check_against(config, fingerprint) -> None:
+  """The settings that only the data can judge (``data.fingerprint.Fingerprint``).
+
+  A patch longer on some axis than every case (after cropping and resampling to
+  ``data.target_spacing``) is mostly zero padding: refused, with the longest extent.
+  """
+  patch = tuple(config.data.patch_size)
+  extents = fingerprint.largest_extent()
+  too_long = [
+    f"axis {axis} ({AXES[axis]}) is {p} voxels, but the longest of the "
+    f"{len(fingerprint.case_ids)} cases there is {n} (case {cid})"
+    for axis, (p, (n, cid)) in enumerate(zip(patch, extents))
+    if p > n
+  ]
+  if too_long:
+    spacing = config.data.get("target_spacing")
+    raise ConfigError(
+      f"config.data.patch_size={patch!r} does not fit the data after cropping and resampling "
+      f"(data.target_spacing={spacing!r}): {'; '.join(too_long)}; use a patch of at most "
+      f"{tuple(min(p, n) for p, (n, _) in zip(patch, extents))} (each a multiple of the "
+      "model's downsampling factor) or a finer data.target_spacing"
     )
 
 

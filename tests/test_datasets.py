@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 from resfuse_jax import config_lib, data
-from resfuse_jax.data import breast, cache, manifest
+from resfuse_jax.data import breast, cache, manifest, preprocessing
 
 AFFINE = np.array([[0, 0, -1.5, 20], [0, 0.8, 0, -10], [1.0, 0, 0, 5], [0, 0, 0, 1]], float)
 
@@ -78,15 +78,18 @@ def test_breast_layout_reads_the_chosen_phase(tmp_path):
   assert [f.case_id for f in files] == ["DUKE_000", "DUKE_001", "DUKE_002"]
   assert files[0].post.name == "DUKE_000_0001.nii.gz"
   assert breast.find_cases(root, post_phase=2)[0].post.name == "DUKE_000_0002.nii.gz"
+  missing = breast.find_cases(root, post_phase=5)[0]  # listed; refused when read
   with pytest.raises(data.DataError, match=r"DUKE_000.*_0005.nii.gz.*found"):
-    breast.find_cases(root, post_phase=5)
+    preprocessing.preprocess_case(missing, (0, 1))
 
 
 def test_breast_missing_segmentation_and_empty_folder(tmp_path):
   root = write_breast(tmp_path / "mama", n=1)
   (root / "segmentations" / "expert" / "DUKE_000.nii.gz").unlink()
+  (listed,) = breast.find_cases(root)
   with pytest.raises(data.DataError, match="DUKE_000: missing segmentation"):
-    breast.find_cases(root)
+    preprocessing.preprocess_case(listed, (0, 1))
+  assert breast.find_cases(root, require_label=False)[0].problem is None
   (tmp_path / "empty" / "images").mkdir(parents=True)
   with pytest.raises(data.DataError, match="no case folders"):
     breast.find_cases(tmp_path / "empty")
@@ -104,10 +107,11 @@ def test_manifest_relative_paths_and_errors(tmp_path):
   with pytest.raises(data.DataError, match=r"lacks columns \['label'\]"):
     manifest.find_cases(bad)
   bad.write_text("case_id,pre,post,label\nc0,vols/c0_pre.nii.gz,vols/nope.nii.gz,\n")
+  (listed,) = manifest.find_cases(bad)
   with pytest.raises(
     data.DataError, match=r"line 2 \(case c0\): post file .*nope.nii.gz not found"
   ):
-    manifest.find_cases(bad)
+    preprocessing.preprocess_case(listed, (0, 1))
   with pytest.raises(data.DataError, match=r"manifest .*missing.csv not found"):
     manifest.find_cases(tmp_path / "missing.csv")
 
@@ -135,7 +139,8 @@ def test_canonical_orientation_and_remembered_geometry(tmp_path):
 
 
 def test_skip_bad_cases_reports_them(tmp_path):
-  root = write_breast(tmp_path / "mama", n=3)
+  root = write_breast(tmp_path / "mama", n=4)
+  (root / "images" / "DUKE_003" / "DUKE_003_0001.nii.gz").unlink()  # a missing scan file
   pre, _, _ = volumes(1)
   save(
     np.where(pre > 0, np.nan, 0).astype(np.float32),
@@ -145,8 +150,9 @@ def test_skip_bad_cases_reports_them(tmp_path):
     data.prepare(cfg(tmp_path, root=str(root)), progress=False)
   out, good, bad = data.prepare(cfg(tmp_path, root=str(root), on_bad_case="skip"), progress=False)
   assert good == ["DUKE_000", "DUKE_002"]
-  assert [b["case_id"] for b in bad] == ["DUKE_001"] and "NaN" in bad[0]["error"]
-  assert not (out / "DUKE_001").exists()
+  assert [b["case_id"] for b in bad] == ["DUKE_001", "DUKE_003"] and "NaN" in bad[0]["error"]
+  assert "missing post-contrast phase" in bad[1]["error"] and "DUKE_003_0001" in bad[1]["error"]
+  assert not (out / "DUKE_001").exists() and not (out / "DUKE_003").exists()
 
 
 def test_cache_is_reused_and_invalidated(tmp_path):

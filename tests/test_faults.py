@@ -570,12 +570,14 @@ def test_a_full_disk_leaves_no_partial_label_map(small_cases, tmp_path):
 
 
 def test_predict_folder_skips_bad_cases_when_asked(trained_workdir, small_phantom, tmp_path):
-  cases = brats.find_cases(small_phantom[0])[:2]
+  cases = brats.find_cases(small_phantom[0])[:3]
   src = tmp_path / "in"
   for c in cases:
     shutil.copytree(c.pre.parent, src / c.pre.parent.name)
   broken = src / cases[0].case_id / cases[0].pre.name
   broken.write_bytes(b"not a nifti")
+  missing = src / cases[2].case_id / cases[2].post.name
+  missing.unlink()  # a scan file that is not there is skipped too
   out = tmp_path / "out"
   proc = cli("predict", f"--workdir={trained_workdir}", f"--input={src}", f"--output={out}")
   assert str(broken) in one_line_error(proc)
@@ -587,10 +589,11 @@ def test_predict_folder_skips_bad_cases_when_asked(trained_workdir, small_phanto
     "--on_bad_case=skip",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "skipped 1 bad case(s)" in proc.stdout
+  assert "skipped 2 bad case(s)" in proc.stdout
   assert {p.name for p in out.iterdir()} == {"bad_cases.json", f"{cases[1].case_id}.nii.gz"}
-  (entry,) = json.loads((out / "bad_cases.json").read_text())
+  entry, gone = json.loads((out / "bad_cases.json").read_text())
   assert entry["case_id"] == cases[0].case_id and str(broken) in entry["error"]
+  assert gone["case_id"] == cases[2].case_id and f"{missing} not found" in gone["error"]
 
 
 def test_kill_9_leaves_nonempty_event_files(tmp_path):

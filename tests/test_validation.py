@@ -125,3 +125,45 @@ def test_compare_and_sweep_check_every_run_before_the_first(tmp_path):
   with pytest.raises(ConfigError, match=r"--models=resunet.*\n.*grad_accum=3: must divide"):
     comparison.compare(spec, ["resunet"], tmp_path / "c", {"train.grad_accum": 3})
   assert list(tmp_path.iterdir()) == []
+
+
+def fake_case(case_id, shape):
+  import numpy as np
+
+  from resfuse_jax.data import Case
+
+  vol = np.zeros(shape, np.float32)
+  return Case(case_id, vol, vol, None, (1.0, 1.0, 1.0), np.eye(4), shape, ((0, 0),) * 3, (1, 1, 1))
+
+
+def test_a_patch_longer_than_every_case_on_an_axis_is_refused_naming_the_case():
+  from resfuse_jax.data.fingerprint import Fingerprint
+
+  fingerprint = Fingerprint.of_cases([fake_case("a", (40, 20, 30)), fake_case("b", (30, 24, 50))])
+  assert fingerprint.largest_extent() == ((40, "a"), (24, "b"), (50, "b"))
+  validation.check_against(smoke_config(**{"data.patch_size": (40, 24, 48)}), fingerprint)
+  config = smoke_config(**{"data.patch_size": (48, 24, 48)})
+  with pytest.raises(ConfigError) as error:
+    validation.check_against(config, fingerprint)
+  message = str(error.value)
+  assert "config.data.patch_size=(48, 24, 48)" in message and "\n" not in message
+  assert (
+    "axis 0 (x, right-left) is 48 voxels, but the longest of the 2 cases there is 40 (case a)"
+    in message
+    and "at most (40, 24, 48)" in message
+  )
+
+
+def test_main_refuses_a_patch_the_data_cannot_hold_before_the_splits(small_phantom, tmp_path):
+  w = tmp_path / "w"
+  code, _, stderr = cli(
+    "resfuse_jax.main",
+    "--config=configs/brats.py:resfuse,smoke",
+    f"--workdir={w}",
+    f"--config.data.root={small_phantom[0]}",
+    "--config.data.patch_size=(64,16,16)",
+  )
+  assert code == 1 and "Traceback" not in stderr, stderr
+  (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert "config.data.patch_size=(64, 16, 16) does not fit the data" in line and "axis 0" in line
+  assert sorted(p.name for p in w.iterdir()) == [".lock", "config.json"]  # no splits, no steps

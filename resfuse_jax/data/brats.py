@@ -32,14 +32,18 @@ def find_cases(root: str | Path, require_label: bool = True) -> list[CaseFiles]:
       "post": case_dir / f"{cid}-t1c.nii.gz",
       "label": case_dir / f"{cid}-seg.nii.gz",
     }
-    for kind in ("pre", "post"):
-      if not files[kind].is_file():
-        file_io.require_file(files[kind], f"case {cid}: {kind}-contrast scan")
-    if not files["label"].is_file() and not files["label"].is_symlink():
-      if require_label:
-        raise DataError(f"case {cid}: missing segmentation {files['label']}")
+    if not require_label and not files["label"].is_file() and not files["label"].is_symlink():
       files["label"] = None
-    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"]))
+    problem = None
+    try:
+      for kind in ("pre", "post"):
+        file_io.require_file(files[kind], f"case {cid}: {kind}-contrast scan")
+      if files["label"] is not None and not files["label"].is_symlink():
+        if not files["label"].is_file():
+          raise DataError(f"case {cid}: missing segmentation {files['label']}")
+    except DataError as e:
+      problem = str(e)
+    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"], problem))
   if not cases:
     raise DataError(f"no BraTS-GLI-* case folders in {root}. {SOURCE_HINT}")
   return cases

@@ -38,16 +38,19 @@ def find_cases(
     pre = case_dir / f"{cid}_0000.nii.gz"
     post = case_dir / f"{cid}_{post_phase:04d}.nii.gz"
     label = root / "segmentations" / "expert" / f"{cid}.nii.gz"
-    if not pre.is_file():
-      file_io.require_file(pre, f"case {cid}: pre-contrast phase")
-    if not post.is_file():
-      phases = sorted(p.name for p in case_dir.glob(f"{cid}_*.nii.gz"))
-      raise DataError(f"case {cid}: missing post-contrast phase {post} (found: {phases})")
-    if not label.is_file():
-      if require_label:
-        raise DataError(f"case {cid}: missing segmentation {label}")
+    if not require_label and not label.is_file():
       label = None
-    cases.append(CaseFiles(cid, pre, post, label))
+    problem = None
+    try:
+      file_io.require_file(pre, f"case {cid}: pre-contrast phase")
+      if not post.is_file():
+        phases = sorted(p.name for p in case_dir.glob(f"{cid}_*.nii.gz"))
+        raise DataError(f"case {cid}: missing post-contrast phase {post} (found: {phases})")
+      if label is not None and not label.is_file():
+        raise DataError(f"case {cid}: missing segmentation {label}")
+    except DataError as e:
+      problem = str(e)
+    cases.append(CaseFiles(cid, pre, post, label, problem))
   if not cases:
     raise DataError(f"no case folders under {root / 'images'}. {SOURCE_HINT}")
   return cases

@@ -63,7 +63,11 @@ def _source_stamp(files: CaseFiles) -> dict:
     if path is None:
       out[kind] = None
     else:
-      st = os.stat(path)
+      try:
+        st = os.stat(path)
+      except OSError:  # gone since it was cached: the rebuild names the problem
+        out[kind] = {"path": str(Path(path).absolute()), "missing": True}
+        continue
       out[kind] = {
         "path": str(Path(path).absolute()),
         "size": st.st_size,

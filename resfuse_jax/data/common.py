@@ -42,10 +42,17 @@ class InputLimits:
 
 @dataclasses.dataclass(frozen=True)
 class CaseFiles:
+  """One case's input files, as listed.
+
+  ``problem`` is why the case cannot be read, found while listing (a missing file):
+  raised when the case is preprocessed, so that ``data.on_bad_case=skip`` skips it.
+  """
+
   case_id: str
   pre: Path
   post: Path
   label: Path | None
+  problem: str | None = None
 
 
 @dataclasses.dataclass

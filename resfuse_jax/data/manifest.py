@@ -60,19 +60,21 @@ def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFil
     if cid in seen:
       raise DataError(f"manifest {path} line {line}: case_id {cid!r} appears twice")
     seen.add(cid)
-    files = {}
+    files, problem = {}, None
     for column in ("pre", "post", "label"):
       value = (row[column] or "").strip()
       if column == "label" and not require_label:  # never read: not demanded
         files[column] = None
         continue
-      if not value:
-        raise DataError(f"manifest {path} line {line} (case {cid}): empty {column!r} path")
-      p = Path(value) if Path(value).is_absolute() else path.parent / value
-      files[column] = file_io.require_file(
-        p, f"manifest {path} line {line} (case {cid}): {column} file"
-      )
-    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"]))
+      where = f"manifest {path} line {line} (case {cid})"
+      files[column] = Path(value) if Path(value).is_absolute() else path.parent / value
+      try:
+        if not value:
+          raise DataError(f"{where}: empty {column!r} path")
+        file_io.require_file(files[column], f"{where}: {column} file")
+      except DataError as e:
+        problem = problem or str(e)
+    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"], problem))
   if not cases:
     raise DataError(f"manifest {path} lists no cases")
   return cases

@@ -192,6 +192,8 @@ def preprocess_case(
   covers it); running out of memory says so, with what was being read.
   ``training=False`` (prediction): identical pre and post scans are warned about, not refused.
   """
+  if files.problem:
+    raise DataError(files.problem)
   try:
     return _preprocess_case(files, label_values, settings, limits, training)
   except DataError:

@@ -15,8 +15,9 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resfuse_jax import data, sharding
+from resfuse_jax import data, sharding, validation
 from resfuse_jax.data import pipeline
+from resfuse_jax.data.fingerprint import Fingerprint
 from resfuse_jax.task import Task
 from resfuse_jax.workdir import Workdir
 
@@ -46,8 +47,6 @@ def prepare_data(task: Task, workdir: Workdir) -> RunData:
   if not is_main:
     cache_dir, good_ids, bad = data.prepare(config.data, files_, progress=False)
   splits = workdir.splits(good_ids, config.data)
-  if is_main:
-    workdir.write_splits(splits, bad)
   val_ids = splits["val"][: config.eval.max_cases] if config.eval.max_cases else splits["val"]
   run = RunData(
     task.dataset,
@@ -56,6 +55,9 @@ def prepare_data(task: Task, workdir: Workdir) -> RunData:
     data.load_cases(cache_dir, val_ids),
   )
   require_foreground(run.train_cases, cache_dir)
+  validation.check_against(config, Fingerprint.of_cases(run.train_cases + run.val_cases))
+  if is_main:
+    workdir.write_splits(splits, bad)
   logging.info(
     "%d training cases, %d validation cases (cache %s)",
     len(run.train_cases),
