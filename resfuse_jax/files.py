@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -245,3 +246,12 @@ def remove_orphaned_tmp_dirs(parent: str | Path, pattern: str) -> list[Path]:
       shutil.rmtree(folder, ignore_errors=True)
       removed.append(folder)
   return removed
+
+
+def sha256(path: str | Path) -> str:
+  """The SHA-256 of a file's bytes, read 1 MiB at a time (hex)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()

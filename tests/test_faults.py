@@ -492,8 +492,8 @@ def test_a_tampered_cached_array_is_found_the_first_time_a_process_opens_it(
   assert f"cached case {cases[1].case_id} is damaged, rebuilding it" in caplog.text
   np.testing.assert_array_equal(np.load(case_dir / "pre.npy"), pre)
   monkeypatch.setattr(cache, "_HASHED", set())  # another new process
-  hashed, real = [], cache.file_sha256
-  monkeypatch.setattr(cache, "file_sha256", lambda p: hashed.append(p) or real(p))
+  hashed, real = [], files.sha256
+  monkeypatch.setattr(files, "sha256", lambda p: hashed.append(p) or real(p))
   cache.load_case(case_dir)
   arrays = len(json.loads((case_dir / "meta.json").read_text())["arrays"])
   assert len(hashed) == arrays >= 3  # every array hashed on the first open...

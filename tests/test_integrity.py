@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from resfuse_jax import files
 from resfuse_jax.errors import CheckpointError
 from resfuse_jax.inference import integrity, onnx_runtime
 from resfuse_jax.inference.predictor import Predictor
@@ -120,7 +121,7 @@ def test_an_onnx_model_with_the_wrong_channel_count_is_refused(copy):
   meta["onnx"] = {
     "written": True,
     "file": onnx_runtime.FILE,
-    "sha256": onnx_runtime.file_digest(path),
+    "sha256": files.sha256(path),
   }
   (copy / "export.json").write_text(json.dumps(integrity.seal(meta, copy)))
   with pytest.raises(CheckpointError, match="outputs 2 channels, the config has 3 regions"):

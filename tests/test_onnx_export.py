@@ -15,7 +15,7 @@ from conftest import ROOT, smoke_config
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from resfuse_jax import config_lib, data, models, task  # noqa: E402
+from resfuse_jax import config_lib, data, files, models, task  # noqa: E402
 from resfuse_jax.data import brats  # noqa: E402
 from resfuse_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from resfuse_jax.inference import integrity, onnx_runtime, postprocess, prediction, predictor, tiler  # noqa: E402
@@ -215,7 +215,7 @@ def test_export_records_the_onnx_model_and_how_to_deploy_it(onnx_export):
   meta = json.loads((out / "export.json").read_text())
   record = meta["onnx"]
   assert record["written"] and record["opset"] == onnx_graph.OPSET
-  assert record["sha256"] == onnx_runtime.file_digest(out / onnx_runtime.FILE)
+  assert record["sha256"] == files.sha256(out / onnx_runtime.FILE)
   assert record["inputs"]["pre"] == ["n", 1, 16, 16, 16]
   assert record["outputs"]["probabilities"] == ["n", 3, 16, 16, 16]
   deploy = meta["deploy"]

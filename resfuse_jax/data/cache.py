@@ -20,16 +20,11 @@ hashes every case again even if this process already did.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +34,7 @@ from absl import logging
 
 from resfuse_jax import files as file_io
 from resfuse_jax.data import foreground
+from resfuse_jax.data import workers as workers_lib
 from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits
 from resfuse_jax.data.preprocessing import PrepSettings, preprocess_case
 from resfuse_jax.errors import ConfigError, OutputError
@@ -76,21 +72,13 @@ def _source_stamp(files: CaseFiles) -> dict:
   return out
 
 
-def file_sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(8 * 2**20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _array_record(path: Path) -> dict:
   array = np.load(path, mmap_mode="r")
   return {
     "shape": list(array.shape),
     "dtype": str(array.dtype),
     "bytes": path.stat().st_size,
-    "sha256": file_sha256(path),
+    "sha256": file_io.sha256(path),
   }
 
 
@@ -160,7 +148,7 @@ def array_problem(case_dir: Path, meta: dict, hashes: bool | str = "once") -> st
         f"{path} holds {array.dtype} {list(array.shape)}, "
         f"{record['dtype']} {record['shape']} were written"
       )
-    if hashes and file_sha256(path) != record["sha256"]:
+    if hashes and file_io.sha256(path) != record["sha256"]:
       return f"{path} differs from the SHA-256 recorded when it was written (modified since)"
   return None
 
@@ -182,6 +170,35 @@ def is_complete(case_dir: Path, files: CaseFiles) -> bool:
   return case_problem(case_dir, files) is None
 
 
+def _write_entry(tmp: Path, case: Case, files: CaseFiles, regions: dict) -> dict:
+  """The arrays and ``meta.json`` of one case, into its temporary folder; returns the meta."""
+  np.save(tmp / "pre.npy", case.pre)
+  np.save(tmp / "post.npy", case.post)
+  fg_files = {}
+  if case.label is not None:
+    np.save(tmp / "label.npy", case.label)
+    locations = foreground.region_locations(case.label, regions)
+    for r, (name, loc) in enumerate(zip(regions, locations)):
+      fg_files[name] = f"fg_{r}.npy"
+      np.save(tmp / fg_files[name], loc)
+  meta = {
+    "version": VERSION,
+    "case_id": case.case_id,
+    "sources": _source_stamp(files),
+    "affine": case.affine.tolist(),
+    "shape": list(case.shape),
+    "crop": [list(b) for b in case.crop],
+    "spacing": list(case.spacing),
+    "original_spacing": list(case.original_spacing),
+    "normalization": case.normalization,
+    "fg_locations": fg_files,
+    "has_label": case.label is not None,
+    "arrays": {p.name: _array_record(p) for p in sorted(tmp.glob("*.npy"))},
+  }
+  (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+  return meta
+
+
 def write_case(
   files: CaseFiles,
   out_dir: Path,
@@ -199,30 +216,7 @@ def write_case(
   except OSError as e:
     raise file_io.output_error(tmp, e) from None
   try:
-    np.save(tmp / "pre.npy", case.pre)
-    np.save(tmp / "post.npy", case.post)
-    fg_files = {}
-    if case.label is not None:
-      np.save(tmp / "label.npy", case.label)
-      locations = foreground.region_locations(case.label, regions)
-      for r, (name, loc) in enumerate(zip(regions, locations)):
-        fg_files[name] = f"fg_{r}.npy"
-        np.save(tmp / fg_files[name], loc)
-    meta = {
-      "version": VERSION,
-      "case_id": case.case_id,
-      "sources": _source_stamp(files),
-      "affine": case.affine.tolist(),
-      "shape": list(case.shape),
-      "crop": [list(b) for b in case.crop],
-      "spacing": list(case.spacing),
-      "original_spacing": list(case.original_spacing),
-      "normalization": case.normalization,
-      "fg_locations": fg_files,
-      "has_label": case.label is not None,
-      "arrays": {p.name: _array_record(p) for p in sorted(tmp.glob("*.npy"))},
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    meta = _write_entry(tmp, case, files, regions)
     if final.exists():  # stale (sources changed): move aside, then drop
       trash = out_dir / f".old-{files.case_id}-{uuid.uuid4().hex[:8]}"
       final.rename(trash)
@@ -285,56 +279,8 @@ def _build_here(todo, args, record, workers, progress) -> None:
       record(e, f)
 
 
-class Terminated(SystemExit):
-  """SIGTERM while worker processes run: they are ended before the exit."""
-
-
-def _raise_terminated(signum, frame):
-  del frame
-  raise Terminated(128 + signum)
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-  """SIGTERM becomes an exception in the main thread (so the workers can be ended)."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  previous = signal.signal(signal.SIGTERM, _raise_terminated)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
-def _end_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-  """Cancels what has not started and terminates the workers (none outlives the build)."""
-  processes = list((getattr(pool, "_processes", None) or {}).values())
-  pool.shutdown(wait=False, cancel_futures=True)
-  for p in processes:
-    if p.is_alive():
-      p.terminate()
-  for p in processes:
-    p.join(timeout=10)
-    if p.is_alive():
-      p.kill()
-
-
 def _build_in_processes(todo, args, record, workers, progress) -> None:
-  ctx = multiprocessing.get_context("spawn")  # JAX may be loaded: never fork it
-  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
-  with _sigterm_raises():
-    try:
-      futures = {pool.submit(write_case, f, *args): f for f in todo}
-      for fut in progress(concurrent.futures.as_completed(futures)):
-        try:
-          fut.result()
-        except DataError as e:
-          record(e, futures[fut])
-    except BaseException:
-      _end_workers(pool)
-      raise
-  pool.shutdown()
+  workers_lib.run_in_processes(write_case, todo, args, record, workers, progress)
 
 
 def build(

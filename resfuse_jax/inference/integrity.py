@@ -26,14 +26,6 @@ RECORD_KEY = "record_sha256"
 AGAIN = "export the model again (python -m resfuse_jax.export)"
 
 
-def file_sha256(path: str | Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def record_sha256(record: dict) -> str:
   """The digest of ``export.json``'s content, without the key that holds it."""
   body = {k: v for k, v in record.items() if k != RECORD_KEY}
@@ -43,7 +35,7 @@ def record_sha256(record: dict) -> str:
 def seal(record: dict, folder: str | Path) -> dict:
   """``record`` with the digests of the files in ``folder`` a predictor reads, and its own."""
   names = [CONFIG, POSTPROCESSING, checkpointing.EXPORT_SERVING_FILE]
-  digests = {n: file_sha256(Path(folder, n)) for n in names if Path(folder, n).is_file()}
+  digests = {n: files.sha256(Path(folder, n)) for n in names if Path(folder, n).is_file()}
   sealed = {**record, FILES_KEY: digests}
   return {**sealed, RECORD_KEY: record_sha256(sealed)}
 
@@ -59,7 +51,7 @@ def _check_file(folder: Path, name: str, recorded: str | None) -> None:
     )
   if not path.is_file():
     raise CheckpointError(f"{path} is missing from the export; {AGAIN}")
-  if file_sha256(path) != recorded:
+  if files.sha256(path) != recorded:
     raise CheckpointError(
       f"{path} does not match the SHA-256 recorded in {EXPORT_JSON}: the file was edited or "
       f"damaged since the export; {AGAIN}"

@@ -8,12 +8,12 @@ this U-Net's 3D convolutions 2-3x faster than XLA's CPU backend (BUILD_NOTES §1
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 
+from resfuse_jax import files
 from resfuse_jax.errors import CheckpointError, ConfigError
 
 FILE = "model.onnx"
@@ -32,14 +32,6 @@ def export_hint() -> str:
 
 def available() -> bool:
   return importlib.util.find_spec("onnxruntime") is not None
-
-
-def file_digest(path: str | Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 class OnnxWindow:
@@ -73,7 +65,7 @@ class OnnxWindow:
     path = Path(path)
     if not path.is_file():
       raise CheckpointError(f"{path} is missing: this export has no ONNX model")
-    if sha256 is not None and file_digest(path) != sha256:
+    if sha256 is not None and files.sha256(path) != sha256:
       raise CheckpointError(
         f"{path} does not match the SHA-256 recorded in export.json: the file is damaged or "
         "was replaced; export the model again"

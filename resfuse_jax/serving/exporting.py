@@ -138,7 +138,7 @@ def write_onnx(folder: Path, predictor: Predictor, mode: str, deploy: dict) -> d
   return {
     "written": True,
     "file": onnx_runtime.FILE,
-    "sha256": onnx_runtime.file_digest(path),
+    "sha256": files.sha256(path),
     "opset": onnx_graph.OPSET,
     "ir_version": onnx_graph.IR_VERSION,
     "inputs": {n: ["n", 1, *window] for n in onnx_runtime.INPUTS},
