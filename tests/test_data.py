@@ -32,15 +32,17 @@ def test_empty_root_is_an_error(tmp_path):
 def test_missing_post_scan_names_the_file(small_phantom, tmp_path):
   case_dir, cid = copy_case(small_phantom, tmp_path)
   (case_dir / f"{cid}-t1c.nii.gz").unlink()
+  (listed,) = brats.find_cases(tmp_path)  # listed; the case's problem when it is read
   with pytest.raises(data.DataError, match=f"{cid}.*t1c.nii.gz"):
-    brats.find_cases(tmp_path)
+    data.read_cases([listed], INFO)
 
 
 def test_missing_label_allowed_for_inference(small_phantom, tmp_path):
   case_dir, cid = copy_case(small_phantom, tmp_path)
   (case_dir / f"{cid}-seg.nii.gz").unlink()
+  (listed,) = brats.find_cases(tmp_path)
   with pytest.raises(data.DataError, match="segmentation"):
-    brats.find_cases(tmp_path)
+    data.read_cases([listed], INFO)
   assert brats.find_cases(tmp_path, require_label=False)[0].label is None
 
 
