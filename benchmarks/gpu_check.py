@@ -87,7 +87,19 @@ def layout_step(layout: str, tiny: bool) -> dict:
   return step("resfuse", sizes(tiny), **BF16)
 
 
-WORKERS = {"layout_step": layout_step}
+def threefry_step(partitionable: bool, tiny: bool) -> dict:
+  """Worker: the augmented bf16 step (its random draws) with the other threefry flavour;
+  ``compile_s`` says what it does to the compile (4x on CPU), ``ms`` to the step."""
+  import jax
+
+  jax.config.update("jax_threefry_partitionable", partitionable)
+  jax.config.update("jax_enable_compilation_cache", False)  # both sides really compile
+  size = sizes(tiny)
+  config = config_for("resfuse", size, **BF16)
+  return {**workloads.jax_step(config, size["steps"], warmup=2, augmented=True), "augmented": True}
+
+
+WORKERS = {"layout_step": layout_step, "threefry_step": threefry_step}
 
 
 def augmentation_share(size: dict) -> dict:
@@ -142,6 +154,10 @@ def plan(size: dict) -> list[measure.Measurement]:
   def layout(value):
     return lambda: measure.run_isolated(MODULE, "layout_step", 600, layout=value, tiny=tiny)
 
+  def threefry(value):
+    kw = {"partitionable": value, "tiny": tiny}
+    return lambda: measure.run_isolated(MODULE, "threefry_step", 600, **kw)
+
   jobs = [
     M("step/resfuse/bfloat16", lambda: step("resfuse", size, **BF16), 40),
     M("profile/resfuse/bfloat16", lambda: profile(size), 20),
@@ -162,7 +178,9 @@ def plan(size: dict) -> list[measure.Measurement]:
     M("variant/downsample=strided", variant("downsample", "strided"), 40),
     M("variant/upsample=transpose", variant("upsample", "transpose"), 40),
     M("variant/conv_impl=planes", variant("conv_impl", "planes"), 60),
-    M("variant/conv_layout=nhwc", layout("nhwc"), 50),
+    M("variant/threefry_partitionable=false", threefry(False), 60),
+    M("variant/threefry_partitionable=true", threefry(True), 60),
+    M("variant/conv_layout=default", layout("default"), 50),
     M("variant/conv_layout=nchw", layout("nchw"), 50),
   ]
   for b in size["eval_batches"]:
@@ -174,32 +192,37 @@ def plan(size: dict) -> list[measure.Measurement]:
 def recommend(r: dict) -> dict:
   """The GPU column these numbers support, field by field where both sides were measured.
 
-  The baseline, step/resfuse/bfloat16, runs backend.py's current GPU column.
+  The baseline, step/resfuse/bfloat16, runs backend.py's current GPU column; a field
+  changes only when every alternative was timed and one beat the baseline.
   """
+  from resfuse_jax import backend
 
   def ms(name):
     return r.get(name, {}).get("ms")
 
   base = ms("step/resfuse/bfloat16")
+  current = backend.DEFAULTS["gpu"]
   out = {}
-  current = {"conv_impl": "xla", "downsample": "space_to_depth", "upsample": "depth_to_space"}
-  for field, alternatives in (
-    ("conv_impl", ("planes",)),
-    ("downsample", ("strided",)),
-    ("upsample", ("transpose",)),
-    ("conv_layout", ("nhwc", "nchw")),
-  ):
-    timed = {alt: ms(f"variant/{field}={alt}") for alt in alternatives}
+  for field in ("conv_impl", "downsample", "upsample", "conv_layout"):
+    timed = {alt: ms(f"variant/{field}={alt}") for alt in backend.CHOICES[field]}
+    timed.pop(current[field], None)
     if base and all(timed.values()):
       best = min(timed, key=timed.get)
-      out[field] = best if timed[best] < base else current.get(field, "default")
+      out[field] = best if timed[best] < base else current[field]
   if base and ms("step/resfuse/float32"):
     out["compute_dtype"] = "bfloat16" if base < ms("step/resfuse/float32") else "float32"
-  volumes = {
-    int(k.split("=")[1]): v["ms"] for k, v in r.items() if k.startswith("volume/jax/") and "ms" in v
+  volumes = {  # (placement, batch) -> ms
+    ("device" if k.startswith("volume/jax_device/") else "host", int(k.split("=")[1])): v["ms"]
+    for k, v in r.items()
+    if k.startswith(("volume/jax/", "volume/jax_device/")) and "ms" in v
   }
   if volumes:
-    out["eval_batch_size"] = min(volumes, key=volumes.get)
+    out["tiling"], out["eval_batch_size"] = min(volumes, key=volumes.get)
+  rng = {v: r.get(f"variant/threefry_partitionable={v}", {}) for v in ("true", "false")}
+  if all("ms" in x for x in rng.values()):  # the step within 2%: the shorter compile
+    close = abs(rng["true"]["ms"] - rng["false"]["ms"]) <= 0.02 * rng["true"]["ms"]
+    key = (lambda v: rng[v]["compile_s"]) if close else (lambda v: rng[v]["ms"])
+    out["threefry_partitionable"] = min(rng, key=key) == "true"
   return out
 
 
@@ -246,6 +269,10 @@ def main(argv=None) -> int:
   p.add_argument("--compile_cache", default="", help="XLA's persistent compilation cache folder")
   measure.add_worker_flags(p)
   args = p.parse_args(argv)
+  from resfuse_jax import backend
+
+  backend.apply_conv_layout("auto")  # the baseline is the GPU column, as every command runs it
+  backend.apply_rng_default()
   if args.compile_cache:
     measure.use_compilation_cache(args.compile_cache)
   if args.worker:

@@ -2,18 +2,25 @@
 
 Each is a config field whose value ``auto`` is resolved here, outside traced
 code, for the backend JAX runs on. The CPU column is measured (BUILD_NOTES.md
-§6, benchmarks/results/cpu.md). The GPU column has NOT been measured yet: it is
-the choice that avoids XLA's known GPU pitfalls (conv_transpose and strided-conv
-backward passes, jax#31662), with cuDNN's 3D convolutions and bf16 compute.
-``python -m benchmarks.gpu_check`` times every alternative on a GPU and prints
-the column it measured; copy that here (BUILD_NOTES.md §8 has the procedure).
+§6, benchmarks/results/cpu.md); so is the GPU column, on one H200 in two runs of
+``benchmarks/gpu_check.sh`` (benchmarks/results/gpu.md, BUILD_NOTES.md "Issue 27"):
+bf16 step 50.0 ms vs 62.3 ms in f32; ``conv_layout=nhwc`` 40.5 ms vs 50.0/50.2 ms for
+XLA's default/NCHW; depth-to-space 11x faster than transposed convs (583 ms) and
+space-to-depth no slower than strided convs (50.9 ms); whole-volume tiling on the
+device 168 ms vs 1,141-1,400 ms on the host, measured at 4 windows per call.
+Also here: the process-wide settings every command applies before JAX starts
+(`apply_conv_layout`) and XLA's persistent compilation cache (`use_compilation_cache`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
+from pathlib import Path
 
 import jax
+from absl import logging
 
 from resfuse_jax.errors import ConfigError
 
@@ -37,18 +44,19 @@ DEFAULTS = {
     "tiling": "host",
     "eval_batch_size": 4,
   },
-  "gpu": {  # unmeasured: see the module docstring
+  "gpu": {  # measured on an H200: the module docstring
     "conv_impl": "xla",
     "downsample": "space_to_depth",
     "upsample": "depth_to_space",
-    "conv_layout": "default",
+    "conv_layout": "nhwc",
     "compute_dtype": "bfloat16",
-    "tiling": "host",  # the device tiler measured 10x faster on an H200: issue 27 decides
-    "eval_batch_size": 8,
+    "tiling": "device",
+    "eval_batch_size": 4,
   },
 }
 
 LAYOUT_FLAGS = {"nhwc": "--xla_gpu_force_conv_nhwc=true", "nchw": "--xla_gpu_force_conv_nchw=true"}
+_LAYOUT_NAMES = tuple(f.split("=")[0] for f in LAYOUT_FLAGS.values())
 
 
 def platform(backend: str | None = None) -> str:
@@ -70,22 +78,97 @@ def resolve(field: str, value, backend: str | None = None, where: str = ""):
   return value
 
 
+def gpu_may_start() -> bool:
+  """Whether JAX could start a GPU backend in this process, asked before it starts.
+
+  True when a CUDA/ROCm plugin is installed and ``JAX_PLATFORMS`` does not rule it out;
+  a CPU-only install never gets GPU flags (they would change its compilation cache keys).
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and not re.search(r"cuda|gpu|rocm", platforms):
+    return False
+  plugins = {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
+  try:
+    import jax_plugins  # namespace package of the older plugin wheels
+
+    plugins |= {p.name for p in Path(next(iter(jax_plugins.__path__))).iterdir()}
+  except (ImportError, StopIteration, OSError):
+    pass
+  return any("cuda" in p or "rocm" in p for p in plugins)
+
+
+def _backends_started() -> bool:
+  from jax._src import xla_bridge  # no public API says whether the backends have started
+
+  return xla_bridge.backends_are_initialized()
+
+
 def apply_conv_layout(layout: str) -> None:
   """Sets XLA's GPU convolution layout flag; only possible before JAX starts its backends.
 
-  ``default`` and ``auto`` leave XLA's own heuristic (NHWC for bf16 on tensor cores).
+  ``auto`` takes the GPU column (nhwc) where a GPU may start, and is a no-op once JAX
+  has started; ``default`` removes any layout flag, leaving XLA's own heuristic (which
+  measured as NCHW on an H200); ``nhwc``/``nchw`` force it, and refuse once JAX started.
   """
   if layout not in ("auto", *CHOICES["conv_layout"]):
     raise ConfigError(
       f"model.conv_layout must be one of auto, {', '.join(CHOICES['conv_layout'])}; got {layout!r}"
     )
-  flag = LAYOUT_FLAGS.get(layout)
-  if flag is None or flag in os.environ.get("XLA_FLAGS", ""):
+  flags = os.environ.get("XLA_FLAGS", "")
+  if layout == "auto":
+    if _backends_started() or not gpu_may_start() or any(f in flags for f in _LAYOUT_NAMES):
+      return
+    layout = DEFAULTS["gpu"]["conv_layout"]
+  wanted = LAYOUT_FLAGS.get(layout)
+  kept = [f for f in flags.split() if not f.startswith(_LAYOUT_NAMES)]
+  new = " ".join(kept + ([wanted] if wanted else []))
+  if new.split() == flags.split():
     return
-  from jax._src import xla_bridge  # no public API says whether the backends have started
-
-  if xla_bridge.backends_are_initialized():
+  if _backends_started():
+    if wanted is None:
+      raise ConfigError(
+        f"model.conv_layout=default must be set before JAX starts: run without "
+        f"{' '.join(f for f in flags.split() if f.startswith(_LAYOUT_NAMES))} in XLA_FLAGS"
+      )
     raise ConfigError(
-      f"model.conv_layout={layout} must be set before JAX starts: run with XLA_FLAGS={flag} instead"
+      f"model.conv_layout={layout} must be set before JAX starts: run with XLA_FLAGS={wanted} instead"
     )
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  os.environ["XLA_FLAGS"] = new
+
+
+# jax_threefry_partitionable per platform. On CPU, partitionable threefry (JAX's default since
+# 0.5) makes XLA's compile of the random draws 4x slower: the smoke model's jitted init
+# 13.7 s vs 3.1 s, a smoke `main` run 33 s vs 21 s (BUILD_NOTES "Issue 27"); with one CPU
+# device it buys nothing. On a GPU it avoids replicated random draws across a mesh and is
+# kept until the GPU check (variant/threefry_partitionable=false) measures the other side.
+PARTITIONABLE_THREEFRY = {"cpu": False, "gpu": True}
+
+
+def apply_rng_default() -> bool:
+  """Sets ``jax_threefry_partitionable`` for the platform JAX is about to use (before any
+  tracing; an explicit ``JAX_THREEFRY_PARTITIONABLE`` wins). Both settings draw the same
+  values on any number of devices; they draw different values from each other, so a run
+  resumed on the other kind of machine continues with other augmentation draws."""
+  if "JAX_THREEFRY_PARTITIONABLE" in os.environ:
+    return bool(jax.config.jax_threefry_partitionable)
+  value = PARTITIONABLE_THREEFRY["gpu" if gpu_may_start() else "cpu"]
+  jax.config.update("jax_threefry_partitionable", value)
+  return value
+
+
+def use_compilation_cache(folder: str | os.PathLike | None) -> str | None:
+  """Turns XLA's persistent compilation cache on in ``folder`` (None: off); returns it.
+
+  A compiled program (the step's 40-50 s on a GPU) is then loaded, not recompiled, by
+  the next process that builds the same program: a resumed run, evaluate, predict. The
+  key is the program's fingerprint with the compiler and its flags, so a stale entry is
+  never used; an unreadable folder only costs the compile (JAX warns and goes on).
+  """
+  if folder is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  folder = str(Path(folder).expanduser())
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  logging.info("XLA compilation cache: %s (off with --compilation_cache=off)", folder)
+  return folder

@@ -5,15 +5,24 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from absl import app, flags, logging
 
-from resfuse_jax import config_lib, validation, writers
+from resfuse_jax import backend, config_lib, data, validation, writers
 from resfuse_jax.errors import Preempted, UserError
 
 FLAGS = flags.FLAGS
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 HINT = "(run with --help to see the flags)"
+
+flags.DEFINE_string(
+  "compilation_cache",
+  "",
+  "XLA's persistent compilation cache: a folder, 'off', or empty for $JAX_COMPILATION_CACHE_DIR, "
+  "else <$RESFUSE_CACHE or ~/.cache/resfuse_jax>/xla. A later process (a resumed run, evaluate, "
+  "predict) loads what an earlier one compiled instead of compiling it again.",
+)
 
 
 def fail(message) -> None:
@@ -47,6 +56,7 @@ def command_help(main: Callable) -> str:
   module = sys.modules.get(main.__module__)
   text = [((module.__doc__ if module else "") or "").strip(), "", "flags:"]
   text.append(FLAGS.module_help(_module_key(main)))
+  text.append(FLAGS.module_help(__name__))
   if "config" in FLAGS:
     text += [
       "",
@@ -91,11 +101,31 @@ def parse_flags(argv: list[str], main: Callable) -> list[str]:
   return []
 
 
+def compilation_cache_folder(value: str) -> Path | None:
+  """``--compilation_cache``: None for ``off``; a folder; "" for JAX's own setting or the user's cache."""
+  if value.strip().lower() in ("off", "none", "false", "0"):
+    return None
+  if value:
+    return Path(value)
+  import jax
+
+  return Path(jax.config.jax_compilation_cache_dir or data.default_cache_dir() / "xla")
+
+
+def prepare_process(config) -> None:
+  """What every command sets before JAX starts its backends: the GPU conv layout (the
+  config's, else the backend's column), the platform's threefry flavour and the
+  persistent compilation cache."""
+  backend.apply_conv_layout(config.model.conv_layout if config is not None else "auto")
+  backend.apply_rng_default()
+  backend.use_compilation_cache(compilation_cache_folder(FLAGS.compilation_cache))
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """``app.run(main)`` with library logs quieted and user errors reported as one line.
 
   Flags are parsed inside the mapping (``parse_flags``); a config given by ``--config`` is
-  validated before ``main`` runs (``validation.check``). A ``UserError`` (bad data,
+  validated and the process prepared (``prepare_process``) before ``main`` runs. A ``UserError`` (bad data,
   config, flag or checkpoint: its message names the file and the problem) or a usage
   error exits with status 1 and no traceback; a ``Preempted`` stop (checkpoint saved)
   exits 0; anything else is a bug and keeps its traceback.
@@ -104,8 +134,10 @@ def run(main: Callable[[list[str]], None]) -> None:
   def wrapped(argv):
     writers.quiet_library_logs()
     try:
-      if "config" in FLAGS and FLAGS.config is not None:
-        validation.check(FLAGS.config)
+      config = FLAGS.config if "config" in FLAGS else None
+      if config is not None:
+        validation.check(config)
+      prepare_process(config)
       main(argv)
     except UserError as e:
       fail(e)

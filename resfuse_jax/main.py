@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resfuse_jax import backend, cli, train
+from resfuse_jax import cli, train
 
 FLAGS = flags.FLAGS
 ENV_KEYS = {
@@ -73,7 +73,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.cache_dir:
     FLAGS.config.data.cache_dir = FLAGS.cache_dir
-  backend.apply_conv_layout(FLAGS.config.model.conv_layout)  # before JAX starts
   initialize_distributed()
   logging.info(
     "JAX process %d/%d, local devices: %s",

@@ -10,6 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
 
 
+def _process_defaults():
+  """What every command sets (cli.prepare_process), so in-process programs are the CLIs'."""
+  from resfuse_jax import backend
+
+  backend.apply_rng_default()
+
+
+_process_defaults()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
   os.environ["RESFUSE_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -190,7 +190,7 @@ def test_the_benchmarks_step_is_trainings_own(monkeypatch):
 
 # One measurement of each kind: a JAX step (in a fresh process, with XLA's layout flag set),
 # a PyTorch step, the data path, MONAI's sliding window.
-GPU_CHECK_SUBSET = "variant/conv_layout=nhwc,torch_step/resunet/float32,data/workers=0,volume/monai"
+GPU_CHECK_SUBSET = "variant/conv_layout=default,variant/threefry_partitionable=false,torch_step/resunet/float32,data/workers=0,volume/monai"
 
 
 def run_gpu_check(out, *flags):
@@ -210,9 +210,10 @@ def test_the_gpu_check_script_runs_its_kinds_of_measurement_at_toy_sizes(tmp_pat
   )
   for name, r in res["results"].items():
     assert "error" not in r and ("ms" in r or "patches_per_s" in r), (name, r)
-  step = res["results"]["variant/conv_layout=nhwc"]
+  step = res["results"]["variant/conv_layout=default"]
   assert step["dtype"] == "bfloat16" and "conv='xla'" in step["plan"]  # the GPU column
-  assert "| variant/conv_layout=nhwc |" in (tmp_path / "gpu.md").read_text()
+  assert res["results"]["variant/threefry_partitionable=false"]["compile_s"] > 0
+  assert "| variant/conv_layout=default |" in (tmp_path / "gpu.md").read_text()
   assert (tmp_path / "pytest_gpu.log").exists()  # pytest -m gpu ran (skipped without a GPU)
 
 
@@ -242,19 +243,30 @@ def test_the_gpu_check_recommends_only_what_it_measured():
     "step/resfuse/float32": {"ms": 25.0},
     "variant/downsample=strided": {"ms": 9.0},
     "variant/upsample=transpose": {"ms": 30.0},
-    "variant/conv_layout=nhwc": {"ms": 11.0},  # nchw missing: no layout advice
+    "variant/conv_layout=nchw": {"ms": 11.0},  # default missing: no layout advice
     "volume/jax/eval_batch=2": {"ms": 120.0},
     "volume/jax/eval_batch=8": {"ms": 80.0},
+    "volume/jax_device/eval_batch=4": {"ms": 60.0},
     "torch_step/resfuse/bfloat16": {"ms": 12.0},
     "augmentation/resfuse/bfloat16": {"ms": 12.0, "step_patches_per_s": 166.0},
     "data/workers=16": {"patches_per_s": 300.0},
+    "variant/threefry_partitionable=true": {"ms": 12.0, "compile_s": 50.0},
+    "variant/threefry_partitionable=false": {"ms": 12.1, "compile_s": 20.0},  # within 2%
   }
   assert gpu_check.recommend(results) == {
     "downsample": "strided",
     "upsample": "depth_to_space",
     "compute_dtype": "bfloat16",
-    "eval_batch_size": 8,
+    "tiling": "device",
+    "eval_batch_size": 4,
+    "threefry_partitionable": False,
   }
+  results["volume/jax/eval_batch=8"]["ms"] = 50.0
+  results["variant/threefry_partitionable=false"]["ms"] = 13.0  # slower step: the step decides
+  results["variant/conv_layout=default"] = {"ms": 10.5}
+  advice = gpu_check.recommend(results)
+  assert (advice["tiling"], advice["eval_batch_size"]) == ("host", 8)
+  assert advice["threefry_partitionable"] is True and advice["conv_layout"] == "nhwc"
   assert gpu_check.goals(results) == {
     "resfuse bf16 step <= 10 ms": True,
     "resfuse bf16 step <= PyTorch's": True,

@@ -69,3 +69,35 @@ def test_results_record_has_the_contract_keys(small_cases):
   }
   assert record["model"] == record["variant"] == "resunet" and record["cases"] == 2
   assert record["dice"] == acc.summary()["dice"] and record["steps"] == 7
+
+
+def test_training_validation_on_one_device_takes_the_backends_tiling(small_cases, monkeypatch):
+  """Training's validation on one device gives the tiler a JaxWindow, so a GPU's device
+  tiling applies there too; both placements score the same."""
+  import jax
+
+  from resfuse_jax import backend, sharding
+  from resfuse_jax.inference import predictor, tiler
+  from resfuse_jax.task import Task
+  from resfuse_jax.train import loop
+
+  config = smoke_config()
+  model = Task.from_config(config).model
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  x = jax.numpy.zeros((1, *config.data.patch_size, 1))
+  params = jax.jit(model.init)(jax.random.key(1), x, x)["params"]  # eager init: 160 compiles
+  window_fn = predictor.make_sharded_window_fn(model, mesh)
+  placements = []
+  resolve = tiler.resolve_placement
+  monkeypatch.setattr(
+    tiler, "resolve_placement", lambda p, f: placements.append(resolve(p, f)) or placements[-1]
+  )
+
+  probs = []
+  keep = lambda case, p, masks, row: probs.append(p)  # noqa: E731
+  loop.validate(window_fn, params, small_cases[:1], config, mesh, keep)
+  monkeypatch.setitem(backend.DEFAULTS["cpu"], "tiling", "device")
+  loop.validate(window_fn, params, small_cases[:1], config, mesh, keep)
+  assert placements == ["host", "device"]
+  assert probs[0].shape == (*small_cases[0].pre.shape, 3) and np.ptp(probs[0]) > 1e-3
+  np.testing.assert_allclose(probs[1], probs[0], rtol=0, atol=1e-5)

@@ -18,6 +18,7 @@ from absl import logging
 
 from resfuse_jax import backend, checkpointing, data, sharding
 from resfuse_jax.evaluation import evaluation, metrics, postprocess_selection
+from resfuse_jax.inference import tiler
 from resfuse_jax.train import control
 from resfuse_jax.train.inputs import RunData
 from resfuse_jax.train.step import TrainMetrics, TrainState, input_sharding
@@ -76,6 +77,9 @@ def validate(
 ) -> metrics.RegionMetrics:
   """Validation through the one evaluation path, windows split over the mesh's 'data'.
 
+  On one device the window function goes to the tiler whole (`tiler.JaxWindow`), so
+  the backend's tiling placement applies (on a GPU: cut, predicted and blended on the
+  device); over several devices the host cuts the windows and the mesh splits them.
   ``collector`` keeps every case's masks; ``lesion_wise`` adds BraTS lesion-wise metrics.
   """
   n = mesh.shape[sharding.DATA]
@@ -84,6 +88,9 @@ def validate(
 
   def predict(tiles: np.ndarray) -> np.ndarray:
     return np.asarray(window_fn(params, sharding.put_global(tiles, tiles_sharding)))
+
+  if mesh.size == 1:
+    predict = tiler.JaxWindow(window_fn, params)
 
   return evaluation.evaluate_cases(
     predict, cases, config, batch_size=batch, lesion_wise=lesion_wise, on_case=collector
