@@ -363,3 +363,18 @@ def test_robustness_cases_groups_each_cases_dice_change_by_how_far_it_moved(tmp_
   assert cells == [
     "resfuse", "WT", "-1.00 (0.0–1.0 mm)", "-5.00 (2.0–3.0 mm)", "-9.00 (4.0–5.0 mm)", "-1.00",
   ]  # fmt: skip
+
+
+def test_the_gpu_checks_step_profile_runs_at_toy_sizes_on_the_cpu(tmp_path):
+  """Issue 27's profile of the step: device time per op kind, written into gpu.json."""
+  cmd = [sys.executable, "-m", "benchmarks.gpu_check", f"--out={tmp_path}", "--tiny"]
+  proc = subprocess.run(
+    [*cmd, "--only=profile/"], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads((tmp_path / "gpu.json").read_text())
+  assert list(res["results"]) == ["profile/resfuse/bfloat16"]
+  profile = res["results"]["profile/resfuse/bfloat16"]
+  assert profile["ops"] > 0 and profile["by_kind_ms"]["convolution"] > 0
+  assert sum(profile["by_kind_share"].values()) == pytest.approx(1.0)
+  assert profile["top_ops_ms"] and profile["ops_ms"] > 0
