@@ -124,6 +124,22 @@ def volume(size: dict, eval_batch: int, placement: str = "host") -> dict:
   return workloads.jax_volume(config, size["volume"], eval_batch, placement, repeats=3)
 
 
+def resident(size: dict, dtype: str) -> dict:
+  """Crops/s of the device-resident sampler at the host path's crop: compare data/..."""
+  config = config_for("resfuse", size)
+  return workloads.resident_path(config, size["case_shape"], size["cases"], 20, dtype)
+
+
+def resident_step(size: dict) -> dict:
+  """The bf16 augmented step drawing its crops from the resident set vs given them: the
+  sampler's share of the step (issue 28's goal: <= 10 %)."""
+  from benchmarks import resident_data
+
+  config = config_for("resfuse", size, **BF16)
+  out = resident_data.step_share(config, size["steps"], size["case_shape"], size["cases"])
+  return {**out, "ms": out["resident_step_ms"]}
+
+
 def monai(size: dict, eval_batch: int) -> dict:
   config = config_for("resfuse", size)
   return workloads.monai_volume(config, size["volume"], eval_batch, bf16=True, repeats=3)
@@ -166,6 +182,8 @@ def plan(size: dict) -> list[measure.Measurement]:
     M("data/workers=0", lambda: data(size, 0), 20),
     M("data/threads=16", lambda: data(size, 0, threads=16), 20),
     M(f"data/workers={cores}", lambda: data(size, cores), 25),
+    M("data/resident/bfloat16", lambda: resident(size, "bfloat16"), 15),
+    M("data/resident_step/bfloat16", lambda: resident_step(size), 45),
     M("volume/jax/eval_batch=4", lambda: volume(size, 4), 30),
     M("volume/monai/eval_batch=4", lambda: monai(size, 4), 15),
     M("volume/jax_device/eval_batch=4", lambda: volume(size, 4, "device"), 30),
@@ -244,6 +262,9 @@ def goals(r: dict) -> dict:
   rates = [
     v["patches_per_s"] for k, v in r.items() if k.startswith("data/") and "patches_per_s" in v
   ]
+  share = r.get("data/resident_step/bfloat16", {}).get("sampler_share")
+  if share is not None:
+    out["resident sampler <= 10% of the step"] = share <= 0.10
   if rates and "step_patches_per_s" in aug:
     out["data path >= 2x step consumption"] = max(rates) >= 2 * aug["step_patches_per_s"]
   return out

@@ -311,6 +311,42 @@ def data_path(config, case_shape, cases: int, workers: int, threads: int, batche
   return {"patches_per_s": rate, "workers": workers, "threads": threads, "crop": crop}
 
 
+def resident_path(config, case_shape, cases: int, batches: int, dtype: str = "float32") -> dict:
+  """Crops/s of the device-resident sampler (issue 28) on the same cases, crop and batch as
+  `data_path`: cases packed and placed once, then one jitted draw-and-cut per batch."""
+  import jax
+  import jax.numpy as jnp
+
+  from resfuse_jax.data import resident
+  from resfuse_jax.train import resident as device_resident
+
+  patch, crop = tuple(config.data.patch_size), measure.crop_shape(config)
+  batch = config.train.batch_size
+  with tempfile.TemporaryDirectory() as tmp:
+    loaded = memmapped_cases(Path(tmp), case_shape, cases)
+    t = time.perf_counter()
+    packed = resident.pack(loaded, measure.parts(config).regions, patch, crop, dtype)
+    arrays = device_resident.to_device(packed)
+    jax.block_until_ready(arrays)
+    load_s = time.perf_counter() - t
+
+  @jax.jit
+  def draw(step):
+    keys = device_resident.sample_keys(0, step, batch)
+    return device_resident.sample_crops(arrays, keys, patch, crop, 1 / 3)
+
+  jax.block_until_ready(draw(jnp.asarray(0)))  # compiles
+  timing = measure.time_calls(lambda: jax.block_until_ready(draw(jnp.asarray(1))), batches)
+  return {
+    "patches_per_s": batch / timing.median_s,
+    "ms_per_batch": 1e3 * timing.median_s,
+    "resident_mb_per_case": packed.nbytes / cases / 2**20,
+    "load_s": load_s,
+    "dtype": dtype,
+    "crop": list(crop),
+  }
+
+
 def phantom_pipeline(config, shape, cases: int, worker_counts, batches: int) -> dict:
   """Patches/s from the preprocessed cache of BraTS-layout phantom cases (built first)."""
   from resfuse_jax import data

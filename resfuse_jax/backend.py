@@ -32,6 +32,8 @@ CHOICES = {
   "conv_layout": ("default", "nhwc", "nchw"),  # model.conv_layout: XLA GPU conv layout flag
   "compute_dtype": ("float32", "bfloat16"),  # train.compute_dtype: activations and matmuls
   "tiling": ("host", "device"),  # where the sliding window cuts and blends (inference.tiler)
+  # data.resident=auto: "device" = the training set resident where it fits (train.inputs)
+  "resident": ("host", "device"),
 }
 
 DEFAULTS = {
@@ -43,6 +45,10 @@ DEFAULTS = {
     "compute_dtype": "float32",
     "tiling": "host",
     "eval_batch_size": 4,
+    # The CPU's "device" is the host's own RAM and its step takes seconds: the Grain
+    # pipeline keeps up there (benchmarks/results/resident_data.md), and the quick start's
+    # Dice stays the host pipeline's until `compare --seeds` says otherwise.
+    "resident": "host",
   },
   "gpu": {  # measured on an H200: the module docstring
     "conv_impl": "xla",
@@ -52,6 +58,7 @@ DEFAULTS = {
     "compute_dtype": "bfloat16",
     "tiling": "device",
     "eval_batch_size": 4,
+    "resident": "device",  # issue 28: the host pipeline delivers 94-98 crops/s on 16 cores
   },
 }
 
@@ -172,3 +179,13 @@ def use_compilation_cache(folder: str | os.PathLike | None) -> str | None:
   jax.config.update("jax_compilation_cache_dir", folder)
   logging.info("XLA compilation cache: %s (off with --compilation_cache=off)", folder)
   return folder
+
+
+def device_memory_bytes(device=None) -> int:
+  """What one device can hold: XLA's ``bytes_limit`` on an accelerator, the host's
+  available RAM on a CPU (whose memory_stats say nothing)."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -135,6 +135,17 @@ def _data_section() -> ml_collections.ConfigDict:
   d.workers = 0  # Grain worker processes; 0 = in the main process
   d.read_threads = 8  # threads cutting crops (per process)
   d.prefetch = 16  # crops held ready ahead of the step (each 206³ crop is 79 MB)
+  # Where training's crops come from: "device" = the whole training set in accelerator memory,
+  # crops drawn and cut inside the jitted step (train/resident.py); "host" = the Grain pipeline;
+  # "auto" = the backend's column (backend.py: device on a GPU, host on the CPU), device only
+  # when the packed set fits resident_memory_fraction of a device's memory.
+  d.resident = "auto"
+  d.resident_dtype = "float32"  # storage of the resident scans: float32 | bfloat16
+  # "replicated" = every device holds the whole set (a row's crop is the same on any number
+  # of devices); "sharded" = the cases dealt over the mesh's data axis, each process loading
+  # only its devices' share; "auto" = replicated when it fits, else sharded.
+  d.resident_layout = "auto"
+  d.resident_memory_fraction = 0.4
   # Preprocessing (changing any of these builds a new cache, keyed by their hash).
   d.target_spacing = ml_collections.FieldReference(None, field_type=tuple)  # mm; None = keep
   d.normalization = "zscore"  # zscore (per scan) | joint (pre's statistics for both)

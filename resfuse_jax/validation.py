@@ -40,6 +40,9 @@ _CHOICES = {
   "model.fusion": ("identity", "conv", "gate"),
   "data.normalization": ("zscore", "joint"),
   "data.on_bad_case": ("error", "skip"),
+  "data.resident": ("auto", "device", "host"),
+  "data.resident_dtype": ("float32", "bfloat16"),
+  "data.resident_layout": ("auto", "replicated", "sharded"),
   "train.optimizer": ("adamw", "sgd"),
 }
 
@@ -107,6 +110,9 @@ def _geometry(config) -> list[str]:
   overlap = _get(config, "eval.overlap")
   if overlap is not None and not (_is_real(overlap) and 0 <= overlap < 1):
     problems.append(f"config.eval.overlap={overlap!r}: must be a number in [0, 1)")
+  share = _get(config, "data.resident_memory_fraction")
+  if share is not None and not (_is_real(share) and 0 < share <= 1):
+    problems.append(f"config.data.resident_memory_fraction={share!r}: must be a number in (0, 1]")
   lr = _get(config, "train.lr")
   if lr is not None and not (_is_real(lr) and lr > 0):
     problems.append(f"config.train.lr={lr!r}: must be a number > 0")

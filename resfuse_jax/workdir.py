@@ -47,7 +47,7 @@ RUNTIME_ONLY = {
   "model": {"conv_impl", "downsample", "upsample", "conv_layout"},
   "data": {
     "workers", "prefetch", "read_threads", "preprocess_workers", "cache_dir", "on_bad_case",
-    "max_voxels", "max_bytes", "spacing_range",
+    "max_voxels", "max_bytes", "spacing_range", "resident_memory_fraction",
   },
 }  # fmt: skip
 # The sections that say which model trains on which data: a resume may not change them.

@@ -190,7 +190,7 @@ def test_the_benchmarks_step_is_trainings_own(monkeypatch):
 
 # One measurement of each kind: a JAX step (in a fresh process, with XLA's layout flag set),
 # a PyTorch step, the data path, MONAI's sliding window.
-GPU_CHECK_SUBSET = "variant/conv_layout=default,variant/threefry_partitionable=false,torch_step/resunet/float32,data/workers=0,volume/monai"
+GPU_CHECK_SUBSET = "variant/conv_layout=default,variant/threefry_partitionable=false,torch_step/resunet/float32,data/workers=0,volume/monai,data/resident_step"
 
 
 def run_gpu_check(out, *flags):
@@ -219,11 +219,13 @@ def test_the_gpu_check_script_runs_its_kinds_of_measurement_at_toy_sizes(tmp_pat
 
 def test_the_gpu_check_script_installs_nothing_it_has_and_writes_its_files(tmp_path):
   """The shell script's own flow, with one cheap measurement (the kinds are a slow test)."""
-  proc = run_gpu_check(tmp_path, "--only=data/workers=0")
+  proc = run_gpu_check(tmp_path, "--only=data/workers=0,data/resident/")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "pytest -m gpu exit 0, measurements exit 0" in proc.stdout
   res = json.loads((tmp_path / "gpu.json").read_text())
-  assert list(res["results"]) == ["data/workers=0"] and res["results"]["data/workers=0"]["crop"]
+  assert list(res["results"]) == ["data/workers=0", "data/resident/bfloat16"]
+  host, on_device = res["results"]["data/workers=0"], res["results"]["data/resident/bfloat16"]
+  assert host["crop"] == on_device["crop"] and on_device["patches_per_s"] > 0
   assert (tmp_path / "gpu.md").exists() and (tmp_path / "pytest_gpu.log").exists()
 
 

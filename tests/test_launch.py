@@ -1,5 +1,6 @@
 """Multi-process training through launch/local_multiprocess.sh, and the cluster launchers."""
 
+import json
 import os
 import re
 import subprocess
@@ -103,3 +104,45 @@ def test_k8s_jobset_is_an_indexed_jobset_running_the_main_module():
   args = container["args"]
   assert "--process_id=$(JOB_COMPLETION_INDEX)" in args
   assert f"--num_processes={job['completions']}" in args
+
+
+PACKED = re.compile(
+  r"process (\d) packed (\d+) of the (\d+) training cases \(its devices' shards\): (.*)"
+)
+
+
+def test_sharded_resident_data_two_processes_each_load_their_own_cases(tmp_path):
+  """Two processes, the training set dealt over their two devices: each packs only its
+  own shard's cases (together all of them, none twice), and the run is the one-process
+  run on two devices with the same shards, checksum for checksum."""
+  flags = [
+    *ARGS,
+    "--config.data.resident=device",
+    "--config.data.resident_layout=sharded",
+    "--config.checkpoint.every_steps=3",
+  ]
+  workdir = tmp_path / "mp"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable}
+  cmd = ["bash", "launch/local_multiprocess.sh", "2", "--config=configs/phantom.py:resfuse,smoke"]
+  proc = subprocess.run(
+    [*cmd, f"--workdir={workdir}", *flags],
+    cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  logs = {p: (workdir / "logs" / f"process_{p}.log").read_text() for p in (0, 1)}
+  assert proc.returncode == 0, proc.stderr + logs[0][-3000:] + logs[1][-3000:]
+  held = {}
+  for p, log in logs.items():
+    ((index, count, total, ids),) = PACKED.findall(log)
+    assert int(index) == p and len(ids.split()) == int(count)
+    held[p] = set(ids.split())
+  train_ids = set(json.loads((workdir / "splits.json").read_text())["train"])
+  assert int(total) == len(train_ids) and not held[0] & held[1]
+  assert held[0] | held[1] == train_ids
+  sums = [float(CHECKSUM.findall(logs[p])[0][2]) for p in (0, 1)]
+  assert sums[0] == sums[1]
+
+  single = run_cli(tmp_path / "single", *flags, devices=2)
+  ((index, count, total, ids),) = PACKED.findall(single.stderr)
+  assert set(ids.split()) == train_ids  # one process holds both devices' shards
+  ((_, _, value),) = CHECKSUM.findall(single.stderr)
+  assert float(value) == pytest.approx(sums[0], rel=1e-6)

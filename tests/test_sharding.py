@@ -32,8 +32,14 @@ def sharded_runs():
   return json.loads(line.removeprefix("RESULT "))
 
 
-@pytest.mark.parametrize("mesh", ["data8", "data4_spatial2"])
+@pytest.mark.parametrize(
+  "mesh", ["data8", "data4_spatial2", "resident_data8", "resident_sharded_data4_spatial2"]
+)
 def test_sharded_training_matches_one_device(sharded_runs, mesh):
+  """resident_data8: the training set resident, crops drawn inside the step, the same
+  rows (keys from seed, step and row) on 1 device and 8. resident_sharded: the cases dealt
+  over 4 data shards, each shard's rows drawn from its own cases only: the same training
+  as one device fed those rows (drawn there shard by shard)."""
   assert sharded_runs["devices"] == 8
   run = sharded_runs[mesh]
   np.testing.assert_allclose(run["losses"], run["ref_losses"], rtol=1e-5)

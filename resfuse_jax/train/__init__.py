@@ -3,7 +3,9 @@
 - ``step``: the pure ``train_step``, the optimiser, and the one step factory
   (``make_step_fn``, ``compile_train_step``, ``init_state``, ``input_shapes``,
   ``train_step_flops``) used by training, the benchmarks and the GPU check;
-- ``inputs``: the cache, splits and patch stream of a run;
+- ``inputs``: the cache, splits and patch stream of a run (host pipeline or resident);
+- ``resident``: crops drawn and cut inside the step from the training set held on the
+  devices (``data.resident``);
 - ``loop``: steps, logging, validation cadence, checkpoints;
 - ``control``: start or resume, preemption (``StopRequest``), non-finite stops;
 - ``run``: ``train_and_evaluate``, the named stages, ending in ``evaluation.finalize``.

@@ -15,10 +15,13 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from resfuse_jax import data, sharding, validation
+from resfuse_jax import backend, data, sharding, validation
 from resfuse_jax.data import pipeline
+from resfuse_jax.data import resident as data_resident
 from resfuse_jax.data.fingerprint import Fingerprint
+from resfuse_jax.errors import ConfigError
 from resfuse_jax.task import Task
+from resfuse_jax.train import resident
 from resfuse_jax.workdir import Workdir
 
 
@@ -77,10 +80,141 @@ def require_foreground(cases: list[data.Case], cache_dir: Path) -> None:
   )
 
 
-def make_input(task: Task, run: RunData, mesh) -> Any:
-  """This process's iterator over its share of the global batch stream."""
+def resident_placement(
+  task: Task, run: RunData, shards: int = 1, saved: tuple[int, bytes] | None = None
+) -> str:
+  """``data.resident`` resolved: 'replicated', 'sharded' or 'host', said in one log line.
+
+  A layout fits when one device's part of the packed training set (all of it replicated,
+  ceil(N / shards) cases sharded over the ``shards`` data shards) is within
+  ``resident_memory_fraction`` of one device's memory; ``resident_layout=auto`` takes
+  replicated when it fits, else sharded. ``resident=auto`` takes the backend's column
+  (`backend.DEFAULTS`: host on the CPU) and falls back to the host when neither fits;
+  ``device`` refuses, with the numbers. A resumed run (``saved``: the newest
+  checkpoint's (step, data state)) keeps drawing its crops where that step's came from:
+  ``auto`` follows it, a setting that contradicts it is refused.
+  """
+  cfg = task.config.data
+  layouts = None
+  if saved is not None:
+    layouts = _resumed_layouts(cfg, shards, *saved)
+    if layouts == ("host",):
+      return "host"
+  elif cfg.resident == "host":
+    return "host"
+  elif cfg.resident == "auto" and backend.resolve("resident", "auto") == "host":
+    logging.info(
+      "data.resident=auto on the %s backend: crops come from the host pipeline (Grain); "
+      "data.resident=device puts the training set in device memory",
+      jax.default_backend(),
+    )
+    return "host"
+  shapes = [c.pre.shape for c in run.train_cases]
+  if layouts is None:
+    layouts = (
+      ("replicated", "sharded") if cfg.resident_layout == "auto" else (cfg.resident_layout,)
+    )  # fmt: skip
+    if cfg.resident_layout == "auto" and not 1 < shards <= len(shapes):
+      layouts = ("replicated",)  # one shard is the whole set; a shard needs a case at least
+  available = backend.device_memory_bytes()
+  budget = cfg.resident_memory_fraction * available
+
+  def numbers(layout: str) -> tuple[int, str]:
+    n = 1 if layout == "replicated" else shards
+    needed = data_resident.resident_bytes(
+      shapes, len(task.regions), task.patch_size, task.crop_shape, cfg.resident_dtype, n
+    )
+    held = len(shapes) if n == 1 else data_resident.slots_per_shard(len(shapes), n)
+    return needed, (
+      f"{layout} ({held} of the {len(shapes)} training cases on each device) needs "
+      f"{_size(needed)} a device ({cfg.resident_dtype} scans, padded to one shape), and "
+      f"data.resident_memory_fraction={cfg.resident_memory_fraction:g} of the "
+      f"{_size(available)} a device has is {_size(budget)}"
+    )
+
+  for layout in layouts:
+    needed, said = numbers(layout)
+    if needed <= budget:
+      logging.info("data.resident=%s: crops drawn on the device, %s", cfg.resident, said)
+      return layout
+  if cfg.resident == "device" or saved is not None:
+    raise ConfigError(
+      f"data.resident={cfg.resident}{' (resuming a resident run)' if saved else ''}: {said}; use data.resident=auto or host, "
+      "raise data.resident_memory_fraction, or store the scans as bfloat16 "
+      "(data.resident_dtype=bfloat16)"
+    )
+  logging.info("data.resident=auto: crops come from the host pipeline (Grain): %s", said)
+  return "host"
+
+
+def _resumed_layouts(cfg, shards: int, step: int, state: bytes) -> tuple[str, ...]:
+  """Where a resumed run's crops come from: ('host',) or its one resident layout."""
+  was = resident.marker(state)
+  where = f"the checkpoint of step {step}"
+  if was is None:
+    if cfg.resident == "device":
+      raise ConfigError(
+        f"{where} was written by a run whose crops came from the host pipeline (Grain), and "
+        "data.resident=device would start another crop stream: resume it with "
+        "data.resident=host or auto"
+      )
+    logging.info(
+      "resuming step %d of a run fed by the host pipeline: crops keep coming from it", step
+    )
+    return ("host",)
+  layout = str(was.get("layout", "replicated"))
+  if cfg.resident == "host" or cfg.resident_layout not in ("auto", layout):
+    raise ConfigError(
+      f"{where} was written by a run whose crops were drawn on the device ({layout} layout), "
+      f"and data.resident={cfg.resident}, data.resident_layout={cfg.resident_layout} would "
+      f"draw them elsewhere: resume it with data.resident=device (or auto) and "
+      f"data.resident_layout={layout} (or auto)"
+    )
+  if layout == "sharded" and was.get("shards") != shards:
+    logging.warning(
+      "%s dealt the training cases over %s data shards, this run has %d: its crops from here "
+      "on differ from an uninterrupted run's (a sharded row is drawn from its shard's cases)",
+      where, was.get("shards"), shards,
+    )  # fmt: skip
+  logging.info("resuming step %d of a device-resident run: %s layout", step, layout)
+  return (layout,)
+
+
+def _size(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def make_input(task: Task, run: RunData, mesh, saved: tuple[int, bytes] | None = None) -> Any:
+  """This process's input: the resident arrays (`train.resident.ResidentStream`: the
+  whole set, or its devices' shards) or its iterator over its share of the batch stream.
+  ``saved``: the newest checkpoint's (step, data state), which a resume follows."""
   config = task.config
   local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
+  shards = mesh.shape[sharding.DATA]
+  layout = resident_placement(task, run, shards, saved)
+  if layout == "replicated":
+    packed = data_resident.pack(
+      run.train_cases, task.regions, task.patch_size, task.crop_shape, config.data.resident_dtype
+    )
+    arrays = resident.to_device(packed, sharding.replicated(mesh))
+    return resident.ResidentStream(arrays, layout)  # one shard: the same on any mesh
+  if layout == "sharded":
+    arrays, held = resident.place_sharded(
+      run.train_cases,
+      task.regions,
+      task.patch_size,
+      task.crop_shape,
+      config.data.resident_dtype,
+      mesh,
+    )
+    logging.info(
+      "process %d packed %d of the %d training cases (its devices' shards): %s",
+      jax.process_index(),
+      len(held),
+      len(run.train_cases),
+      " ".join(held) if len(held) <= 32 else f"{' '.join(held[:32])} ...",
+    )
+    return resident.ResidentStream(arrays, layout, shards)
   return iter(
     pipeline.train_dataset(
       run.train_cases,

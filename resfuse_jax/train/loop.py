@@ -19,7 +19,7 @@ from absl import logging
 from resfuse_jax import backend, checkpointing, data, sharding
 from resfuse_jax.evaluation import evaluation, metrics, postprocess_selection
 from resfuse_jax.inference import tiler
-from resfuse_jax.train import control
+from resfuse_jax.train import control, resident
 from resfuse_jax.train.inputs import RunData
 from resfuse_jax.train.step import TrainMetrics, TrainState, input_sharding
 
@@ -185,7 +185,9 @@ def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunD
   try:
     for step in range(start_step + 1, total + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.put_batch(next(loop.train_iter), batch_sharding)
+        batch = next(loop.train_iter)
+        if not isinstance(loop.train_iter, resident.ResidentStream):  # already on the devices
+          batch = sharding.put_batch(batch, batch_sharding)
         state, step_metrics = loop.step_fn(state, batch)
       progress.step_done(step)
       pending = step_metrics if pending is None else pending.merge(step_metrics)

@@ -18,7 +18,7 @@ from resfuse_jax import checkpointing, files, models, sharding, writers
 from resfuse_jax.evaluation.finalize import finalize, results_record
 from resfuse_jax.inference import predictor
 from resfuse_jax.task import Task
-from resfuse_jax.train import control, loop
+from resfuse_jax.train import control, loop, resident
 from resfuse_jax.train.inputs import RunData, make_input, prepare_data
 from resfuse_jax.train.step import compile_train_step, make_optimizer
 from resfuse_jax.workdir import Workdir
@@ -43,7 +43,7 @@ def _train_and_evaluate(task: Task, w: Workdir) -> dict:
   config = task.config
   run = prepare_data(task, w)
   mesh = sharding.make_mesh(config.mesh)
-  train_iter = make_input(task, run, mesh)
+  train_iter = make_input(task, run, mesh, checkpointing.saved_data_state(w.checkpoints_dir))
   tx = make_optimizer(config.train)
   manager = checkpointing.make_manager(w.checkpoints_dir, config.checkpoint.keep)
   writer = writers.create(w.path, just_logging=jax.process_index() != 0)
@@ -54,8 +54,13 @@ def _train_and_evaluate(task: Task, w: Workdir) -> dict:
     if start_step == 0:
       writer.write_hparams(dict(config.to_dict()))
       writer.flush()
+    resident_layout = None
+    if isinstance(train_iter, resident.ResidentStream):
+      resident_layout = train_iter.layout
     loop_ = loop.Loop(
-      step_fn=compile_train_step(config, task.model, tx, task.region_values, mesh),
+      step_fn=compile_train_step(
+        config, task.model, tx, task.region_values, mesh, resident_layout=resident_layout
+      ),
       window_fn=predictor.make_sharded_window_fn(task.model, mesh),
       train_iter=train_iter,
       manager=manager,

@@ -23,6 +23,7 @@ from clu import metrics as clu_metrics
 from resfuse_jax import augment, losses, sharding
 from resfuse_jax.errors import ConfigError
 from resfuse_jax.task import Task
+from resfuse_jax.train import resident
 
 
 @flax.struct.dataclass
@@ -149,6 +150,8 @@ def train_step(
   patch_size: tuple[int, ...] | None = None,
   seed: int = 0,
   batch_sharding: jax.sharding.Sharding | None = None,
+  sampler: Callable | None = None,
+  global_batch: int = 0,
 ) -> tuple[TrainState, TrainMetrics]:
   """One optimisation step on a global batch {'pre','post': [B,*crop,1], 'label': [B,*crop]}.
 
@@ -158,13 +161,17 @@ def train_step(
   'spatial'). Without, the batch is used as it is. ``grad_accum`` > 1 averages the
   gradients of that many microbatches. A step whose loss or gradient is not finite
   leaves params and optimiser state unchanged and is reported in ``nonfinite_step``,
-  so no NaN ever reaches a checkpoint.
+  so no NaN ever reaches a checkpoint. With ``sampler`` (resident data), ``batch`` is
+  the resident training set and the step first draws its ``global_batch`` crops from
+  it, row i with the key (seed, step, i) of `resident.sample_keys`.
   """
+  if sampler is not None:
+    batch = sampler(batch, resident.sample_keys(seed, state.step, global_batch))
   if augmentation is not None:
     keys = augment.sample_keys(seed, state.step, batch["label"].shape[0])
     batch = augment.augment_batch(augmentation, batch, keys, tuple(patch_size))
-    if batch_sharding is not None:
-      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+  if batch_sharding is not None and (augmentation is not None or sampler is not None):
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
   loss_fn = _loss_fn(model, regions, aux_loss_weight)
   (loss, parts), grads = _gradients(loss_fn, state.params, batch, grad_accum)
   grad_norm = optax.tree.norm(grads)
@@ -186,15 +193,38 @@ def input_sharding(config: ml_collections.ConfigDict, mesh) -> jax.sharding.Shar
 
 
 def make_step_fn(
-  config: ml_collections.ConfigDict, model: nn.Module, tx, regions, mesh=None, augmented=True
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx,
+  regions,
+  mesh=None,
+  augmented=True,
+  resident_layout: str | None = None,
 ) -> Callable:
   """`train_step` with the model, optimiser, loss and augmentation settings of ``config``.
 
   The one place the step is assembled. ``augmented=False`` leaves augmentation out
-  (the step then takes patches, not crops).
+  (the step then takes patches, not crops); ``resident_layout`` ('replicated' or
+  'sharded') makes it take the resident training set (`resident.ResidentStream.arrays`)
+  and draw its crops itself.
   """
   task = Task.from_config(config)
   spec = task.augmentation if augmented else augment.PRESETS["none"]
+  sampler = None
+  if resident_layout is not None:
+    crop = task.crop_shape if augmented else task.patch_size
+    if mesh is not None:
+      draw = functools.partial(resident.sample_crops_on_mesh, mesh=mesh, layout=resident_layout)
+    elif resident_layout == "replicated":
+      draw = resident.sample_crops
+    else:
+      raise ValueError(f"resident_layout={resident_layout!r} needs a mesh (and 'sharded' one)")
+    sampler = functools.partial(
+      draw,
+      patch=task.patch_size,
+      crop=crop,
+      fg_fraction=float(config.data.fg_fraction),
+    )
   return functools.partial(
     train_step,
     model=model,
@@ -206,15 +236,23 @@ def make_step_fn(
     patch_size=task.patch_size,
     seed=config.seed,
     batch_sharding=None if mesh is None else sharding.data_sharding(mesh),
+    sampler=sampler,
+    global_batch=int(config.train.batch_size),
   )
 
 
-def compile_train_step(config, model, tx, regions, mesh) -> Callable:
-  """The jitted step on ``mesh``: replicated state (donated), batch over data (x spatial)."""
+def compile_train_step(config, model, tx, regions, mesh, resident_layout=None) -> Callable:
+  """The jitted step on ``mesh``: replicated state (donated), batch over data (x spatial);
+  with ``resident_layout``, the resident set (replicated, or split over data) in its place."""
   state_sharding = sharding.replicated(mesh)
+  batch_in = {
+    None: input_sharding(config, mesh),
+    "replicated": sharding.replicated(mesh),
+    "sharded": sharding.batch_only_sharding(mesh),
+  }[resident_layout]
   return jax.jit(
-    make_step_fn(config, model, tx, regions, mesh),
-    in_shardings=(state_sharding, input_sharding(config, mesh)),
+    make_step_fn(config, model, tx, regions, mesh, resident_layout=resident_layout),
+    in_shardings=(state_sharding, batch_in),
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
