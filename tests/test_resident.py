@@ -311,11 +311,12 @@ def test_resident_training_resumes_exactly(tmp_path):
     return re.search(r"final parameter checksum (\S+)", proc.stderr).group(1)
 
   assert checksum(once) == checksum(resumed)
-  # The host pipeline cannot continue this run: refused at once, every step kept.
+  # The host pipeline cannot continue this run: the workdir refuses the changed setting at
+  # once (placement's own check covers auto resolving otherwise), every step kept.
   refused = run_cli(
     tmp_path / "resumed", "--config.train.steps=6", "--config.data.resident=host", check=False
   )
   assert refused.returncode != 0
-  assert "was written by a run whose crops were drawn on the device" in refused.stderr
+  assert "data.resident: 'device' -> 'host'" in refused.stderr
   steps = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
   assert steps[-2:] == ["2", "4"] and not (tmp_path / "resumed" / "corrupt_checkpoints").exists()

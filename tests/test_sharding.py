@@ -32,18 +32,22 @@ def sharded_runs():
   return json.loads(line.removeprefix("RESULT "))
 
 
-@pytest.mark.parametrize(
-  "mesh", ["data8", "data4_spatial2", "resident_data8", "resident_sharded_data4_spatial2"]
-)
+@pytest.mark.parametrize("mesh", ["data8", "data4_spatial2"])
 def test_sharded_training_matches_one_device(sharded_runs, mesh):
-  """resident_data8: the training set resident, crops drawn inside the step, the same
-  rows (keys from seed, step and row) on 1 device and 8. resident_sharded: the cases dealt
-  over 4 data shards, each shard's rows drawn from its own cases only: the same training
-  as one device fed those rows (drawn there shard by shard)."""
   assert sharded_runs["devices"] == 8
   run = sharded_runs[mesh]
   np.testing.assert_allclose(run["losses"], run["ref_losses"], rtol=1e-5)
   assert run["max_param_diff"] < 1e-5 * run["param_scale"]
+
+
+@pytest.mark.parametrize("mesh", ["replicated_data8", "sharded_data4_spatial2"])
+def test_resident_rows_on_a_mesh_are_the_rows_one_device_draws(sharded_runs, mesh):
+  """Each device cuts only its own rows (1 of 8; 2 of 8 on each of 4 data shards), and they
+  are exactly one device's: from the whole set (replicated), or from the cases of the row's
+  own data shard (sharded; see the script's resident_rows)."""
+  run = sharded_runs["resident"][mesh]
+  assert run["max_diff"] == 0.0
+  assert run["row_devices"] == ([1] if mesh == "replicated_data8" else [2])
 
 
 def test_each_device_holds_its_share_of_the_activations(sharded_runs):

@@ -95,56 +95,61 @@ def resident_placement(
   ``auto`` follows it, a setting that contradicts it is refused.
   """
   cfg = task.config.data
-  layouts = None
-  if saved is not None:
-    layouts = _resumed_layouts(cfg, shards, *saved)
-    if layouts == ("host",):
-      return "host"
-  elif cfg.resident == "host":
-    return "host"
-  elif cfg.resident == "auto" and backend.resolve("resident", "auto") == "host":
-    logging.info(
-      "data.resident=auto on the %s backend: crops come from the host pipeline (Grain); "
-      "data.resident=device puts the training set in device memory",
-      jax.default_backend(),
-    )
-    return "host"
   shapes = [c.pre.shape for c in run.train_cases]
-  if layouts is None:
-    layouts = (
-      ("replicated", "sharded") if cfg.resident_layout == "auto" else (cfg.resident_layout,)
-    )  # fmt: skip
-    if cfg.resident_layout == "auto" and not 1 < shards <= len(shapes):
-      layouts = ("replicated",)  # one shard is the whole set; a shard needs a case at least
+  layouts = _candidate_layouts(cfg, shards, len(shapes), saved)
+  if layouts == ("host",):
+    return "host"
   available = backend.device_memory_bytes()
-  budget = cfg.resident_memory_fraction * available
-
-  def numbers(layout: str) -> tuple[int, str]:
-    n = 1 if layout == "replicated" else shards
-    needed = data_resident.resident_bytes(
-      shapes, len(task.regions), task.patch_size, task.crop_shape, cfg.resident_dtype, n
-    )
-    held = len(shapes) if n == 1 else data_resident.slots_per_shard(len(shapes), n)
-    return needed, (
-      f"{layout} ({held} of the {len(shapes)} training cases on each device) needs "
-      f"{_size(needed)} a device ({cfg.resident_dtype} scans, padded to one shape), and "
-      f"data.resident_memory_fraction={cfg.resident_memory_fraction:g} of the "
-      f"{_size(available)} a device has is {_size(budget)}"
-    )
-
   for layout in layouts:
-    needed, said = numbers(layout)
-    if needed <= budget:
+    needed, said = _need(task, shapes, layout, shards, available)
+    if needed <= cfg.resident_memory_fraction * available:
       logging.info("data.resident=%s: crops drawn on the device, %s", cfg.resident, said)
       return layout
   if cfg.resident == "device" or saved is not None:
+    resuming = " (resuming a resident run)" if saved else ""
     raise ConfigError(
-      f"data.resident={cfg.resident}{' (resuming a resident run)' if saved else ''}: {said}; use data.resident=auto or host, "
+      f"data.resident={cfg.resident}{resuming}: {said}; use data.resident=auto or host, "
       "raise data.resident_memory_fraction, or store the scans as bfloat16 "
       "(data.resident_dtype=bfloat16)"
     )
   logging.info("data.resident=auto: crops come from the host pipeline (Grain): %s", said)
   return "host"
+
+
+def _candidate_layouts(cfg, shards: int, cases: int, saved) -> tuple[str, ...]:
+  """The resident layouts to try in order, or ('host',) when crops come from the host."""
+  if saved is not None:
+    return _resumed_layouts(cfg, shards, *saved)
+  if cfg.resident == "host":
+    return ("host",)
+  if cfg.resident == "auto" and backend.resolve("resident", "auto") == "host":
+    logging.info(
+      "data.resident=auto on the %s backend: crops come from the host pipeline (Grain); "
+      "data.resident=device puts the training set in device memory",
+      jax.default_backend(),
+    )
+    return ("host",)
+  if cfg.resident_layout != "auto":
+    return (cfg.resident_layout,)
+  if not 1 < shards <= cases:
+    return ("replicated",)  # one shard is the whole set; a shard needs a case at least
+  return ("replicated", "sharded")
+
+
+def _need(task: Task, shapes, layout: str, shards: int, available: int) -> tuple[int, str]:
+  """Bytes one device holds in ``layout``, and the sentence that says so with the budget."""
+  cfg = task.config.data
+  n = 1 if layout == "replicated" else shards
+  needed = data_resident.resident_bytes(
+    shapes, len(task.regions), task.patch_size, task.crop_shape, cfg.resident_dtype, n
+  )
+  held = data_resident.slots_per_shard(len(shapes), n)
+  return needed, (
+    f"{layout} ({held} of the {len(shapes)} training cases on each device) needs "
+    f"{_size(needed)} a device ({cfg.resident_dtype} scans, padded to one shape), and "
+    f"data.resident_memory_fraction={cfg.resident_memory_fraction:g} of the "
+    f"{_size(available)} a device has is {_size(cfg.resident_memory_fraction * available)}"
+  )
 
 
 def _resumed_layouts(cfg, shards: int, step: int, state: bytes) -> tuple[str, ...]:

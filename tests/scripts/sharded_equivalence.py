@@ -66,89 +66,74 @@ def resident_cases(n=6, shape=(24, 28, 20)):
   return cases
 
 
-def run_resident(config, data, spatial, steps, layout="replicated"):
-  """The same training with the set resident: every row drawn and cut inside the step."""
-  from resfuse_jax.data import resident as packing
-  from resfuse_jax.train import resident
+def resident_rows(config, steps=2):
+  """The resident sampler's rows on meshes against one device, exactly (no training: the
+  step after the sampler is the host path's, compared above; the 2-process test trains).
 
-  mesh = sharding.make_mesh(ml_mesh(data, spatial))
-  task = Task.from_config(config)
-  tx = train.make_optimizer(config.train)
-  init = functools.partial(train.init_state, task.model, tx, tuple(config.data.patch_size))
-  state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-  if layout == "sharded":
-    arrays, _ = resident.place_sharded(
-      resident_cases(), task.regions, task.patch_size, task.crop_shape, "float32", mesh
-    )
-  else:
-    packed = packing.pack(resident_cases(), task.regions, task.patch_size, task.crop_shape)
-    arrays = resident.to_device(packed, sharding.replicated(mesh))
-  step = train.compile_train_step(config, task.model, tx, REGIONS, mesh, resident_layout=layout)
-  losses = []
-  for _ in range(steps):
-    state, metrics = step(state, arrays)
-    losses.append(float(metrics.compute()["loss"]))
-  return losses, jax.device_get(state.params)
-
-
-def sharded_reference_batches(config, shards, steps):
-  """What a sharded resident run's rows must be, drawn on one device shard by shard: row r
-  of the global batch belongs to data shard r // (batch / shards) and is drawn, with the
-  key (seed, step, r), from that shard's cases alone."""
+  replicated_data8: the whole set on 8 devices, each cutting its own row, gives the rows of
+  one device (keys from seed, step and row only). sharded_data4_spatial2: 6 cases dealt over
+  4 data shards (2, 2, 1, 1 each), replicated over 'spatial': row r is drawn, with the key
+  (seed, step, r), from the cases of shard r // 2 alone, which one device checks by drawing
+  it from that shard's cases packed apart.
+  """
   from resfuse_jax.data import resident as packing
   from resfuse_jax.train import resident
 
   task = Task.from_config(config)
   cases, batch = resident_cases(), config.train.batch_size
-  size = packing.padded_shape([c.pre.shape for c in cases], task.patch_size, task.crop_shape)
+  patch, crop, fg = task.patch_size, task.crop_shape, config.data.fg_fraction
+  one_device = resident.to_device(packing.pack(cases, task.regions, patch, crop))
+  size = packing.padded_shape([c.pre.shape for c in cases], patch, crop)
+  shards = 4
   per_shard = []
   for d in range(shards):
     members = [cases[i] for i in packing.shard_members(len(cases), shards, d)]
-    arrays = resident.to_device(
-      packing.pack(members, task.regions, task.patch_size, task.crop_shape, size=size)
-    )
+    arrays = resident.to_device(packing.pack(members, task.regions, patch, crop, size=size))
     per_shard.append({**arrays, "count": np.array([len(members)], np.int32)})
+  meshes = {
+    "replicated_data8": (sharding.make_mesh(ml_mesh(8, 1)), "replicated"),
+    "sharded_data4_spatial2": (sharding.make_mesh(ml_mesh(4, 2)), "sharded"),
+  }
+  placed = {
+    "replicated_data8": resident.to_device(
+      packing.pack(cases, task.regions, patch, crop),
+      sharding.replicated(meshes["replicated_data8"][0]),
+    ),
+    "sharded_data4_spatial2": resident.place_sharded(
+      cases, task.regions, patch, crop, "float32", meshes["sharded_data4_spatial2"][0]
+    )[0],
+  }
+  out = {name: {"max_diff": 0.0, "row_devices": []} for name in meshes}
   rows = batch // shards
   for step in range(steps):
     keys = resident.sample_keys(config.seed, step, batch)
-    parts = [
-      resident.sample_crops(
-        per_shard[d],
-        keys[d * rows : (d + 1) * rows],
-        task.patch_size,
-        task.crop_shape,
-        config.data.fg_fraction,
-      )
-      for d in range(shards)
-    ]
-    yield {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-
-
-def run_batches(config, batches_, steps):
-  """Training on one device from given host crops."""
-  mesh = sharding.make_mesh(ml_mesh(1, 1))
-  task = Task.from_config(config)
-  tx = train.make_optimizer(config.train)
-  init = functools.partial(train.init_state, task.model, tx, tuple(config.data.patch_size))
-  state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-  step = train.compile_train_step(config, task.model, tx, REGIONS, mesh)
-  losses = []
-  for b in batches_:
-    state, metrics = step(state, sharding.put_batch(b, train.input_sharding(config, mesh)))
-    losses.append(float(metrics.compute()["loss"]))
-  return losses, jax.device_get(state.params)
-
-
-def compared(losses, params, ref_losses, ref_params):
-  diffs = jax.tree.leaves(
-    jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params)
-  )
-  return {
-    "losses": losses,
-    "ref_losses": ref_losses,
-    "max_param_diff": max(diffs),
-    "param_scale": max(float(np.max(np.abs(p))) for p in jax.tree.leaves(ref_params)),
-  }
+    expected = {
+      "replicated_data8": resident.sample_crops(one_device, keys, patch, crop, fg),
+      "sharded_data4_spatial2": {
+        k: np.concatenate([
+          np.asarray(resident.sample_crops(
+            per_shard[d], keys[d * rows : (d + 1) * rows], patch, crop, fg
+          )[k])
+          for d in range(shards)
+        ])
+        for k in ("pre", "post", "label")
+      },
+    }  # fmt: skip
+    for name, (mesh, layout) in meshes.items():
+      draw = jax.jit(
+        functools.partial(
+          resident.sample_crops_on_mesh, mesh=mesh, layout=layout, patch=patch, crop=crop,
+          fg_fraction=fg,
+        )
+      )  # fmt: skip
+      got = draw(placed[name], keys)
+      for k in ("pre", "post", "label"):
+        diff = np.abs(np.asarray(got[k], np.float32) - np.asarray(expected[name][k], np.float32))
+        out[name]["max_diff"] = max(out[name]["max_diff"], float(diff.max()))
+      out[name]["row_devices"] = sorted(
+        {s.data.shape[0] for s in got["pre"].addressable_shards}
+      )  # rows each device holds
+  return out
 
 
 def ml_mesh(data, spatial):
@@ -189,14 +174,7 @@ def main():
       "param_scale": scale,
       "conv_shapes": convs,
     }
-  out["resident_data8"] = compared(
-    *run_resident(config, 8, 1, steps), *run_resident(config, 1, 1, steps)
-  )
-  # Sharded over 4 data shards (6 cases: 2, 2, 1, 1 each), each replicated over 'spatial'.
-  out["resident_sharded_data4_spatial2"] = compared(
-    *run_resident(config, 4, 2, steps, "sharded"),
-    *run_batches(config, sharded_reference_batches(config, 4, steps), steps),
-  )
+  out["resident"] = resident_rows(config)
   print("RESULT " + json.dumps(out))
 
 
