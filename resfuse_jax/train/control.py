@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -113,3 +114,19 @@ def parameter_checksum(params: Any) -> float:
   return float(
     sum(np.sum(np.asarray(x.addressable_data(0), np.float64)) for x in jax.tree.leaves(params))
   )
+
+
+def saved_data_state(directory: str | Path) -> tuple[int, bytes] | None:
+  """(step, this process's data-iterator state) of the newest finished step under
+  ``directory``, read before anything is built (None if there is none): a resumed run
+  must draw its crops where that step's did (`train.inputs.resident_placement`)."""
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  steps = [
+    int(p.name)
+    for p in Path(directory).glob("*")
+    if p.name.isdigit() and (p / "commit_success.txt").is_file() and (p / "data" / name).is_file()
+  ]  # fmt: skip
+  if not steps:
+    return None
+  step = max(steps)
+  return step, (Path(directory) / str(step) / "data" / name).read_bytes()

@@ -43,7 +43,7 @@ def _train_and_evaluate(task: Task, w: Workdir) -> dict:
   config = task.config
   run = prepare_data(task, w)
   mesh = sharding.make_mesh(config.mesh)
-  train_iter = make_input(task, run, mesh, checkpointing.saved_data_state(w.checkpoints_dir))
+  train_iter = make_input(task, run, mesh, control.saved_data_state(w.checkpoints_dir))
   tx = make_optimizer(config.train)
   manager = checkpointing.make_manager(w.checkpoints_dir, config.checkpoint.keep)
   writer = writers.create(w.path, just_logging=jax.process_index() != 0)
