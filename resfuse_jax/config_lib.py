@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -54,6 +55,36 @@ AUGMENT_FIELDS = {
   "crop_zoom": float,
 }
 OPTIONS = ("smoke",)
+
+
+def level_strides(strides, levels: int) -> tuple[tuple[int, int, int], ...]:
+  """``model.strides`` -> one (z, y, x) triple per encoder level (raises ValueError).
+
+  None is the isotropic U-Net (level 0 keeps the resolution, every further level
+  halves each axis); otherwise one triple of 1s and 2s per level, the first (1, 1, 1).
+  """
+  if strides is None:
+    return ((1, 1, 1),) + ((2, 2, 2),) * (levels - 1)
+  try:
+    out = tuple(tuple(int(v) for v in s) for s in strides)
+  except (TypeError, ValueError):
+    out = ()
+  if (
+    len(out) != levels
+    or any(len(s) != 3 or any(v not in (1, 2) for v in s) for s in out)
+    or out[0] != (1, 1, 1)
+  ):
+    raise ValueError(
+      f"needs one (z, y, x) triple of 1s and 2s per encoder level ({levels}), the first "
+      f"(1, 1, 1); got {strides!r}"
+    )
+  return out
+
+
+def downsampling(model) -> tuple[int, int, int]:
+  """Per axis, the product of a model config's strides: what patch sizes must divide by."""
+  levels = level_strides(model.get("strides"), len(model.features))
+  return tuple(math.prod(s[a] for s in levels) for a in range(3))
 
 
 def parse_arg(arg: str | None) -> tuple[str, set[str]]:
@@ -109,6 +140,10 @@ def _model_section(variant: str) -> ml_collections.ConfigDict:
   m.fusion = "conv"  # identity | conv | gate (ResFuse only)
   m.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
   m.remat = False  # recompute encoder levels in the backward pass (less memory)
+  # Pooling per encoder level and axis: None = isotropic (level 0 keeps the resolution, each
+  # further level halves every axis), else one (z, y, x) triple of 1s and 2s per level, the
+  # first (1, 1, 1); `python -m resfuse_jax.plan` chooses it from the data's spacing.
+  m.strides = ml_collections.FieldReference(None, field_type=tuple)
   # 3D convolutions: auto (2D planes on CPU, XLA's 3D conv elsewhere) | xla | planes. The
   # environment variable is read here, once, so the choice lands in W/config.json.
   m.conv_impl = os.environ.get("RESFUSE_CONV_IMPL", "auto")

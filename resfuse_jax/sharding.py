@@ -66,13 +66,18 @@ def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> int:
   return global_batch // jax.process_count()
 
 
-def check_patch_size(patch_size: tuple[int, ...], levels: int, mesh: jax.sharding.Mesh) -> None:
-  """Depth must split evenly over 'spatial' at every encoder level."""
-  need = mesh.shape[SPATIAL] * 2 ** (levels - 1)
+def check_patch_size(
+  patch_size: tuple[int, ...], depth_factor: int, mesh: jax.sharding.Mesh
+) -> None:
+  """Depth must split evenly over 'spatial' at every encoder level.
+
+  ``depth_factor``: the product of the model's depth strides (`config_lib.downsampling`).
+  """
+  need = mesh.shape[SPATIAL] * depth_factor
   if patch_size[0] % need:
     raise ConfigError(
-      f"data.patch_size depth {patch_size[0]} must be divisible by mesh.spatial x 2^(levels-1) "
-      f"= {need}"
+      f"data.patch_size depth {patch_size[0]} must be divisible by mesh.spatial x the model's "
+      f"depth downsampling = {mesh.shape[SPATIAL]} x {depth_factor} = {need}"
     )
 
 

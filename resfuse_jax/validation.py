@@ -119,6 +119,30 @@ def _geometry(config) -> list[str]:
   return problems
 
 
+def _pooling(config) -> list[str]:
+  """model.strides well formed, and a patch each model level can halve where it pools."""
+  model, patch = _get(config, "model"), _get(config, "data.patch_size")
+  features = _get(config, "model.features")
+  if model is None or not isinstance(features, (tuple, list)) or not features:
+    return []
+  strides = model.get("strides")
+  try:
+    factors = config_lib.downsampling(model)
+  except ValueError as e:
+    return [f"config.model.strides={strides!r}: {e}"]
+  if not (isinstance(patch, (tuple, list)) and len(patch) == 3 and all(map(_is_int, patch))):
+    return []  # named by _geometry
+  bad = [a for a in range(3) if patch[a] % factors[a]]
+  if not bad:
+    return []
+  fixed = tuple(max(f, p // f * f) for p, f in zip(patch, factors))
+  return [
+    f"config.data.patch_size={tuple(patch)!r}: each axis must be a multiple of the model's "
+    f"downsampling there, {factors} (the product of model.strides={strides!r} per axis; None "
+    f"halves every axis at each of the {len(features) - 1} pooling levels); e.g. {fixed}"
+  ]
+
+
 def _names(config) -> list[str]:
   problems = []
   variant, name = _get(config, "model.variant"), _get(config, "model.name")
@@ -164,7 +188,9 @@ def _thresholds(config) -> list[str]:
 
 def problems(config) -> list[str]:
   """Every problem of ``config``, one line each (empty when it is valid)."""
-  return _names(config) + _counts(config) + _geometry(config) + _thresholds(config)
+  return (
+    _names(config) + _counts(config) + _geometry(config) + _pooling(config) + _thresholds(config)
+  )
 
 
 def check(config, where: str = "") -> None:

@@ -73,6 +73,6 @@ def test_mesh_fills_the_devices_and_rejects_what_does_not_fit():
 
 def test_patch_depth_must_split_over_the_spatial_axis():
   mesh = sharding.make_mesh(mesh_config(1))
-  sharding.check_patch_size((16, 16, 16), 3, mesh)
+  sharding.check_patch_size((16, 16, 16), 4, mesh)
   with pytest.raises(ValueError, match="divisible by mesh.spatial"):
-    sharding.check_patch_size((18, 16, 16), 3, mesh)
+    sharding.check_patch_size((18, 16, 16), 4, mesh)

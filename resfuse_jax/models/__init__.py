@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from resfuse_jax import backend as backends
 from resfuse_jax.errors import ConfigError
-from resfuse_jax.models import convolution
+from resfuse_jax.models import convolution, layers
 from resfuse_jax.models.a2fnet import A2FNet
 from resfuse_jax.models.layers import FUSION_TERMS
 from resfuse_jax.models.lits import LiTS
@@ -34,6 +34,18 @@ __all__ = ["FUSION_TERMS", "build", "compute_dtype", "count_params", "fusion_wei
 Builder = Callable[[Any, int, Any, convolution.ConvPlan], nn.Module]
 
 
+def _strides(cfg: Any) -> tuple | None:
+  """``model.strides`` as per-level triples (checked), None for the isotropic U-Net.
+
+  Configs written before per-axis strides have no such key: they are isotropic.
+  """
+  strides = cfg.get("strides")
+  try:
+    return None if strides is None else layers.level_strides(strides, len(cfg.features))
+  except ValueError as e:
+    raise ConfigError(f"config.model.strides={strides!r}: {e}") from None
+
+
 def _resunet(inputs: str) -> Builder:
   return lambda cfg, num_outputs, dtype, conv_impl: ResUNet(
     tuple(cfg.features),
@@ -42,6 +54,7 @@ def _resunet(inputs: str) -> Builder:
     dtype,
     cfg.remat,
     conv_impl=conv_impl,
+    strides=_strides(cfg),
   )
 
 
@@ -55,6 +68,7 @@ def _resfuse(cfg: Any, num_outputs: int, dtype: Any, conv_impl: convolution.Conv
     dtype=dtype,
     remat=cfg.remat,
     conv_impl=conv_impl,
+    strides=_strides(cfg),
   )
 
 
@@ -65,6 +79,7 @@ def _baseline(cls: type[nn.Module]) -> Builder:
     dtype=dtype,
     remat=cfg.remat,
     conv_impl=conv_impl,
+    strides=_strides(cfg),
   )
 
 

@@ -53,17 +53,28 @@ class A2FNet(layers.TwoSequenceModel):
     levels = []  # per sequence: decoder outputs, full resolution first, bottleneck last
     for name, x in zip(SEQUENCES, (pre, post)):
       skips = ResUNetEncoder(
-        self.features, self.dtype, self.remat, conv_impl=impl, name=f"{name}_encoder"
+        self.features,
+        self.dtype,
+        self.remat,
+        conv_impl=impl,
+        strides=self.strides,
+        name=f"{name}_encoder",
       )(x.astype(self.dtype))
       out = layers.Decoder(
-        self.features, None, self.dtype, True, conv_impl=impl, name=f"{name}_decoder"
+        self.features,
+        None,
+        self.dtype,
+        True,
+        conv_impl=impl,
+        strides=self.strides,
+        name=f"{name}_decoder",
       )(skips)
       head = layers.SegmentationHead(self.num_outputs, self.dtype, name=f"{name}_head")
       self.sow("aux_logits", name, head(out[0]))
       levels.append(out)
     averaged = [jnp.mean(jnp.stack(per_level), axis=0) for per_level in zip(*levels)]
     average = layers.Decoder(
-      self.features, None, self.dtype, conv_impl=impl, name="average_decoder"
+      self.features, None, self.dtype, conv_impl=impl, strides=self.strides, name="average_decoder"
     )(averaged)
     head = layers.SegmentationHead(self.num_outputs, self.dtype, name="average_head")
     self.sow("aux_logits", "average", head(average))

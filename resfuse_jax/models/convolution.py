@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -19,36 +20,58 @@ import jax.numpy as jnp
 from resfuse_jax import backend as backends
 from resfuse_jax.errors import ConfigError
 
+Triple = tuple[int, int, int]
+ISOTROPIC: Triple = (2, 2, 2)
 
-def space_to_depth(x: jax.Array) -> jax.Array:
-  """[B, D, H, W, C] -> [B, D/2, H/2, W/2, 8C], channels ordered (pd, ph, pw, C)."""
+
+def as_triple(strides: int | tuple[int, ...]) -> Triple:
+  """1 -> (1, 1, 1); a (z, y, x)-style triple of 1s and 2s is checked and returned."""
+  triple = (int(strides),) * 3 if isinstance(strides, int) else tuple(int(s) for s in strides)
+  if len(triple) != 3 or any(s not in (1, 2) for s in triple):
+    raise ValueError(f"strides must be 1, 2 or a triple of them per axis; got {strides!r}")
+  return triple
+
+
+def space_to_depth(x: jax.Array, factors: Triple = ISOTROPIC) -> jax.Array:
+  """[B, D, H, W, C] -> [B, D/fd, H/fh, W/fw, fd*fh*fw*C], channels ordered (pd, ph, pw, C)."""
   b, d, h, w, c = x.shape
-  x = x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c)
+  fd, fh, fw = factors
+  x = x.reshape(b, d // fd, fd, h // fh, fh, w // fw, fw, c)
   x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-  return x.reshape(b, d // 2, h // 2, w // 2, 8 * c)
+  return x.reshape(b, d // fd, h // fh, w // fw, fd * fh * fw * c)
 
 
-def depth_to_space(x: jax.Array) -> jax.Array:
-  """[B, D, H, W, 8C] -> [B, 2D, 2H, 2W, C]; inverse of `space_to_depth`."""
-  b, d, h, w, c8 = x.shape
-  c = c8 // 8
-  x = x.reshape(b, d, h, w, 2, 2, 2, c)
+def depth_to_space(x: jax.Array, factors: Triple = ISOTROPIC) -> jax.Array:
+  """[B, D, H, W, fd*fh*fw*C] -> [B, fd*D, fh*H, fw*W, C]; inverse of `space_to_depth`."""
+  b, d, h, w, cf = x.shape
+  fd, fh, fw = factors
+  c = cf // (fd * fh * fw)
+  x = x.reshape(b, d, h, w, fd, fh, fw, c)
   x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-  return x.reshape(b, 2 * d, 2 * h, 2 * w, c)
+  return x.reshape(b, fd * d, fh * h, fw * w, c)
 
 
-def stride2_kernel_as_s2d(kernel: jax.Array) -> jax.Array:
-  """Rearranges a [3,3,3,I,O] stride-2 kernel into a [2,2,2,8I,O] unstrided one.
+def strided_padding(strides: Triple) -> tuple[tuple[int, int], ...]:
+  """SAME padding of a k3 conv per axis: (1, 1) unstrided, (0, 1) at stride 2 on even sizes."""
+  return tuple((0, 1) if s == 2 else (1, 1) for s in strides)
 
-  With SAME padding a stride-2 k3 conv reads input taps 2i, 2i+1, 2i+2 per
+
+def stride2_kernel_as_s2d(kernel: jax.Array, strides: Triple = ISOTROPIC) -> jax.Array:
+  """Rearranges a [3,3,3,I,O] strided kernel into the unstrided one over `space_to_depth`.
+
+  With SAME padding a stride-2 k3 conv reads input taps 2i, 2i+1, 2i+2 on that
   axis: tap k sits in space-to-depth block i + k // 2 at phase k % 2. Padding
-  the kernel to 4 taps and splitting 4 -> (block offset, phase) is that map.
+  the axis to 4 taps and splitting 4 -> (block offset, phase) is that map; an
+  unstrided axis keeps its 3 taps with a single phase. Shape [t_d, t_h, t_w,
+  fd*fh*fw*I, O] with t = 2 on a stride-2 axis, 3 on an unstrided one.
   """
   i, o = kernel.shape[-2:]
-  k = jnp.pad(kernel, ((0, 1), (0, 1), (0, 1), (0, 0), (0, 0)))
-  k = k.reshape(2, 2, 2, 2, 2, 2, i, o)  # (od, pd, oh, ph, ow, pw, I, O)
+  k = jnp.pad(kernel, tuple((0, 1) if s == 2 else (0, 0) for s in strides) + ((0, 0),) * 2)
+  split = [n for s in strides for n in ((2, 2) if s == 2 else (3, 1))]
+  k = k.reshape(*split, i, o)  # (od, pd, oh, ph, ow, pw, I, O)
   k = k.transpose(0, 2, 4, 1, 3, 5, 6, 7)  # (od, oh, ow, pd, ph, pw, I, O)
-  return k.reshape(2, 2, 2, 8 * i, o)
+  taps = tuple(2 if s == 2 else 3 for s in strides)
+  return k.reshape(*taps, math.prod(strides) * i, o)
 
 
 CONV_IMPLS = ("auto", "xla", "planes")
@@ -151,12 +174,16 @@ def _conv3d_planes_bwd(padding, residuals, dy):
 _conv3d_planes.defvjp(_conv3d_planes_fwd, _conv3d_planes_bwd)
 
 
-def conv_transpose_k2s2(x: jax.Array, dense_kernel: jax.Array) -> jax.Array:
-  """[B, D, H, W, I] x [I, 8F] (channels (pd, ph, pw, F)) -> [B, 2D, 2H, 2W, F] via XLA.
+def conv_transpose_k2s2(
+  x: jax.Array, dense_kernel: jax.Array, factors: Triple = ISOTROPIC
+) -> jax.Array:
+  """[B, D, H, W, I] x [I, fd*fh*fw*F] (channels (pd, ph, pw, F)) -> [B, fd*D, fh*H, fw*W, F].
 
-  ``conv_transpose`` without kernel transposition correlates the stride-dilated
-  input, so output phase p reads kernel tap 1 - p: the taps are flipped.
+  XLA's transposed conv (kernel = stride = ``factors``). ``conv_transpose``
+  without kernel transposition correlates the stride-dilated input, so output
+  phase p reads kernel tap f - 1 - p: the taps are flipped.
   """
-  i, f8 = dense_kernel.shape
-  kernel = dense_kernel.reshape(i, 2, 2, 2, f8 // 8).transpose(1, 2, 3, 0, 4)[::-1, ::-1, ::-1]
-  return jax.lax.conv_transpose(x, kernel, (2, 2, 2), "VALID", dimension_numbers=DN3)
+  i, cf = dense_kernel.shape
+  kernel = dense_kernel.reshape(i, *factors, cf // math.prod(factors)).transpose(1, 2, 3, 0, 4)
+  kernel = kernel[::-1, ::-1, ::-1]
+  return jax.lax.conv_transpose(x, kernel, tuple(factors), "VALID", dimension_numbers=DN3)

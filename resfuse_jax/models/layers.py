@@ -17,6 +17,7 @@ parameters, so a checkpoint serves all of them.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,15 +25,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resfuse_jax import config_lib
 from resfuse_jax.models.convolution import (
   DN3,
   ConvPlan,
+  Triple,
   as_plan,
+  as_triple,
   conv3d,
   conv_transpose_k2s2,
   depth_to_space,
   space_to_depth,
   stride2_kernel_as_s2d,
+  strided_padding,
 )
 
 Dtype = Any
@@ -45,11 +50,15 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 FUSION_TERMS = "fusion_terms"
 
 
+Strides = int | Triple  # 1, 2, or per axis (z, y, x) each 1 or 2
+level_strides = config_lib.level_strides  # model.strides -> one triple per encoder level
+
+
 class Conv3(nn.Module):
-  """3x3x3 convolution, SAME padding, stride 1 or 2 (space-to-depth or XLA's strided conv)."""
+  """3x3x3 convolution, SAME padding, per-axis stride 1 or 2 (space-to-depth or XLA's)."""
 
   features: int
-  strides: int = 1
+  strides: Strides = 1
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   kernel_init: Callable = conv_init
@@ -60,34 +69,33 @@ class Conv3(nn.Module):
     plan = as_plan(self.conv_impl)
     kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.strides == 1:
-      y = conv3d(x, kernel, ((1, 1),) * 3, plan.conv)
-    elif self.strides == 2 and plan.downsample == "strided":
+    strides = as_triple(self.strides)
+    pad = strided_padding(strides)
+    if strides == (1, 1, 1):
+      y = conv3d(x, kernel, pad, plan.conv)
+    elif plan.downsample == "strided":
       # SAME for k3 s2 on even sizes pads (0, 1), as the space-to-depth form reads.
-      y = jax.lax.conv_general_dilated(x, kernel, (2, 2, 2), ((0, 1),) * 3, dimension_numbers=DN3)
-    elif self.strides == 2:
-      y = conv3d(space_to_depth(x), stride2_kernel_as_s2d(kernel), ((0, 1),) * 3, plan.conv)
-    else:
-      raise ValueError(f"Conv3 supports strides 1 or 2, got {self.strides}")
+      y = jax.lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=DN3)
+    else:  # the same padding over the space-to-depth blocks
+      y = conv3d(space_to_depth(x, strides), stride2_kernel_as_s2d(kernel, strides), pad, plan.conv)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
 
 
 class Conv1(nn.Module):
-  """1x1x1 convolution; stride 2 is an exact subsample followed by the 1x1x1 conv."""
+  """1x1x1 convolution; a stride is an exact subsample followed by the 1x1x1 conv."""
 
   features: int
-  strides: int = 1
+  strides: Strides = 1
   use_bias: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.strides not in (1, 2):
-      raise ValueError(f"Conv1 supports strides 1 or 2, got {self.strides}")
-    if self.strides == 2:
-      x = x[:, ::2, ::2, ::2]
+    sd, sh, sw = as_triple(self.strides)
+    if (sd, sh, sw) != (1, 1, 1):
+      x = x[:, ::sd, ::sh, ::sw]
     return nn.Dense(
       self.features, use_bias=self.use_bias, kernel_init=conv_init, dtype=self.dtype, name="dense"
     )(x)
@@ -104,29 +112,30 @@ class _Kernel(nn.Module):
 
 
 class UpConv(nn.Module):
-  """Transposed conv k2 s2, written as a 1x1x1 conv to 8*features + depth-to-space.
+  """Transposed conv, kernel = stride = ``factors``, as a 1x1x1 conv + depth-to-space.
 
   One bias per output channel, added after depth-to-space: exactly the
-  parameters (and function) of ``ConvTranspose3d(kernel=2, stride=2)``, which
+  parameters (and function) of ``ConvTranspose3d(kernel=f, stride=f)``, which
   ``upsample="transpose"`` runs instead (XLA's ``conv_transpose``), same parameters.
   """
 
   features: int
   dtype: Dtype = jnp.float32
   conv_impl: str | ConvPlan = "xla"  # see `ConvPlan`
+  factors: Triple = (2, 2, 2)  # per axis (z, y, x), each 1 or 2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    factors = as_triple(self.factors)
+    width = math.prod(factors) * self.features
     if as_plan(self.conv_impl).upsample == "transpose":
-      kernel = _Kernel((x.shape[-1], 8 * self.features), name="dense")()
-      y = conv_transpose_k2s2(x.astype(self.dtype), kernel.astype(self.dtype))
+      kernel = _Kernel((x.shape[-1], width), name="dense")()
+      y = conv_transpose_k2s2(x.astype(self.dtype), kernel.astype(self.dtype), factors)
     else:
-      y = nn.Dense(
-        8 * self.features, use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="dense"
-      )(x)
-      y = depth_to_space(y)
+      y = nn.Dense(width, use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="dense")(x)
+      y = depth_to_space(y, factors)
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return y + bias.astype(self.dtype)  # [B, 2D, 2H, 2W, features]
+    return y + bias.astype(self.dtype)  # [B, fd*D, fh*H, fw*W, features]
 
 
 def instance_norm(name: str, dtype: Dtype) -> nn.Module:
@@ -143,7 +152,7 @@ class ResidualBranch(nn.Module):
   """
 
   features: int
-  strides: int = 1
+  strides: Strides = 1
   preactivate: bool = True
   dtype: Dtype = jnp.float32
   conv_impl: str = "xla"
@@ -162,12 +171,12 @@ class Projection(nn.Module):
   """P(x) of a residual unit: identity, or conv1 (stride s) + norm when the shape changes."""
 
   features: int
-  strides: int = 1
+  strides: Strides = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.strides == 1 and x.shape[-1] == self.features:
+    if as_triple(self.strides) == (1, 1, 1) and x.shape[-1] == self.features:
       return x
     x = Conv1(self.features, self.strides, use_bias=False, dtype=self.dtype, name="conv")(x)
     return instance_norm("norm", self.dtype)(x)
@@ -177,7 +186,7 @@ class ResidualUnit(nn.Module):
   """y = F(x) + P(x), the ResUNet block."""
 
   features: int
-  strides: int = 1
+  strides: Strides = 1
   preactivate: bool = True
   dtype: Dtype = jnp.float32
   conv_impl: str = "xla"
@@ -191,7 +200,7 @@ class ResidualUnit(nn.Module):
 
 
 def residual_unit_parts(
-  features: int, strides: int, preactivate: bool, dtype: Dtype, conv_impl: str
+  features: int, strides: Strides, preactivate: bool, dtype: Dtype, conv_impl: str
 ) -> tuple[nn.Module, nn.Module]:
   """(F, P) of a residual unit, named ``residual`` and ``projection``.
 
@@ -224,6 +233,7 @@ class Decoder(nn.Module):
 
   ``num_outputs=None`` returns the last level's features [B, D, H, W, features[0]]
   instead of logits, for models that fuse or refine before their own heads.
+  ``strides``: the encoder's (``level_strides``); level l upsamples by level l+1's.
   """
 
   features: tuple[int, ...]
@@ -231,14 +241,18 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   return_levels: bool = False
   conv_impl: str = "xla"
+  strides: tuple[Triple, ...] | None = None
 
   @nn.compact
   def __call__(self, skips: list[jax.Array]) -> jax.Array | list[jax.Array]:
     """``return_levels``: every level's output, full resolution first, bottleneck last."""
     x = skips[-1]
     levels = [x]
+    strides = level_strides(self.strides, len(skips))
     for level in range(len(skips) - 2, -1, -1):
-      x = UpConv(self.features[level], self.dtype, self.conv_impl, name=f"up{level}")(x)
+      x = UpConv(
+        self.features[level], self.dtype, self.conv_impl, strides[level + 1], name=f"up{level}"
+      )(x)
       x = jnp.concatenate([x, skips[level]], axis=-1)
       x = ResidualUnit(
         self.features[level], 1, True, self.dtype, conv_impl=self.conv_impl, name=f"level{level}"
@@ -260,3 +274,4 @@ class TwoSequenceModel(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False  # recompute encoder levels in the backward pass
   conv_impl: str = "xla"
+  strides: tuple[Triple, ...] | None = None  # per encoder level, see `level_strides`

@@ -13,6 +13,7 @@ them, and keeps the coarse prediction elsewhere.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -108,18 +109,19 @@ class UncertainRegionInpainting(nn.Module):
 class LiTS(layers.TwoSequenceModel):
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
-    impl = self.conv_impl
-    main = ResUNetEncoder(
-      self.features, self.dtype, self.remat, conv_impl=impl, name="post_encoder"
-    )(post.astype(self.dtype))
-    aux = ResUNetEncoder(self.features, self.dtype, self.remat, conv_impl=impl, name="pre_encoder")(
-      pre.astype(self.dtype)
+    impl, strides = self.conv_impl, self.strides
+    encoder = functools.partial(
+      ResUNetEncoder, self.features, self.dtype, self.remat, conv_impl=impl, strides=strides
     )
+    main = encoder(name="post_encoder")(post.astype(self.dtype))
+    aux = encoder(name="pre_encoder")(pre.astype(self.dtype))
     skips = [
       DeformableAggregation(f, self.dtype, conv_impl=impl, name=f"aggregate{level}")(m, a)
       for level, (f, m, a) in enumerate(zip(self.features, main, aux))
     ]
-    feats = layers.Decoder(self.features, None, self.dtype, conv_impl=impl, name="decoder")(skips)
+    feats = layers.Decoder(
+      self.features, None, self.dtype, conv_impl=impl, strides=strides, name="decoder"
+    )(skips)
     coarse = layers.SegmentationHead(self.num_outputs, self.dtype, name="coarse_head")(feats)
     self.sow("aux_logits", "coarse", coarse)
     return UncertainRegionInpainting(

@@ -35,7 +35,7 @@ class FusionWeight(nn.Module):
   """
 
   features: int
-  strides: int
+  strides: layers.Strides
   fusion: str
   dtype: Any = jnp.float32
 
@@ -56,7 +56,7 @@ class ResFuseLevel(nn.Module):
   """One encoder level applied to both branches, F_l in a single batched call."""
 
   features: int
-  strides: int
+  strides: layers.Strides
   preactivate: bool
   fusion: str
   fuse: bool = True
@@ -90,16 +90,18 @@ class ResFuseEncoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False  # recompute each level in the backward pass instead of storing it
   conv_impl: str = "xla"
+  strides: tuple[layers.Triple, ...] | None = None  # per level, see `layers.level_strides`
 
   @nn.compact
   def __call__(self, main: jax.Array, aux: jax.Array) -> list[jax.Array]:
     level_cls = nn.remat(ResFuseLevel) if self.remat else ResFuseLevel
     skips = []
+    strides = layers.level_strides(self.strides, len(self.features))
     for level, feats in enumerate(self.features):
       fuse = self.fuse_levels is None or level in self.fuse_levels
       main, aux = level_cls(
         feats,
-        strides=1 if level == 0 else 2,
+        strides=strides[level],
         preactivate=level > 0,
         fusion=self.fusion,
         fuse=fuse,
@@ -121,6 +123,7 @@ class ResFuse(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   conv_impl: str = "xla"
+  strides: tuple[layers.Triple, ...] | None = None
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
@@ -134,8 +137,14 @@ class ResFuse(nn.Module):
       self.dtype,
       self.remat,
       conv_impl=self.conv_impl,
+      strides=self.strides,
       name="encoder",
     )(post.astype(self.dtype), pre.astype(self.dtype))
     return layers.Decoder(
-      self.features, self.num_outputs, self.dtype, conv_impl=self.conv_impl, name="decoder"
+      self.features,
+      self.num_outputs,
+      self.dtype,
+      conv_impl=self.conv_impl,
+      strides=self.strides,
+      name="decoder",
     )(skips)

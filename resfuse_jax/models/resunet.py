@@ -12,21 +12,23 @@ from resfuse_jax.models import layers
 
 
 class ResUNetEncoder(nn.Module):
-  """Residual units; level 0 keeps the resolution, every further level halves it."""
+  """Residual units; level 0 keeps the resolution, every further level pools by its strides."""
 
   features: tuple[int, ...]
   dtype: Any = jnp.float32
   remat: bool = False  # recompute each level in the backward pass instead of storing it
   conv_impl: str = "xla"
+  strides: tuple[layers.Triple, ...] | None = None  # per level, see `layers.level_strides`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     unit = nn.remat(layers.ResidualUnit) if self.remat else layers.ResidualUnit
     skips = []
+    strides = layers.level_strides(self.strides, len(self.features))
     for level, feats in enumerate(self.features):
       x = unit(
         feats,
-        strides=1 if level == 0 else 2,
+        strides=strides[level],
         preactivate=level > 0,
         dtype=self.dtype,
         conv_impl=self.conv_impl,
@@ -49,6 +51,7 @@ class ResUNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   conv_impl: str = "xla"
+  strides: tuple[layers.Triple, ...] | None = None
 
   @nn.compact
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
@@ -59,9 +62,10 @@ class ResUNet(nn.Module):
       x = jnp.concatenate([pre, post], axis=-1)
     else:
       raise ValueError(f"ResUNet.inputs must be 'post' or 'pre+post', got {self.inputs!r}")
+    impl, strides = self.conv_impl, self.strides
     skips = ResUNetEncoder(
-      self.features, self.dtype, self.remat, conv_impl=self.conv_impl, name="encoder"
+      self.features, self.dtype, self.remat, conv_impl=impl, strides=strides, name="encoder"
     )(x.astype(self.dtype))
     return layers.Decoder(
-      self.features, self.num_outputs, self.dtype, conv_impl=self.conv_impl, name="decoder"
+      self.features, self.num_outputs, self.dtype, conv_impl=impl, strides=strides, name="decoder"
     )(skips)

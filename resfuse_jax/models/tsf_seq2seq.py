@@ -61,8 +61,9 @@ class TSFSeq2Seq(layers.TwoSequenceModel):
   def __call__(self, pre: jax.Array, post: jax.Array) -> jax.Array:
     n = pre.shape[0]
     both = jnp.concatenate([pre, post], axis=0).astype(self.dtype)  # [2B, ...]: one shared call
+    impl, strides = self.conv_impl, self.strides
     encoded = ResUNetEncoder(
-      self.features, self.dtype, self.remat, conv_impl=self.conv_impl, name="encoder"
+      self.features, self.dtype, self.remat, conv_impl=impl, strides=strides, name="encoder"
     )(both)
     task_code = self.param("task_code", nn.initializers.normal(1.0), (TASK_CODE_DIM,))
     weights = jax.nn.softmax(nn.Dense(NUM_SEQUENCES, name="sequence_weights")(task_code))
@@ -78,7 +79,7 @@ class TSFSeq2Seq(layers.TwoSequenceModel):
       refined.append(fused + attention(jnp.concatenate([e_pre, e_post], -1), task_code))
     skips = [jnp.concatenate([r, p], axis=0) for r, p in zip(refined, plain)]
     logits = layers.Decoder(
-      self.features, self.num_outputs, self.dtype, conv_impl=self.conv_impl, name="decoder"
+      self.features, self.num_outputs, self.dtype, conv_impl=impl, strides=strides, name="decoder"
     )(skips)
     self.sow("aux_logits", "without_attention", logits[n:])
     return logits[:n]

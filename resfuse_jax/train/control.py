@@ -24,7 +24,7 @@ from absl import logging
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from resfuse_jax import checkpointing, sharding
+from resfuse_jax import checkpointing, config_lib, sharding
 from resfuse_jax.errors import Preempted
 from resfuse_jax.train.step import NO_NONFINITE_STEP, TrainState, init_state
 
@@ -90,7 +90,7 @@ def build_or_restore_state(
   Restoring also moves ``train_iter`` to the saved position. Returns (state, step).
   """
   patch = tuple(config.data.patch_size)
-  sharding.check_patch_size(patch, len(config.model.features), mesh)
+  sharding.check_patch_size(patch, config_lib.downsampling(config.model)[0], mesh)
   init = jax.jit(
     functools.partial(init_state, model, tx, patch), out_shardings=sharding.replicated(mesh)
   )
