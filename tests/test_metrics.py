@@ -131,6 +131,42 @@ def test_lesion_wise_ignores_small_lesions_and_predictions_on_them():
   assert missed_small["dice"] == 1.0
 
 
+def test_lesion_rules_in_mm_are_the_voxel_rules_on_a_1mm_grid():
+  """3 mm is 3 iterations of the 26-connected dilation at 1 mm; 50 mm³ is 50 voxels."""
+  from scipy import ndimage
+
+  assert metrics.dilation_radius((1.0, 1.0, 1.0)) == (3, 3, 3)
+  assert metrics.dilation_radius((2.0, 0.5, 1.5)) == (1, 6, 2)
+  rng = np.random.default_rng(0)
+  for k in (1, 2, 3):
+    seeds = rng.random((18, 21, 15)) < 0.01
+    seeds[0, 0, 0] = seeds[-1, 10, -1] = True  # at the faces: clipped alike
+    old = ndimage.binary_dilation(seeds, np.ones((3, 3, 3), bool), iterations=k)
+    np.testing.assert_array_equal(metrics.dilate_box(seeds, (k, k, k)), old)
+  big = cube(L, (5, 5, 5), 4)
+  for size, counted in ((49, False), (50, True)):
+    satellite = mask(L, np.s_[30:40, 30:35, 30])  # 50 voxels
+    satellite[39, 34, 30] = size == 50
+    out = metrics.lesion_wise(big, big | satellite)  # the satellite missed
+    assert out["lesions"] == 1 + counted and out["dice"] == (0.5 if counted else 1.0)
+
+
+def test_lesion_rules_keep_their_physical_size_on_a_2mm_grid():
+  """At 2 mm a voxel holds 8 mm³ and the dilation reaches one voxel, not three."""
+  two = (2.0, 2.0, 2.0)
+  voxel_rule = {"dilation_mm": 6.0, "min_lesion_mm3": 400.0}  # 3 and 50 voxels of 2 mm
+  big = cube(L, (5, 5, 5), 4)
+  for length, counted in ((6, False), (7, True)):  # 48 mm³ and 56 mm³
+    ref = big | mask(L, np.s_[30 : 30 + length, 30, 30])
+    out = metrics.lesion_wise(big, ref, two)  # the satellite missed
+    assert out["lesions"] == 1 + counted and out["dice"] == (0.5 if counted else 1.0)
+    assert metrics.lesion_wise(big, ref, two, **voxel_rule)["lesions"] == 1  # too small in voxels
+  gap4 = cube(L, (5, 5, 5), 4) | cube(L, (5, 5, 13), 4)  # 4 voxels apart: 8 mm at 2 mm
+  assert metrics.lesion_wise(gap4, gap4, two)["lesions"] == 2
+  assert metrics.lesion_wise(gap4, gap4, two, **voxel_rule)["lesions"] == 1
+  assert metrics.lesion_wise(gap4, gap4)["lesions"] == 1  # 4 mm apart at 1 mm: merged
+
+
 def test_region_metrics_report_the_packages_rules_leaving_out_empty_cases():
   ref = np.zeros((12, 12, 12, 1), bool)
   ref[2:6, 2:6, 2:6] = True

@@ -52,7 +52,8 @@ def settings_key(dataset: str, settings: PrepSettings) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _source_stamp(files: CaseFiles) -> dict:
+def source_stamp(files: CaseFiles) -> dict:
+  """Path, size and mtime of each source file: a cached record is stale when these change."""
   out = {}
   for kind in ("pre", "post", "label"):
     path = getattr(files, kind)
@@ -161,7 +162,7 @@ def case_problem(case_dir: Path, files: CaseFiles, hashes: bool | str = "once") 
     meta = read_meta(case_dir)
   except DataError as e:
     return str(e)
-  if meta["sources"] != _source_stamp(files):
+  if meta["sources"] != source_stamp(files):
     return "its source files changed"
   return array_problem(case_dir, meta, hashes)
 
@@ -184,7 +185,7 @@ def _write_entry(tmp: Path, case: Case, files: CaseFiles, regions: dict) -> dict
   meta = {
     "version": VERSION,
     "case_id": case.case_id,
-    "sources": _source_stamp(files),
+    "sources": source_stamp(files),
     "affine": case.affine.tolist(),
     "shape": list(case.shape),
     "crop": [list(b) for b in case.crop],
@@ -325,6 +326,12 @@ def build(
   return [f.case_id for f in files if f.case_id not in bad_ids], bad
 
 
+def _source_path(meta: dict, kind: str) -> Path | None:
+  """The source file of ``kind`` that the case was built from (``meta['sources']``)."""
+  source = meta["sources"].get(kind) if isinstance(meta["sources"], dict) else None
+  return Path(source["path"]) if isinstance(source, dict) and "path" in source else None
+
+
 def load_case(case_dir: Path) -> Case:
   """A cached case with its volumes memory-mapped (nothing read until sliced).
 
@@ -350,6 +357,7 @@ def load_case(case_dir: Path) -> Case:
     crop=tuple(tuple(b) for b in meta["crop"]),
     original_spacing=tuple(meta["original_spacing"]),
     normalization=meta["normalization"],
+    label_file=_source_path(meta, "label"),
   )
   case.fg_locations = [np.load(entry_file(case_dir, n)) for n in meta["fg_locations"].values()]
   return case

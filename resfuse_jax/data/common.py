@@ -62,7 +62,8 @@ class Case:
   ``pre``/``post`` are float32 [D, H, W]; ``label`` uint8 [D, H, W] or None.
   ``crop`` is the (start, stop) box in the canonical grid, before any
   resampling to ``spacing`` from ``original_spacing``; ``affine``/``shape`` are
-  the file's own, kept so predictions can be written back to it.
+  the file's own, kept so predictions can be written back to it. ``label_file`` is
+  the source label map (None without one): evaluation scores on its grid.
   """
 
   case_id: str
@@ -76,6 +77,7 @@ class Case:
   original_spacing: tuple[float, float, float] | None = None
   normalization: dict | None = None
   fg_locations: list[np.ndarray] | None = None  # per region: [N, 3] voxel indices
+  label_file: Path | None = None
 
 
 def check_header(img, path: Path, case_id: str, kind: str, limits: InputLimits) -> None:

@@ -256,6 +256,25 @@ def _read_checked(files: CaseFiles, label_values, settings, limits, training: bo
   return pre, post, label, pre_img, spacing
 
 
+def read_checked(files: CaseFiles, label_values, settings, limits):
+  """(pre, post, label or None, the pre-contrast image, spacing): the canonical arrays every
+  check passed, before cropping (what preprocessing and the planner's fingerprint read).
+
+  Every failure is a ``DataError`` naming the case, as in `preprocess_case`.
+  """
+  if files.problem:
+    raise DataError(files.problem)
+  try:
+    check_case_id(files)
+    return _read_checked(files, label_values, settings, limits)
+  except DataError:
+    raise
+  except MemoryError:
+    raise DataError(f"case {files.case_id}: out of memory while reading {files.pre}") from None
+  except Exception as e:
+    raise DataError(f"case {files.case_id}: reading failed: {type(e).__name__}: {e}") from e
+
+
 def _crop_and_resample(cid, files, pre, post, label, spacing, settings, limits):
   """The scans cut to their non-zero box, then on ``data.target_spacing`` when one is set."""
   box = nonzero_box(pre, post)
@@ -307,4 +326,5 @@ def _preprocess_case(files: CaseFiles, label_values, settings, limits, training=
     crop=box,
     original_spacing=spacing,
     normalization=stats,
+    label_file=files.label,
   )

@@ -16,7 +16,7 @@ from absl import logging
 
 from resfuse_jax import data, files
 from resfuse_jax.errors import CheckpointError
-from resfuse_jax.evaluation import metrics, postprocess_selection, report
+from resfuse_jax.evaluation import grids, metrics, postprocess_selection, report
 from resfuse_jax.evaluation.finalize import finalize
 from resfuse_jax.inference import outputs, postprocess, tiler
 from resfuse_jax.inference.predictor import Predictor
@@ -36,6 +36,8 @@ def evaluate_cases(
   lesion_wise: bool = False,
   on_case: CaseHook | None = None,
   rules: list[postprocess.Rule] | None = None,
+  grid: str = grids.ORIGINAL,
+  collect: list[postprocess_selection.CaseMasks] | None = None,
 ) -> metrics.RegionMetrics:
   """Sliding-window prediction of whole volumes, post-processed, scored per case.
 
@@ -44,13 +46,20 @@ def evaluate_cases(
     cases: labelled cases on their preprocessed grid.
     config: the run's config (window, overlap, thresholds, component filter, regions).
     tta: average the 8 mirrored predictions.
-    lesion_wise: add BraTS 2023 lesion-wise Dice and HD95.
-    on_case: called with (case, probabilities [D, H, W, R], masks [D, H, W, R], metrics row).
+    lesion_wise: add BraTS 2023 lesion-wise Dice and HD95 (rules in mm: 3 mm, 50 mm³).
+    on_case: called with (case, probabilities [D, H, W, R], masks [D, H, W, R], metrics row);
+      probabilities and masks on the preprocessed grid (what figures overlay).
     rules: post-processing per region (default none); masks are nested either way, as the
       label map ``predict`` writes reads them.
+    grid: where the scores are computed (``grids``): ``original`` (default: each case's
+      source grid and label file, the numbers to report) or ``resampled`` (the
+      preprocessed grid: a cheap progress signal during training).
+    collect: receives every case's cropped thresholded masks and reference on ``grid``
+      (what the post-processing is chosen on).
   """
   dataset = Task.from_config(config).dataset
   settings = postprocess.settings_from_config(config.eval)
+  limits = data.input_limits(config.data)
   acc = metrics.RegionMetrics(dataset.region_names, lesion_wise=lesion_wise)
   for case in cases:
     if case.label is None:
@@ -58,11 +67,14 @@ def evaluate_cases(
     probs = tiler.predict_volume(
       predict, case, config, batch_size, mirror_axes=(0, 1, 2) if tta else ()
     )
-    masks = postprocess.probabilities_to_masks(probs, **settings, rules=rules, spacing=case.spacing)
-    reference = postprocess.region_masks(np.asarray(case.label), dataset.regions)
-    row = acc.add(case.case_id, masks, reference, case.spacing)
+    thresholded = postprocess.threshold(probs, **settings)
+    scored = grids.case_masks(case, thresholded, dataset.regions, grid, limits)
+    pred = postprocess.apply_rules(scored.pred, rules, scored.spacing)
+    row = acc.add(case.case_id, pred, scored.ref, scored.spacing)
+    if collect is not None:
+      collect.append(scored)
     if on_case is not None:
-      on_case(case, probs, masks, row)
+      on_case(case, probs, postprocess.apply_rules(thresholded, rules, case.spacing), row)
   return acc
 
 
@@ -94,7 +106,8 @@ def evaluate_workdir(
 ) -> tuple[Path, dict]:
   """Evaluates a trained workdir on every case of its validation fold.
 
-  Writes ``W/eval-<step>[-tta]/`` (``Workdir.eval_dir``) through ``finalize``: results
+  Every score is computed on each case's original grid against its source label file
+  (``grids``). Writes ``W/eval-<step>[-tta]/`` (``Workdir.eval_dir``) through ``finalize``: results
   (training's keys plus standard deviations, the TTA flag, for BraTS regions lesion-wise
   metrics, and ``postprocessed``: the same after the rules chosen on these cases), those
   rules, per-case rows before and after them; then the paper-layout report and a figure
@@ -111,10 +124,9 @@ def evaluate_workdir(
   cases = data.load_cases(cache, val_ids)
   out = w.eval_dir(predictor.step, tta).make()
   figure = _figure_writer(out.figures_dir, predictor) if figures else None
-  collector = postprocess_selection.Collector(config.eval, task.regions)
+  collected: list[postprocess_selection.CaseMasks] = []
 
   def log_case(case, probs, masks, row):
-    collector(case, probs, masks, row)
     if figure is not None:
       figure(case, probs, masks, row)
     dice = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("dice_"))
@@ -127,9 +139,11 @@ def evaluate_workdir(
     tta=tta,
     lesion_wise=task.dataset.brats_like,
     on_case=log_case,
+    grid=grids.ORIGINAL,
+    collect=collected,
   )
   results = finalize(
-    out, task, predictor.step, predictor.num_params, acc, collector.cases, extra={"tta": tta}
+    out, task, predictor.step, predictor.num_params, acc, collected, extra={"tta": tta}
   )
   files.write_text(out.report_file, report.results_markdown([results], task.region_names))
   return out.path, results

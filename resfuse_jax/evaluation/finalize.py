@@ -43,9 +43,9 @@ def finalize(
 ) -> dict:
   """Chooses the post-processing on ``cases`` and writes the folder's results; returns them.
 
-  ``val``: the metrics before post-processing; ``cases``: every validation case's masks
-  (a ``postprocess_selection.Collector``'s). ``extra``: more keys for ``results.json``;
-  ``keep_masks`` also saves the masks (for pooling the folds of a cross-validation).
+  ``val``: the metrics before post-processing; ``cases``: every validation case's masks on
+  the grid ``val`` was scored on (``evaluate_cases(collect=...)``: each case's original
+  grid). ``extra``: more keys for ``results.json``; ``keep_masks`` also saves the masks (for pooling the folds of a cross-validation).
   ``results.json`` is written last: a folder that has it is complete.
   """
   names, brats_like = task.region_names, task.dataset.brats_like

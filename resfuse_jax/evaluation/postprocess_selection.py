@@ -1,10 +1,10 @@
 """Post-processing chosen on validation, per region (nnU-Net's ``determine_postprocessing``).
 
-The final validation saves every case's thresholded masks and references once,
-cropped to the box of prediction ∪ reference plus a margin that keeps the
-lesion-wise matching (a 3-voxel dilation) and HD95 exact, so every candidate
-rule is scored without a second forward pass, and the folds of a cross-validation
-can be pooled. Regions are chosen outer first (an inner region only keeps what
+The final validation saves every case's thresholded masks and references once, on
+the case's original grid (``evaluate_cases(grid='original')``), cropped to the box of
+prediction ∪ reference plus a margin that keeps the lesion-wise matching (a 3 mm
+dilation) and HD95 exact, so every candidate rule is scored without a second forward
+pass, and the folds of a cross-validation can be pooled. Regions are chosen outer first (an inner region only keeps what
 its processed outer region kept), each by the validation score: BraTS 2023
 lesion-wise Dice for BraTS regions, voxel Dice otherwise; ties go to the rule
 with fewer operations, then to the smaller threshold.
@@ -25,7 +25,7 @@ from resfuse_jax.inference import postprocess
 from resfuse_jax.inference.postprocess import NO_RULE, Rule
 from resfuse_jax.workdir import Workdir
 
-MARGIN = metrics.LESION_DILATION + 2  # voxels kept around prediction ∪ reference
+MARGIN = 2  # voxels kept around prediction ∪ reference beyond the lesion-wise dilation
 MIN_COMPONENT_GRID_MM3 = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 RELABEL_GRID_MM3 = (50.0, 100.0, 200.0, 500.0, 1000.0)
 TOLERANCE = 1e-9
@@ -43,32 +43,23 @@ class CaseMasks:
 
 
 def crop_case(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing) -> CaseMasks:
-  """The box of pred ∪ ref (any region) plus ``MARGIN`` voxels, clipped to the volume."""
+  """The box of pred ∪ ref (any region) plus a margin, clipped to the volume.
+
+  The margin per axis is the lesion-wise dilation in voxels (``metrics.dilation_radius``,
+  3 mm) plus ``MARGIN``: every metric and rule scores the crop as the whole volume.
+  """
   occupied = pred.any(-1) | ref.any(-1)
+  spacing = tuple(float(s) for s in spacing)
   if not occupied.any():
-    return CaseMasks(case_id, pred[:1, :1, :1], ref[:1, :1, :1], tuple(spacing))
+    return CaseMasks(case_id, pred[:1, :1, :1].copy(), ref[:1, :1, :1].copy(), spacing)
   box = []
-  for axis in range(3):
+  for axis, radius in enumerate(metrics.dilation_radius(spacing)):
     other = tuple(a for a in range(3) if a != axis)
     idx = np.flatnonzero(occupied.any(axis=other))
-    box.append(slice(max(idx[0] - MARGIN, 0), min(idx[-1] + 1 + MARGIN, occupied.shape[axis])))
+    margin = radius + MARGIN
+    box.append(slice(max(idx[0] - margin, 0), min(idx[-1] + 1 + margin, occupied.shape[axis])))
   box = tuple(box)
-  return CaseMasks(case_id, pred[box].copy(), ref[box].copy(), tuple(float(s) for s in spacing))
-
-
-class Collector:
-  """An ``evaluate_cases`` hook keeping each case's cropped thresholded masks."""
-
-  def __init__(self, eval_config, regions: dict[str, tuple[int, ...]]):
-    self.settings = postprocess.settings_from_config(eval_config)
-    self.regions = regions
-    self.cases: list[CaseMasks] = []
-
-  def __call__(self, case, probs, masks, row) -> None:
-    del masks, row
-    pred = postprocess.threshold(probs, **self.settings)
-    ref = postprocess.region_masks(np.asarray(case.label), self.regions)
-    self.cases.append(crop_case(case.case_id, pred, ref, case.spacing))
+  return CaseMasks(case_id, pred[box].copy(), ref[box].copy(), spacing)
 
 
 def save_masks(path: str | Path, cases: Sequence[CaseMasks]) -> Path:

@@ -45,17 +45,20 @@ def predict_case(
       f"the model (checkpoint step {predictor.step}) gave non-finite probabilities for case "
       f"{files.case_id}; its parameters are damaged. Nothing was written to {out}"
     )
-  labels = postprocess.probabilities_to_labels(
-    probs,
-    predictor.dataset.regions,
-    **postprocess.settings_from_config(config.eval),
-    rules=predictor.rules,
-    spacing=case.spacing,
-  )
-  geometry.save_label_map(labels, case, out)
+  regions = predictor.dataset.regions
+  thresholded = postprocess.threshold(probs, **postprocess.settings_from_config(config.eval))
+  # The rules were chosen on each validation case's original grid: applied there too.
+  masks = geometry.to_canonical_grid(thresholded, case)
+  masks = postprocess.apply_rules(masks, predictor.rules, case.original_spacing or case.spacing)
+  geometry.save_canonical_label_map(postprocess.masks_to_labels(masks, regions), case, out)
+  del masks
   _, probs_file, figure_file = case_outputs(out, True, True)  # the names check_outputs checks
   if figure:
     from resfuse_jax import visualize  # matplotlib only when figures are asked for
+
+    labels = postprocess.masks_to_labels(
+      postprocess.apply_rules(thresholded, predictor.rules, case.spacing), regions
+    )
 
     visualize.case_figure(
       figure_file,

@@ -2,7 +2,11 @@
 
 Host syncs happen only at those boundaries (``train.log_every``,
 ``eval.every_steps``, ``checkpoint.every_steps``, the last step, a stop request).
-Validation runs the one evaluation path (``evaluation.evaluate_cases``).
+Validation runs the one evaluation path (``evaluation.evaluate_cases``): the periodic
+one on the resampled (preprocessed) grid, a cheap progress signal logged as
+``val_resampled_grid/*``; the final one on each case's original grid (``val/*``, the
+results), with its resampled-grid Dice logged beside it so the progress curve and the
+best-checkpoint metric compare like with like.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import numpy as np
 from absl import logging
 
 from resfuse_jax import backend, checkpointing, data, sharding
-from resfuse_jax.evaluation import evaluation, metrics, postprocess_selection
-from resfuse_jax.inference import tiler
+from resfuse_jax.evaluation import evaluation, grids, metrics
+from resfuse_jax.inference import postprocess, tiler
 from resfuse_jax.train import control, resident
 from resfuse_jax.train.inputs import RunData
 from resfuse_jax.train.step import TrainMetrics, TrainState, input_sharding
+
+RESAMPLED_PREFIX = "val_resampled_grid"  # TensorBoard: the periodic validation's scalars
 
 
 class Progress:
@@ -63,7 +69,8 @@ class Loop:
   manager: Any
   writer: Any
   mesh: Any
-  final_masks: list | None = None  # the final validation's cropped masks
+  final_masks: list | None = None  # the final validation's cropped masks (original grids)
+  final_resampled_dice: dict | None = None  # its Dice per region on the resampled grid
 
 
 def validate(
@@ -72,15 +79,18 @@ def validate(
   cases: list[data.Case],
   config,
   mesh,
-  collector: postprocess_selection.Collector | None = None,
+  on_case: evaluation.CaseHook | None = None,
   lesion_wise: bool = False,
+  grid: str = grids.RESAMPLED,
+  collect: list | None = None,
 ) -> metrics.RegionMetrics:
   """Validation through the one evaluation path, windows split over the mesh's 'data'.
 
   On one device the window function goes to the tiler whole (`tiler.JaxWindow`), so
   the backend's tiling placement applies (on a GPU: cut, predicted and blended on the
   device); over several devices the host cuts the windows and the mesh splits them.
-  ``collector`` keeps every case's masks; ``lesion_wise`` adds BraTS lesion-wise metrics.
+  ``grid``: where the scores are computed (``evaluation.grids``); ``collect`` keeps every
+  case's masks there; ``lesion_wise`` adds BraTS lesion-wise metrics.
   """
   n = mesh.shape[sharding.DATA]
   batch = -(-backend.resolve("eval_batch_size", config.eval.batch_size) // n) * n
@@ -93,18 +103,35 @@ def validate(
     predict = tiler.JaxWindow(window_fn, params)
 
   return evaluation.evaluate_cases(
-    predict, cases, config, batch_size=batch, lesion_wise=lesion_wise, on_case=collector
-  )
+    predict, cases, config, batch_size=batch, lesion_wise=lesion_wise, on_case=on_case,
+    grid=grid, collect=collect,
+  )  # fmt: skip
+
+
+def resampled_dice_hook(regions: dict, rows: list) -> evaluation.CaseHook:
+  """An ``evaluate_cases`` hook appending each case's Dice per region on the resampled grid."""
+
+  def hook(case, probs, masks, row):
+    del probs, row
+    ref = postprocess.region_masks(np.asarray(case.label), regions)
+    rows.append([metrics.dice(masks[..., r], ref[..., r]) for r in range(ref.shape[-1])])
+
+  return hook
 
 
 def final_validation(config, loop: Loop, state: TrainState, run: RunData):
-  """The last validation, keeping every case's masks for choosing the post-processing."""
-  collector = postprocess_selection.Collector(config.eval, run.dataset.regions)
+  """The last validation, on the original grids, keeping every case's masks there for
+  choosing the post-processing (and the resampled-grid Dice, ``loop.final_resampled_dice``)."""
+  collected, resampled = [], []
   val = validate(
-    loop.window_fn, state.params, run.val_cases, config, loop.mesh, collector,
-    lesion_wise=run.dataset.brats_like,
+    loop.window_fn, state.params, run.val_cases, config, loop.mesh,
+    resampled_dice_hook(run.dataset.regions, resampled), lesion_wise=run.dataset.brats_like,
+    grid=grids.ORIGINAL, collect=collected,
   )  # fmt: skip
-  loop.final_masks = collector.cases
+  loop.final_masks = collected
+  means = np.mean(resampled, axis=0)
+  loop.final_resampled_dice = dict(zip(run.dataset.region_names, map(float, means)))
+  loop.final_resampled_dice["mean"] = float(np.mean(means))
   return val
 
 
@@ -128,24 +155,32 @@ def _log_train(step: int, total: int, computed: dict, progress: Progress, writer
 
 
 def _validate_and_log(config, loop: Loop, state, run: RunData, step: int):
+  """Validates; returns (its metrics, the resampled-grid mean Dice: comparable across steps)."""
   t0 = time.perf_counter()
   if step == config.train.steps:
     val = final_validation(config, loop, state, run)
+    progress = loop.final_resampled_dice
+    scalars = {f"{RESAMPLED_PREFIX}/dice_{r}": v for r, v in progress.items()}
+    scalars.update({f"val/{m}_{r}": v for m, d in val.summary().items() for r, v in d.items()})
+    where = "original grids"
   else:
     val = validate(loop.window_fn, state.params, run.val_cases, config, loop.mesh)
     loop.final_masks = None
-  summary = val.summary()
-  loop.writer.write_scalars(
-    step, {f"val/{m}_{r}": v for m, d in summary.items() for r, v in d.items()}
-  )
+    progress = val.summary()["dice"]
+    scalars = {
+      f"{RESAMPLED_PREFIX}/{m}_{r}": v for m, d in val.summary().items() for r, v in d.items()
+    }
+    where = "resampled grid, a progress signal"
+  loop.writer.write_scalars(step, scalars)
   logging.info(
-    "step %d validation (%d cases, %.1fs): Dice %s",
+    "step %d validation (%d cases, %.1fs, %s): Dice %s",
     step,
     len(run.val_cases),
     time.perf_counter() - t0,
-    ", ".join(f"{r} {v:.4f}" for r, v in summary["dice"].items()),
+    where,
+    ", ".join(f"{r} {v:.4f}" for r, v in val.summary()["dice"].items()),
   )
-  return val
+  return val, progress["mean"]
 
 
 @dataclasses.dataclass
@@ -200,8 +235,8 @@ def train_loop(config, loop: Loop, state: TrainState, start_step: int, run: RunD
         _log_train(step, total, computed, progress, loop.writer)
       ckpt_metrics = None
       if at.evaluate:
-        val = _validate_and_log(config, loop, state, run, step)
-        ckpt_metrics = {checkpointing.BEST_METRIC: val.summary()["dice"]["mean"]}
+        val, progress_dice = _validate_and_log(config, loop, state, run, step)
+        ckpt_metrics = {checkpointing.BEST_METRIC: progress_dice}
         progress.last_time = time.perf_counter()  # keep evaluation out of steps/s
       if at.save:
         checkpointing.save(loop.manager, step, state, loop.train_iter, ckpt_metrics)
