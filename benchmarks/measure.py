@@ -158,15 +158,9 @@ def compile_jitted(jitted, *args) -> Compiled:
   compile_s = time.perf_counter() - t
   cost = executable.cost_analysis()
   cost = (cost[0] if isinstance(cost, list) else cost) or {}  # older jax: one dict per device
-  mem = executable.memory_analysis()
-  memory = math.nan
-  if mem is not None:
-    memory = float(
-      mem.temp_size_in_bytes
-      + mem.argument_size_in_bytes
-      + mem.output_size_in_bytes
-      - mem.alias_size_in_bytes
-    )
+  from resfuse_jax.planning.memory import step_memory_bytes  # the planner's own measure
+
+  memory = step_memory_bytes(executable.memory_analysis())
   flops, moved = float(cost.get("flops", math.nan)), float(cost.get("bytes accessed", math.nan))
   return Compiled(executable, compile_s, flops, moved, memory)
 

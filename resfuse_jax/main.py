@@ -1,7 +1,7 @@
 """Trains and evaluates a model: ``python -m resfuse_jax.main --config=configs/phantom.py``.
 
 Only parses flags, starts the multi-process runtime when asked, and calls
-``train.train_and_evaluate``.
+``train.train_and_evaluate`` (with ``--plan``: ``planning.planner.plan_and_train``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resfuse_jax import cli, train
+from resfuse_jax.planning import planner
 
 FLAGS = flags.FLAGS
 ENV_KEYS = {
@@ -65,6 +66,16 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
   )
+  flags.DEFINE_string(
+    "plan",
+    None,
+    "Plan the training geometry first: 'auto' (fingerprint the data and measure the step on "
+    "this device, as python -m resfuse_jax.plan does) or a plan.json file. Values given as "
+    "--config.KEY=... win over the plan; W/plan.json records both. A resumed run keeps W's plan.",
+  )
+  flags.DEFINE_float(
+    "memory_gb", None, "With --plan=auto: the memory budget in GiB (default: the device's)."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -80,7 +91,13 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.plan:
+    explicit = config_flags.get_override_values(FLAGS["config"])
+    planner.plan_and_train(
+      FLAGS.config, FLAGS.workdir, FLAGS.plan, explicit, memory_gb=FLAGS.memory_gb
+    )
+  else:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def run():

@@ -27,6 +27,7 @@ from resfuse_jax.errors import CheckpointError, DataError
 
 CONFIG = "config.json"  # the resolved config; an export folder holds one too
 SPLITS = "splits.json"
+PLAN = "plan.json"  # the training geometry planned for this run (main --plan), as applied
 RESULTS = "results.json"
 METRICS = "metrics.csv"  # one row per validation case
 METRICS_POSTPROCESSED = "metrics_postprocessed.csv"
@@ -150,6 +151,7 @@ class Workdir(Results):
 
   config_file = property(lambda self: self.path / CONFIG)
   splits_file = property(lambda self: self.path / SPLITS)
+  plan_file = property(lambda self: self.path / PLAN)
   checkpoints_dir = property(lambda self: self.path / CHECKPOINTS)
   bad_cases_file = property(lambda self: self.path / BAD_CASES)
   comparison_json = property(lambda self: self.path / COMPARISON_JSON)
@@ -236,6 +238,9 @@ class Workdir(Results):
     if not self.splits_file.is_file():
       raise CheckpointError(f"{self.path} has no {SPLITS}: not a training workdir")
     return _read_json(self.splits_file, "it names this run's validation cases")
+
+  def write_plan(self, record: dict) -> None:
+    files.write_json(self.plan_file, record)
 
   def write_splits(self, splits: dict, bad_cases: list[dict]) -> None:
     files.write_json(self.splits_file, splits)

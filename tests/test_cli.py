@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from resfuse_jax import errors
 
-CLIS = ["main", "preprocess", "predict", "evaluate", "compare", "export"]
+CLIS = ["main", "preprocess", "plan", "predict", "evaluate", "compare", "export"]
 OUR_FLAGS = {"config", "workdir", "models", "seeds", "output", "pre", "post", "model", "tta"}
 
 

@@ -42,6 +42,7 @@ __all__ = [
   "find_input_cases",
   "prep_settings",
   "cache_dir",
+  "fingerprint_dir",
   "user_cache_root",
   "confined_to_user_cache",
   "default_cache_dir",
@@ -76,9 +77,18 @@ def input_limits(cfg: Any) -> InputLimits:
 
 def cache_dir(cfg: Any) -> Path:
   """``<cache root>/<dataset tag>-<hash of the preprocessing settings>``."""
-  root = Path(cfg.cache_dir or default_cache_dir() / "preprocessed")
   tag = get_dataset(cfg.name).cache_tag(cfg)
-  return root / f"{tag}-{cache.settings_key(tag, prep_settings(cfg))}"
+  return _cache_root(cfg) / f"{tag}-{cache.settings_key(tag, prep_settings(cfg))}"
+
+
+def _cache_root(cfg: Any) -> Path:
+  return Path(cfg.cache_dir or default_cache_dir() / "preprocessed")
+
+
+def fingerprint_dir(cfg: Any) -> Path:
+  """``<cache root>/<dataset tag>-fingerprint``: the planner's per-case statistics, beside the
+  preprocessed caches (read from the source files, so no preprocessing setting keys it)."""
+  return _cache_root(cfg) / f"{get_dataset(cfg.name).cache_tag(cfg)}-fingerprint"
 
 
 def user_cache_root(flag: str | Path | None = None) -> Path:

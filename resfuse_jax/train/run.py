@@ -24,11 +24,14 @@ from resfuse_jax.train.step import compile_train_step, make_optimizer
 from resfuse_jax.workdir import Workdir
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | Path, plan_record: dict | None = None
+) -> dict:
   """Trains ``config.model`` on ``config.data``, resuming from ``workdir``; returns results.
 
   Process 0 holds the workdir's lock for the whole run: a second run on the same
-  workdir fails at once, naming the holder.
+  workdir fails at once, naming the holder. ``plan_record`` (``main --plan``: the plan
+  ``config`` was planned with) goes to ``W/plan.json`` once W is claimed.
   """
   task = Task.from_config(config)
   w = Workdir(files.make_dirs(workdir))
@@ -36,6 +39,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if jax.process_index() == 0:
       stack.enter_context(w.lock("training run"))
       w.claim(config)
+      if plan_record is not None:
+        w.write_plan(plan_record)
     return _train_and_evaluate(task, w)
 
 

@@ -1,0 +1,65 @@
+"""Plans the training geometry from the data and the device: ``python -m resfuse_jax.plan``.
+
+  python -m resfuse_jax.plan --config=configs/manifest.py \
+      --config.data.manifest=/data/inhouse/cases.csv --memory_gb=24 --output=plan.json
+
+Fingerprints the dataset (cached beside the preprocessed cache), derives target spacing,
+patch, pooling per axis, features and batch after nnU-Net v2's rules, and checks that the
+step fits by compiling it (XLA's memory analysis) and, on a CPU, timing one step. Values
+given as ``--config.KEY=...`` are kept. Train with it: ``main --plan=plan.json``.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resfuse_jax import cli
+from resfuse_jax.planning import planner
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/manifest.py")
+  flags.DEFINE_float(
+    "memory_gb",
+    None,
+    "Memory budget in GiB (default: 0.85 x the device's own limit: bytes_limit on a GPU, "
+    "available RAM on a CPU), minus the training set when it will be device-resident.",
+  )
+  flags.DEFINE_string("output", "plan.json", "Where to write the plan (JSON).")
+  flags.DEFINE_float(
+    "max_step_s",
+    planner.DEFAULT_MAX_STEP_S,
+    "On a CPU: the longest training step the plan may choose, in seconds (0: no cap).",
+  )
+  flags.DEFINE_string(
+    "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
+  )
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.cache_dir:
+    FLAGS.config.data.cache_dir = FLAGS.cache_dir
+  planner.plan_to_file(
+    FLAGS.config,
+    FLAGS.output,
+    memory_gb=FLAGS.memory_gb,
+    max_step_s=FLAGS.max_step_s,
+    explicit=config_flags.get_override_values(FLAGS["config"]),
+  )
+
+
+def run():
+  """Console-script entry point (``resfuse-plan``)."""
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()
