@@ -58,7 +58,7 @@ OPTIONS = ("smoke",)
 
 
 def level_strides(strides, levels: int) -> tuple[tuple[int, int, int], ...]:
-  """``model.strides`` -> one (z, y, x) triple per encoder level (raises ValueError).
+  """``model.strides`` -> one per-axis triple per encoder level (raises ValueError).
 
   None is the isotropic U-Net (level 0 keeps the resolution, every further level
   halves each axis); otherwise one triple of 1s and 2s per level, the first (1, 1, 1).
@@ -75,7 +75,7 @@ def level_strides(strides, levels: int) -> tuple[tuple[int, int, int], ...]:
     or out[0] != (1, 1, 1)
   ):
     raise ValueError(
-      f"needs one (z, y, x) triple of 1s and 2s per encoder level ({levels}), the first "
+      f"needs one per-axis triple of 1s and 2s per encoder level ({levels}), the first "
       f"(1, 1, 1); got {strides!r}"
     )
   return out
@@ -141,7 +141,7 @@ def _model_section(variant: str) -> ml_collections.ConfigDict:
   m.fuse_levels = ml_collections.FieldReference(None, field_type=tuple)
   m.remat = False  # recompute encoder levels in the backward pass (less memory)
   # Pooling per encoder level and axis: None = isotropic (level 0 keeps the resolution, each
-  # further level halves every axis), else one (z, y, x) triple of 1s and 2s per level, the
+  # further level halves every axis), else one triple of 1s and 2s per level (array axes, RAS), the
   # first (1, 1, 1); `python -m resfuse_jax.plan` chooses it from the data's spacing.
   m.strides = ml_collections.FieldReference(None, field_type=tuple)
   # 3D convolutions: auto (2D planes on CPU, XLA's 3D conv elsewhere) | xla | planes. The

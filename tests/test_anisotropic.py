@@ -133,7 +133,7 @@ def test_isotropic_strides_written_out_are_the_default_model():
 @pytest.mark.parametrize(
   "strides, message",
   [
-    (((1, 1, 1), (2, 2, 2)), r"one \(z, y, x\) triple .* per encoder level \(3\)"),
+    (((1, 1, 1), (2, 2, 2)), r"one per-axis triple .* per encoder level \(3\)"),
     (((2, 2, 2), (2, 2, 2), (2, 2, 2)), r"the first\s+\(1, 1, 1\)"),
     (((1, 1, 1), (3, 2, 2), (2, 2, 2)), "triple of 1s and 2s"),
   ],

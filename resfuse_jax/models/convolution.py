@@ -25,7 +25,7 @@ ISOTROPIC: Triple = (2, 2, 2)
 
 
 def as_triple(strides: int | tuple[int, ...]) -> Triple:
-  """1 -> (1, 1, 1); a (z, y, x)-style triple of 1s and 2s is checked and returned."""
+  """1 -> (1, 1, 1); a per-axis (D, H, W) triple of 1s and 2s is checked and returned."""
   triple = (int(strides),) * 3 if isinstance(strides, int) else tuple(int(s) for s in strides)
   if len(triple) != 3 or any(s not in (1, 2) for s in triple):
     raise ValueError(f"strides must be 1, 2 or a triple of them per axis; got {strides!r}")

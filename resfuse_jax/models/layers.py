@@ -50,7 +50,7 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 FUSION_TERMS = "fusion_terms"
 
 
-Strides = int | Triple  # 1, 2, or per axis (z, y, x) each 1 or 2
+Strides = int | Triple  # 1, 2, or per array axis (D, H, W) each 1 or 2
 level_strides = config_lib.level_strides  # model.strides -> one triple per encoder level
 
 
@@ -122,7 +122,7 @@ class UpConv(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
   conv_impl: str | ConvPlan = "xla"  # see `ConvPlan`
-  factors: Triple = (2, 2, 2)  # per axis (z, y, x), each 1 or 2
+  factors: Triple = (2, 2, 2)  # per array axis (D, H, W), each 1 or 2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
