@@ -14,7 +14,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from resfuse_jax import cli
+from resfuse_jax import cli, workdir
 from resfuse_jax.planning import planner
 
 FLAGS = flags.FLAGS
@@ -29,7 +29,7 @@ def define_flags() -> None:
     "Memory budget in GiB (default: 0.85 x the device's own limit: bytes_limit on a GPU, "
     "available RAM on a CPU), minus the training set when it will be device-resident.",
   )
-  flags.DEFINE_string("output", "plan.json", "Where to write the plan (JSON).")
+  flags.DEFINE_string("output", workdir.PLAN, "Where to write the plan (JSON).")
   flags.DEFINE_float(
     "max_step_s",
     planner.DEFAULT_MAX_STEP_S,
