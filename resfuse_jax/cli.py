@@ -101,6 +101,19 @@ def parse_flags(argv: list[str], main: Callable) -> list[str]:
   return []
 
 
+def define_cache_dir_flag() -> None:
+  """``--cache_dir`` for the commands that build or read the preprocessed cache from a config."""
+  flags.DEFINE_string(
+    "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
+  )
+
+
+def apply_cache_dir_flag(config) -> None:
+  """``--cache_dir``, when given, wins over the config's ``data.cache_dir``."""
+  if flags.FLAGS.cache_dir:
+    config.data.cache_dir = flags.FLAGS.cache_dir
+
+
 def compilation_cache_folder(value: str) -> Path | None:
   """``--compilation_cache``: None for ``off``; a folder; "" for JAX's own setting or the user's cache."""
   if value.strip().lower() in ("off", "none", "false", "0"):

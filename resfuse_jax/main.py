@@ -63,9 +63,7 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-  flags.DEFINE_string(
-    "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
-  )
+  cli.define_cache_dir_flag()
   flags.DEFINE_string(
     "plan",
     None,
@@ -82,8 +80,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.cache_dir:
-    FLAGS.config.data.cache_dir = FLAGS.cache_dir
+  cli.apply_cache_dir_flag(FLAGS.config)
   initialize_distributed()
   logging.info(
     "JAX process %d/%d, local devices: %s",

@@ -35,17 +35,14 @@ def define_flags() -> None:
     planner.DEFAULT_MAX_STEP_S,
     "On a CPU: the longest training step the plan may choose, in seconds (0: no cap).",
   )
-  flags.DEFINE_string(
-    "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
-  )
+  cli.define_cache_dir_flag()
   flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.cache_dir:
-    FLAGS.config.data.cache_dir = FLAGS.cache_dir
+  cli.apply_cache_dir_flag(FLAGS.config)
   planner.plan_to_file(
     FLAGS.config,
     FLAGS.output,

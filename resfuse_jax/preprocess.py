@@ -28,17 +28,14 @@ def define_flags() -> None:
     False,
     "Check every cached array against its SHA-256 again (each is checked once per process anyway); rebuild those that differ.",
   )
-  flags.DEFINE_string(
-    "cache_dir", None, "Preprocessed cache folder (overrides data.cache_dir and $RESFUSE_CACHE)."
-  )
+  cli.define_cache_dir_flag()
   flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.cache_dir:
-    FLAGS.config.data.cache_dir = FLAGS.cache_dir
+  cli.apply_cache_dir_flag(FLAGS.config)
   out, good, bad = data.prepare(FLAGS.config.data, workers=FLAGS.workers, verify=FLAGS.verify)
   if bad:
     files.write_json(out / workdir.BAD_CASES, bad)
