@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from resfuse_jax import backend, config_lib, data, validation, writers
 from resfuse_jax.errors import Preempted, UserError
@@ -99,6 +100,31 @@ def parse_flags(argv: list[str], main: Callable) -> list[str]:
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.KEY=VALUE
     fail(_override_problem(argv) or f"cannot apply the config overrides: {e} {HINT}")
   return []
+
+
+class _ResolvingParser(flags.ArgumentParser):
+  """ml_collections' config-file parser, given the file a shipped config's name stands for."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    self._parser = parser
+
+  def parse(self, argument):
+    return self._parser.parse(config_lib.resolve_spec(argument))
+
+  def flag_type(self):
+    return self._parser.flag_type()
+
+
+def define_config_flag(help_string: str, lock_config: bool = True) -> None:
+  """``--config``: a config file or a shipped config's name (``brats``), then ``:args``.
+
+  ml_collections' own flag, so ``--config.KEY=VALUE`` overrides, ``get_config_filename`` (the
+  spec as given, which ``config_lib.load`` resolves the same way) and ``get_override_values``
+  keep working; only its parser is wrapped, to resolve names before loading.
+  """
+  config_flags.DEFINE_config_file("config", None, help_string, lock_config=lock_config)
+  flag = FLAGS["config"]
+  flag.parser = _ResolvingParser(flag.parser)
 
 
 def define_cache_dir_flag() -> None:

@@ -4,6 +4,8 @@
       --models=resfuse,resunet,resunet_early,a2fnet,tsf_seq2seq,lits --workdir=runs/compare
   python -m resfuse_jax.compare --config=configs/phantom.py --models=resfuse,resunet_early \
       --sweep=data.misregistration_mm=0,2.25,4.5 --seeds=0,1,2 --workdir=runs/sweep
+  python -m resfuse_jax.compare --config=configs/brats.py --models=resfuse,resunet \
+      --folds=all --workdir=runs/cv   # every model a 5-fold cross-validation
 
 What it trains, reads and writes: ``resfuse_jax.comparison``.
 """
@@ -13,15 +15,15 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from resfuse_jax import cli, comparison
+from resfuse_jax import cli, comparison, workdir
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """Called by `run`: importing this module for its functions defines no flags."""
-  config_flags.DEFINE_config_file(
-    "config", None, "Dataset config file, e.g. configs/brats.py (its model arg is ignored)."
+  cli.define_config_flag(
+    "Dataset config file or shipped config name, e.g. brats (its model arg is ignored)."
   )
   flags.DEFINE_list("models", None, "Models to compare, e.g. resfuse,resunet,a2fnet.")
   flags.DEFINE_string("workdir", None, "Folder for one workdir per model and the comparison.")
@@ -39,6 +41,13 @@ def define_flags() -> None:
     "data.misregistration_mm=0,1.5,3 (W/<field>=<value>/, the config's own value in W/default/); "
     "writes W/sweep.json, W/sweep.md and W/sweep.png.",
   )
+  flags.DEFINE_string(
+    "folds",
+    None,
+    "'all' or fold numbers such as 0,1: every model (and seed) is a cross-validation of these "
+    "folds (W/<model>/fold_<k>/, as main --folds), compared over the pooled out-of-fold cases "
+    "with the paired test over all of them; default: one run of config.data.fold.",
+  )
   flags.mark_flags_as_required(["config", "models", "workdir"])
 
 
@@ -51,13 +60,18 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
   except ValueError:
     raise app.UsageError(f"--seeds must be integers, e.g. 0,1,2; got {FLAGS.seeds}") from None
+  folds = None
+  if FLAGS.folds is not None:
+    folds = workdir.parse_folds(FLAGS.folds, FLAGS.config.data.num_folds)
   if FLAGS.sweep:
     out = comparison.sweep(
-      spec, FLAGS.models, FLAGS.workdir, FLAGS.sweep, overrides, FLAGS.reference, seeds
+      spec, FLAGS.models, FLAGS.workdir, FLAGS.sweep, overrides, FLAGS.reference, seeds, folds
     )
     print(comparison.sweep_markdown(out))
     return
-  out = comparison.compare(spec, FLAGS.models, FLAGS.workdir, overrides, FLAGS.reference, seeds)
+  out = comparison.compare(
+    spec, FLAGS.models, FLAGS.workdir, overrides, FLAGS.reference, seeds, folds
+  )
   print(comparison.comparison_markdown(out))
 
 

@@ -1,13 +1,16 @@
-"""Settings shared by every dataset config, and the one way to load a config file.
+"""Settings shared by every dataset config, and the one way to find and load a config file.
 
-``configs/<dataset>.py`` start from ``base_config`` and override what differs.
-Config args are comma-separated: the first names the model, the rest are
-options, e.g. ``configs/brats.py:resfuse,smoke``.
+``resfuse_jax/configs/<dataset>.py`` (shipped in the wheel; ``configs/`` in a checkout links
+there) start from ``base_config`` and override what differs. A spec names a file or a shipped
+config, then comma-separated args: the first names the model, the rest are options, e.g.
+``brats:resfuse,smoke`` or ``configs/brats.py:resfuse,smoke``.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.machinery
+import importlib.resources
 import importlib.util
 import math
 import os
@@ -304,19 +307,43 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
   return c
 
 
-def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """``'configs/phantom.py:resunet,smoke'`` -> that file's ``get_config(arg)`` + overrides.
+def shipped_configs() -> dict[str, Path]:
+  """Name -> file of the configs inside the package, found where the package is installed."""
+  folder = Path(str(importlib.resources.files("resfuse_jax") / "configs"))
+  return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
 
-  The command-line flag ``--config`` (ml_collections' config_flags) loads the
+
+def resolve_spec(spec: str) -> str:
+  """``'phantom:smoke'`` -> ``'<package>/configs/phantom.py:smoke'``: the one place names resolve.
+
+  An existing file wins (``configs/brats.py``, a user's ``my.py``, even a file named ``phantom``
+  in the working folder); else a bare name, with or without ``.py``, of a shipped config; else a
+  ``ConfigError`` naming the spec and the shipped names. The args after ':' are kept as given.
+  """
+  path, colon, arg = spec.partition(":")
+  if Path(path).is_file():
+    return spec
+  shipped = shipped_configs()
+  name = path.removesuffix(".py")
+  if name in shipped and "/" not in path and os.sep not in path:
+    return f"{shipped[name]}{colon}{arg}"
+  raise ConfigError(
+    f"config {spec!r} not found: no such file, and no shipped config of that name "
+    f"({', '.join(shipped)})"
+  )
+
+
+def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """``'phantom:resunet,smoke'`` or ``'configs/phantom.py:...'`` -> ``get_config(arg)`` + overrides.
+
+  The command-line flag ``--config`` (``cli.define_config_flag``) resolves and loads the
   same way; this is for code that builds configs itself (compare, tests, benchmarks).
   """
-  path, _, arg = spec.partition(":")
-  file = Path(path)
-  if not file.is_file():
-    raise ConfigError(f"config file {path} not found")
-  module_spec = importlib.util.spec_from_file_location(f"_resfuse_config_{file.stem}", file)
-  if module_spec is None or module_spec.loader is None:
-    raise ConfigError(f"{path}: not a Python config file")
+  path, _, arg = resolve_spec(spec).partition(":")
+  name = f"_resfuse_config_{Path(path).stem}"
+  # Any file name, as the flag's loader reads it (a config file need not end in .py).
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):

@@ -1,7 +1,8 @@
 """Trains and evaluates a model: ``python -m resfuse_jax.main --config=configs/phantom.py``.
 
 Only parses flags, starts the multi-process runtime when asked, and calls
-``train.train_and_evaluate`` (with ``--plan``: ``planning.planner.plan_and_train``).
+``train.train_and_evaluate`` (``--folds``: ``train.train_folds``; with ``--plan``:
+``planning.planner.plan_and_train``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resfuse_jax import cli, train
+from resfuse_jax import cli, train, workdir
 from resfuse_jax.planning import planner
 
 FLAGS = flags.FLAGS
@@ -48,8 +49,10 @@ def initialize_distributed() -> None:
 
 def define_flags() -> None:
   """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
-  config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/brats.py:resfuse", lock_config=True
+  cli.define_config_flag(
+    "Config file or shipped config name, then :model,options, e.g. brats:resfuse or "
+    "configs/brats.py:resfuse",
+    lock_config=True,
   )
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
   flags.DEFINE_bool(
@@ -71,6 +74,14 @@ def define_flags() -> None:
     "this device, as python -m resfuse_jax.plan does) or a plan.json file. Values given as "
     "--config.KEY=... win over the plan; W/plan.json records both. A resumed run keeps W's plan.",
   )
+  flags.DEFINE_string(
+    "folds",
+    None,
+    "Cross-validation: 'all' (every fold of config.data.num_folds) or fold numbers such as "
+    "0,1, each trained into W/fold_<k>/ (resumable on its own; finished folds are skipped), "
+    "then the pooled out-of-fold results and post-processing written to W. Without it, one "
+    "run of config.data.fold into W.",
+  )
   flags.DEFINE_float(
     "memory_gb", None, "With --plan=auto: the memory budget in GiB (default: the device's)."
   )
@@ -88,11 +99,16 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
+  folds = None
+  if FLAGS.folds is not None:
+    folds = workdir.parse_folds(FLAGS.folds, FLAGS.config.data.num_folds)
   if FLAGS.plan:
     explicit = config_flags.get_override_values(FLAGS["config"])
     planner.plan_and_train(
-      FLAGS.config, FLAGS.workdir, FLAGS.plan, explicit, memory_gb=FLAGS.memory_gb
+      FLAGS.config, FLAGS.workdir, FLAGS.plan, explicit, folds=folds, memory_gb=FLAGS.memory_gb
     )
+  elif folds is not None:
+    train.train_folds(FLAGS.config, FLAGS.workdir, folds)
   else:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/manifest.py")
+  cli.define_config_flag("Config file or shipped config name, e.g. manifest")
   flags.DEFINE_float(
     "memory_gb",
     None,

@@ -12,7 +12,6 @@ process opens it) SHA-256 is rebuilt; ``--verify`` checks every hash again.
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from resfuse_jax import cli, data, files, workdir
 
@@ -21,7 +20,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/brats.py")
+  cli.define_config_flag("Config file or shipped config name, e.g. brats or configs/brats.py")
   flags.DEFINE_integer("workers", None, "Parallel processes (default: data.preprocess_workers).")
   flags.DEFINE_bool(
     "verify",

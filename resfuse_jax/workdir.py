@@ -10,6 +10,12 @@ the names it owns three rules:
   for keys added since (``config_lib.fill_defaults`` with ``ADDED_LATER``);
 - the same run: a finished W is reused (``compare``) only for a config that differs
   from its own in runtime-only settings at most (``Workdir.finished_run``).
+
+A cross-validation (``main --folds=all``) is a W holding ``folds.json`` and one
+ordinary workdir per fold, ``W/fold_<k>/``, each resumable on its own; W itself holds
+the shared config and the pooled out-of-fold results in the files a single run's W
+has (``results.json``, ``metrics.csv``, ``postprocessing.json``), so every reader of
+a W's results reads both alike.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import ml_collections
 from absl import logging
 
 from resfuse_jax import checkpointing, config_lib, data, files, validation
-from resfuse_jax.errors import CheckpointError, DataError
+from resfuse_jax.errors import CheckpointError, ConfigError, DataError
 
 CONFIG = "config.json"  # the resolved config; an export folder holds one too
 SPLITS = "splits.json"
+FOLDS = "folds.json"  # a cross-validation's W: {"num_folds", "folds"} (W/fold_<k>/ each a W)
+FOLD_PREFIX = "fold_"
 PLAN = "plan.json"  # the training geometry planned for this run (main --plan), as applied
 RESULTS = "results.json"
 METRICS = "metrics.csv"  # one row per validation case
@@ -60,6 +68,22 @@ ADDED_LATER = {
   "breast": {"data": {"post_phase": 1}},  # the first post-contrast phase, _0001
   "manifest": {"data": {"manifest": ""}},
 }
+
+
+def parse_folds(spec: str, num_folds: int, flag: str = "--folds") -> list[int]:
+  """``all`` or ``0,2,...`` -> the fold indices, each in [0, num_folds)."""
+  if spec.strip() == "all":
+    return list(range(num_folds))
+  try:
+    folds = sorted({int(k) for k in spec.split(",") if k.strip()})
+  except ValueError:
+    raise ConfigError(f"{flag} must be 'all' or fold numbers such as 0,1,2; got {spec!r}") from None
+  wrong = [k for k in folds if not 0 <= k < num_folds]
+  if not folds or wrong:
+    raise ConfigError(
+      f"{flag}={spec}: folds must be 0 .. {num_folds - 1} (data.num_folds={num_folds})"
+    )
+  return folds
 
 
 def read_config(path: str | Path) -> ml_collections.ConfigDict:
@@ -152,6 +176,7 @@ class Workdir(Results):
   config_file = property(lambda self: self.path / CONFIG)
   splits_file = property(lambda self: self.path / SPLITS)
   plan_file = property(lambda self: self.path / PLAN)
+  folds_file = property(lambda self: self.path / FOLDS)
   checkpoints_dir = property(lambda self: self.path / CHECKPOINTS)
   bad_cases_file = property(lambda self: self.path / BAD_CASES)
   comparison_json = property(lambda self: self.path / COMPARISON_JSON)
@@ -175,20 +200,57 @@ class Workdir(Results):
   def read_config(self) -> ml_collections.ConfigDict:
     return read_config(self.path)
 
+  def fold(self, k: int) -> Workdir:
+    """``W/fold_<k>/``: fold k of a cross-validation, an ordinary workdir."""
+    return Workdir(self.path / f"{FOLD_PREFIX}{int(k)}")
+
+  def is_cross_validation(self) -> bool:
+    return self.folds_file.is_file()
+
+  def write_folds(self, num_folds: int, folds: list[int]) -> None:
+    files.write_json(self.folds_file, {"num_folds": int(num_folds), "folds": sorted(folds)})
+
+  def read_folds(self) -> dict:
+    """``folds.json``: ``{"num_folds": n, "folds": [k, ...]}`` (the folds this W trains)."""
+    if not self.is_cross_validation():
+      raise CheckpointError(f"{self.path} is not a cross-validation: {FOLDS} is missing")
+    record = _read_json(self.folds_file, "it names the folds of this cross-validation")
+    if not isinstance(record.get("folds"), list) or not isinstance(record.get("num_folds"), int):
+      raise CheckpointError(f"{self.folds_file} must hold 'num_folds' and a list of 'folds'")
+    return record
+
+  def finished_folds(self) -> list[int]:
+    """The folds of this cross-validation whose training finished (their results.json)."""
+    return [k for k in self.read_folds()["folds"] if self.fold(k).results_file.is_file()]
+
   def has_checkpoint(self) -> bool:
-    """Whether W holds a finished checkpoint step (what a rerun would resume)."""
+    """Whether W (or, for a cross-validation, one of its folds) holds a finished checkpoint."""
+    if self.is_cross_validation():
+      return any(self.fold(k).has_checkpoint() for k in self.read_folds()["folds"])
     if not self.checkpoints_dir.is_dir() or not any(self.checkpoints_dir.iterdir()):
       return False
     return bool(checkpointing.checkpoint_steps(self.checkpoints_dir))
 
-  def claim(self, config: ml_collections.ConfigDict) -> None:
+  def claim(self, config: ml_collections.ConfigDict, cross_validation: bool = False) -> None:
     """Refuses a rerun whose model or data differ from a trained W's config, then writes it.
+
+    A single run and a cross-validation never share a W (``cross_validation``: this
+    claim is a cross-validation's).
 
     Checked before anything is written, so a refused run leaves the workdir as it was.
     A W without a checkpoint (a first run that failed before its first save, e.g. on a
     wrong data root) holds nothing to mix with: it takes the new settings, and the
     splits it made from the old data are dropped.
     """
+    if self.is_cross_validation() and not cross_validation:
+      raise CheckpointError(
+        f"{self.path} holds a cross-validation ({FOLDS}, {FOLD_PREFIX}<k>/): rerun it with "
+        "--folds, give one fold's folder as --workdir, or use a new --workdir"
+      )
+    if cross_validation and not self.is_cross_validation() and self.has_checkpoint():
+      raise CheckpointError(
+        f"{self.path} holds a single training run; a cross-validation needs a new --workdir"
+      )
     if self.config_file.exists():
       saved = _read_json(self.config_file, "it describes this workdir's run")
       conflicts = resume_conflicts(saved, config)

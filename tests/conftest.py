@@ -77,3 +77,16 @@ def trained_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained") / "run"
   run_cli(workdir, "--config.train.steps=2")
   return workdir
+
+
+@pytest.fixture(scope="session")
+def cross_validation_workdir(tmp_path_factory):
+  """A 2-fold, 2-step smoke cross-validation by the real CLI (main --folds=all), read-only."""
+  from test_train import run_cli
+
+  workdir = tmp_path_factory.mktemp("cross_validation") / "cv"
+  proc = run_cli(workdir, *CROSS_VALIDATION_ARGS)
+  return workdir, proc
+
+
+CROSS_VALIDATION_ARGS = ("--config.data.num_folds=2", "--folds=all", "--config.train.steps=2")

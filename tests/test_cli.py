@@ -57,6 +57,12 @@ def run(*args):
       ],
       "mesh.data=3 x mesh.spatial=1 does not fit 1 devices",
     ),
+    # neither a file nor a shipped config's name: refused while parsing the flag
+    (
+      ["resfuse_jax.main", "--config=nosuch", "--workdir={tmp}/w"],
+      "config 'nosuch' not found: no such file, and no shipped config of that name "
+      "(brats, breast, manifest, phantom)",
+    ),
     # CheckpointError: a workdir that was never trained
     (["resfuse_jax.evaluate", "--workdir={tmp}/nothing"], "is neither a training workdir"),
     (
@@ -73,3 +79,35 @@ def test_user_errors_are_one_line_and_exit_1(args, message, tmp_path):
   lines = stderr.strip().splitlines()
   first = next(i for i, line in enumerate(lines) if line.startswith("error: "))
   assert message in "\n".join(lines[first:])  # the error block is last: a line per problem
+
+
+FLAG_PROBE = """
+import sys
+from absl import flags
+from ml_collections import config_flags
+from resfuse_jax import cli
+cli.define_config_flag("probe")
+flags.FLAGS(sys.argv)
+flag = flags.FLAGS["config"]
+print(flags.FLAGS.config.model.name, flags.FLAGS.config.train.steps)
+print(config_flags.get_config_filename(flag))
+print(config_flags.get_override_values(flag))
+flags.FLAGS.config.train.steps = 5  # locked: existing keys stay settable
+try:
+  flags.FLAGS.config.train.nonsense = 1
+except AttributeError:
+  print("locked")
+"""
+
+
+def test_the_config_flag_takes_a_shipped_name_from_any_folder(tmp_path):
+  """The name resolves before ml_collections loads it; the overrides, the spec as typed (what
+  compare passes on to config_lib.load) and the lock are ml_collections' own."""
+  spec = "phantom:resunet,smoke"
+  argv = [f"--config={spec}", "--config.train.steps=3"]
+  proc = subprocess.run(
+    [sys.executable, "-c", FLAG_PROBE, *argv],
+    cwd=tmp_path, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines() == ["resunet 3", spec, "{'train.steps': 3}", "locked"]

@@ -126,3 +126,38 @@ def test_no_sys_path_manipulation_in_configs_tests_or_benchmarks():
     if "sys.path" in p.read_text() and p.name != "test_config_lib.py"
   ]
   assert offenders == []
+
+
+def test_a_shipped_config_name_resolves_to_the_file_inside_the_package(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no configs/ here: names work from any folder
+  shipped = config_lib.shipped_configs()
+  assert set(shipped) == {"brats", "breast", "manifest", "phantom"}
+  package = ROOT / "resfuse_jax" / "configs"
+  assert (
+    config_lib.resolve_spec("phantom:resunet,smoke") == f"{package / 'phantom.py'}:resunet,smoke"
+  )
+  assert config_lib.resolve_spec("brats.py") == str(package / "brats.py")
+  assert config_lib.load("phantom:resunet,smoke").model.name == "resunet"
+  # The checkout's configs/ is the same files, not a copy.
+  assert (ROOT / "configs").resolve() == package.resolve()
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "phantom").write_text(
+    "import ml_collections\n\ndef get_config(arg=None):\n"
+    "  return ml_collections.ConfigDict({'mine': True, 'arg': arg})\n"
+  )
+  assert config_lib.resolve_spec("phantom:smoke") == "phantom:smoke"
+  assert config_lib.load("phantom:smoke").to_dict() == {"mine": True, "arg": "smoke"}
+  spec = f"{ROOT}/configs/phantom.py:smoke"
+  assert config_lib.resolve_spec(spec) == spec  # a path is used as given
+
+
+@pytest.mark.parametrize("spec", ["nosuch:smoke", "configs/nosuch.py", "sub/phantom"])
+def test_an_unknown_config_names_the_spec_and_the_shipped_names(spec, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError) as e:
+    config_lib.resolve_spec(spec)
+  assert f"config {spec!r} not found" in str(e.value)
+  assert "(brats, breast, manifest, phantom)" in str(e.value)

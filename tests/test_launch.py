@@ -146,3 +146,58 @@ def test_sharded_resident_data_two_processes_each_load_their_own_cases(tmp_path)
   assert set(ids.split()) == train_ids  # one process holds both devices' shards
   ((_, _, value),) = CHECKSUM.findall(single.stderr)
   assert float(value) == pytest.approx(sums[0], rel=1e-6)
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+{ printf '%s\\n' "JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-} RESFUSE_CACHE=${RESFUSE_CACHE:-}"
+  printf '%s\\n' "$*"; } >> "$SRUN_LOG"
+"""
+
+
+def sbatch_with_a_fake_srun(tmp_path, **env_vars) -> list[str]:
+  """Runs launch/slurm.sbatch as SLURM would, with an ``srun`` that records its calls."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(FAKE_SRUN)
+  (bin_dir / "srun").chmod(0o755)
+  log = tmp_path / "srun.log"
+  env = {k: v for k, v in os.environ.items() if k not in ("RESFUSE_CACHE", "PYTHON")}
+  env |= {
+    "PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_LOG": str(log), "SLURM_JOB_ID": "7",
+    "SLURM_GPUS_PER_NODE": "h100:8", "SLURM_CPUS_PER_TASK": "16",
+    "SLURM_SUBMIT_DIR": str(tmp_path), **env_vars,
+  }  # fmt: skip
+  args = ["--config=brats", "--workdir=/shared/runs/brats"]
+  proc = subprocess.run(
+    ["bash", str(ROOT / "launch" / "slurm.sbatch"), *args],
+    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  return log.read_text().splitlines()
+
+
+def test_slurm_bare_metal_runs_one_process_per_node_on_all_of_its_gpus(tmp_path):
+  lines = sbatch_with_a_fake_srun(tmp_path)
+  args = "--config=brats --workdir=/shared/runs/brats"
+  env = "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 RESFUSE_CACHE="  # not only GPU SLURM_LOCALID
+  assert lines == [
+    env, f"--ntasks=1 --nodes=1 python -m resfuse_jax.preprocess {args}",
+    env, f"python -m resfuse_jax.main --distributed {args}",
+  ]  # fmt: skip
+
+
+def test_slurm_container_form_runs_the_image_with_one_task_per_gpu(tmp_path):
+  image = "ghcr.io#your-org/resfuse-jax:0.1.0"
+  lines = sbatch_with_a_fake_srun(tmp_path, CONTAINER_IMAGE=image, CONTAINER_MOUNTS="/shared")
+  container = (
+    f"--container-image={image} --container-mounts={tmp_path}:{tmp_path},/shared "
+    f"--container-workdir={tmp_path}"
+  )
+  args = "--config=brats --workdir=/shared/runs/brats"
+  env = f"JAX_LOCAL_DEVICE_IDS= RESFUSE_CACHE={tmp_path}/.cache/resfuse_jax"  # on the mount
+  assert lines == [
+    env, f"--ntasks=1 --nodes=1 {container} python -m resfuse_jax.preprocess {args}",
+    # Every task sees the node's 8 GPUs (JAX picks GPU SLURM_LOCALID): no --gpus-per-task.
+    env, f"--ntasks-per-node=8 --cpus-per-task=2 {container} python -m resfuse_jax.main "
+    f"--distributed {args}",
+  ]  # fmt: skip

@@ -33,7 +33,7 @@ def comparison_markdown(c: dict) -> str:
   )
   lines += [
     "",
-    f"{c['dataset']}, fold {c['fold']}, {c['cases']} validation cases, {c['steps']} steps of "
+    f"{c['dataset']}, {_cases(c)}, {c['steps']} steps of "
     f"batch {c['batch_size']} at patch {'×'.join(map(str, c['patch_size']))}, "
     f"seed{'s' if multi_seed else ''} {', '.join(map(str, c['seeds']))}. "
     "Mean ± std over cases (population std"
@@ -150,3 +150,13 @@ def _fusion_norms_table(s: dict, head: list[str]) -> list[str]:
       for level, stats in norms.items()
     ],
   )
+
+
+def _cases(c: dict) -> str:
+  """Which cases were compared: one fold's validation cases, or every fold's held-out ones."""
+  if c.get("folds"):
+    return (
+      f"{c['cases']} out-of-fold cases of folds {', '.join(map(str, c['folds']))} of "
+      f"{c['num_folds']} (each scored by the fold that did not train on it)"
+    )
+  return f"fold {c['fold']}, {c['cases']} validation cases"

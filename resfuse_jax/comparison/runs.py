@@ -26,13 +26,23 @@ METRICS = ("dice", "recall")
 EXTRA_METRICS = ("lesion_dice", "pp_dice", "pp_lesion_dice")  # when every run has them
 
 
-def run_model(config: ml_collections.ConfigDict, workdir: Path) -> tuple[dict, list[dict]]:
+def run_model(
+  config: ml_collections.ConfigDict, workdir: Path, folds: list[int] | None = None
+) -> tuple[dict, list[dict]]:
   """Trains (or resumes) one model unless its workdir already holds the same run finished.
 
+  ``folds``: a cross-validation of these folds in ``workdir`` (``train.train_folds``),
+  whose rows are the pooled out-of-fold cases, each scored by the fold that held it out.
   Returns its results and per-case rows (with ``pp_`` columns after post-processing).
   """
   w = Workdir(workdir)
-  if w.finished_run(config) is not None:
+  if folds is not None:
+    finished = w.finished_run(train.folds.shared_config(config))
+    if finished is not None and finished["cross_validation"]["folds"] == sorted(folds):
+      logging.info("%s: finished cross-validation found, not retrained", workdir)
+    else:
+      train.train_folds(config, w.path, folds)
+  elif w.finished_run(config) is not None:
     logging.info("%s: finished run found, not retrained", workdir)
   else:
     train.train_and_evaluate(config, w.path)
@@ -92,21 +102,28 @@ def compare(
   overrides: dict | None = None,
   reference: str = "resfuse",
   seeds: list[int] | None = None,
+  folds: list[int] | None = None,
 ) -> dict:
-  """Trains (or reuses) every model of ``names`` for ``config_spec`` ('configs/x.py[:args]')."""
+  """Trains (or reuses) every model of ``names`` for ``config_spec`` ('configs/x.py[:args]').
+
+  ``folds``: each model (and seed) is a cross-validation of these folds; the cases
+  compared are then every fold's held-out cases, pooled.
+  """
   w = Workdir(workdir)
   configs = {n: config_lib.load(config_lib.with_model(config_spec, n), overrides) for n in names}
   for name, config in configs.items():  # every model's settings, before the first run
     validation.check(config, where=f"the config of --models={name}")
   with w.lock("comparison"):
-    runs = {name: _train_seeds(config, w.path / name, seeds) for name, config in configs.items()}
-    out = _comparison_record(runs, w.path, reference, seeds)
+    runs = {
+      name: _train_seeds(config, w.path / name, seeds, folds) for name, config in configs.items()
+    }
+    out = _comparison_record(runs, w.path, reference, seeds, folds)
     files.write_text(w.comparison_json, json.dumps(out, indent=2))
     files.write_text(w.comparison_md, comparison_markdown(out))
   return out
 
 
-def _train_seeds(config, run_dir: Path, seeds) -> tuple:
+def _train_seeds(config, run_dir: Path, seeds, folds=None) -> tuple:
   """(config, results per seed, {case: row} per seed); seeds train in ``run_dir/seed<k>``."""
   per_seed, per_seed_results = [], []
   for seed in seeds or [None]:
@@ -116,13 +133,13 @@ def _train_seeds(config, run_dir: Path, seeds) -> tuple:
       run_config.seed = seed
       seed_dir = run_dir / f"seed{seed}"
     logging.info("=== %s%s ===", run_dir.name, "" if seed is None else f", seed {seed}")
-    results, rows = run_model(run_config, seed_dir)
+    results, rows = run_model(run_config, seed_dir, folds)
     per_seed.append({row["case"]: row for row in rows})
     per_seed_results.append(results)
   return config, per_seed_results, per_seed
 
 
-def _comparison_record(runs: dict, workdir: Path, reference: str, seeds) -> dict:
+def _comparison_record(runs: dict, workdir: Path, reference: str, seeds, folds=None) -> dict:
   """``comparison.json``: the setting, then one entry per model (``_model_entry``)."""
   names = list(runs)
   first = runs[names[0]][0]
@@ -137,7 +154,9 @@ def _comparison_record(runs: dict, workdir: Path, reference: str, seeds) -> dict
   ref = reference if reference in runs else names[0]
   return {
     "dataset": first.data.name,
-    "fold": first.data.fold,
+    "fold": "out-of-fold" if folds else first.data.fold,
+    "folds": list(folds) if folds else None,
+    "num_folds": first.data.num_folds,
     "seeds": list(seeds) if seeds else [first.seed],
     "steps": first.train.steps,
     "batch_size": first.train.batch_size,
@@ -165,6 +184,10 @@ def _model_entry(name: str, run: tuple, ordered, reference_rows, regions) -> dic
       }
       for level in norms[0]
     }
+  if all("folds" in r for r in per_seed_results):  # a cross-validation: each fold's own means
+    entry["fold_dice"] = [
+      {k: f["dice"] for k, f in r["folds"].items()} for r in per_seed_results
+    ]  # per seed, then per fold: how much the folds differ
   entry["paired_vs_reference"] = {
     m: {
       r: paired_test(seed_averaged(ordered, f"{m}_{r}"), seed_averaged(reference_rows, f"{m}_{r}"))

@@ -55,6 +55,7 @@ def sweep(
   overrides: dict | None = None,
   reference: str = "resfuse",
   seeds: list[int] | None = None,
+  folds: list[int] | None = None,
 ) -> dict:
   """One ``compare`` per value (finished runs reused); the sweep's json, md and png across them."""
   w = Workdir(workdir)
@@ -72,7 +73,9 @@ def sweep(
   for value in values:
     folder = sweep_folder(key, value, default)
     logging.info("##### %s = %s (%s) #####", key, value, w.path / folder)
-    out = compare(config_spec, names, w.path / folder, overrides | {key: value}, reference, seeds)
+    out = compare(
+      config_spec, names, w.path / folder, overrides | {key: value}, reference, seeds, folds
+    )
     points.append({"value": value, "folder": folder, "comparison": out})
   result = sweep_record(key, values, points)
   with w.lock("sweep"):

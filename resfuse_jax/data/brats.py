@@ -15,7 +15,7 @@ SOURCE_HINT = (
   "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData and pass it with "
   "--config.data.root=/path/to/ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData. "
   "To try the pipeline without data, train on the built-in phantom: "
-  "python -m resfuse_jax.main --config=configs/phantom.py --workdir=runs/phantom"
+  "python -m resfuse_jax.main --config=phantom --workdir=runs/phantom"
 )
 
 

@@ -18,7 +18,7 @@ SOURCE_HINT = (
   "Expected the MAMA-MIA layout: <root>/images/<ID>/<ID>_0000.nii.gz (pre-contrast), "
   "<ID>_0001.nii.gz (first post-contrast phase) and <root>/segmentations/expert/<ID>.nii.gz. "
   "Set --config.data.root, or describe another collection with a CSV manifest "
-  "(configs/manifest.py)."
+  "(--config=manifest)."
 )
 
 

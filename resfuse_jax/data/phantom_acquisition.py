@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-# The acquisition knobs: PhantomSpec fields and `data.<knob>` in configs/phantom.py.
+# The acquisition knobs: PhantomSpec fields and `data.<knob>` in resfuse_jax/configs/phantom.py.
 KNOBS = {
   "misregistration_mm": "largest translation of pre against post (mm); per case U(0, max), "
   "random direction",

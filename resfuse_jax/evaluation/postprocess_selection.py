@@ -163,8 +163,8 @@ def evaluate_rules(
   return acc
 
 
-def determine_from_workdirs(workdirs: Sequence[str | Path], region_names, brats_like) -> dict:
-  """Pools the saved validation masks of several folds' workdirs into one choice."""
+def pooled_masks(workdirs: Sequence[str | Path]) -> list[CaseMasks]:
+  """The saved validation masks of several folds' workdirs; a case in two folds is refused."""
   cases, seen = [], set()
   for w in workdirs:
     path = Workdir(w).validation_masks_file
@@ -175,5 +175,10 @@ def determine_from_workdirs(workdirs: Sequence[str | Path], region_names, brats_
         raise CheckpointError(f"case {c.case_id} is in the validation set of two workdirs")
       seen.add(c.case_id)
       cases.append(c)
-  record = determine(cases, region_names, brats_like)
+  return cases
+
+
+def determine_from_workdirs(workdirs: Sequence[str | Path], region_names, brats_like) -> dict:
+  """Pools the saved validation masks of several folds' workdirs into one choice."""
+  record = determine(pooled_masks(workdirs), region_names, brats_like)
   return {**record, "workdirs": [str(Path(w).absolute()) for w in workdirs]}

@@ -222,8 +222,12 @@ def plan_to_file(config, output: str | Path, **kwargs) -> dict:
   return plan
 
 
-def plan_and_train(config, workdir: str | Path, plan: str, explicit: Collection[str] = (), **kw):
+def plan_and_train(
+  config, workdir: str | Path, plan: str, explicit: Collection[str] = (), folds=None, **kw
+):
   """``main --plan=auto|FILE``: the plan (W's own when resuming), applied, then training.
+
+  ``folds``: train these folds of a cross-validation (``train.train_folds``), one plan for all.
 
   ``auto`` plans here, unless W holds a checkpoint and a plan: a resumed run keeps the
   geometry it started with (a new plan could differ with the memory free now).
@@ -244,4 +248,6 @@ def plan_and_train(config, workdir: str | Path, plan: str, explicit: Collection[
     print(describe(chosen))
   planned, record = apply_plan(config, chosen, explicit)
   validation.check(planned)
+  if folds is not None:
+    return train.train_folds(planned, workdir, folds, plan_record=record)
   return train.train_and_evaluate(planned, workdir, plan_record=record)

@@ -8,10 +8,12 @@
   devices (``data.resident``);
 - ``loop``: steps, logging, validation cadence, checkpoints;
 - ``control``: start or resume, preemption (``StopRequest``), non-finite stops;
-- ``run``: ``train_and_evaluate``, the named stages, ending in ``evaluation.finalize``.
+- ``run``: ``train_and_evaluate``, the named stages, ending in ``evaluation.finalize``;
+- ``folds``: ``train_folds``, a cross-validation of ordinary runs and its pooled results.
 """
 
 from resfuse_jax.train.control import StopRequest
+from resfuse_jax.train.folds import train_folds
 from resfuse_jax.train.run import train_and_evaluate
 from resfuse_jax.train.step import (
   NO_NONFINITE_STEP,
@@ -39,6 +41,7 @@ __all__ = [
   "make_optimizer",
   "make_step_fn",
   "train_and_evaluate",
+  "train_folds",
   "train_step",
   "train_step_flops",
 ]

@@ -1,6 +1,6 @@
 """BraTS 2023 adult glioma (GLI): pre = t1n, post = t1c; regions WT, TC, ET.
 
-  python -m resfuse_jax.main --config=configs/brats.py \
+  python -m resfuse_jax.main --config=brats \
       --config.data.root=/data/ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData --workdir=runs/brats
 """
 

@@ -1,7 +1,7 @@
 """The built-in brain-tumour phantom: trains on 2 CPU cores in a few minutes.
 
-python -m resfuse_jax.main --config=configs/phantom.py --workdir=runs/phantom
-python -m resfuse_jax.main --config=configs/phantom.py:resunet --workdir=runs/phantom_resunet
+python -m resfuse_jax.main --config=phantom --workdir=runs/phantom
+python -m resfuse_jax.main --config=phantom:resunet --workdir=runs/phantom_resunet
 """
 
 from __future__ import annotations

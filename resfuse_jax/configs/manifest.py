@@ -3,7 +3,7 @@
 Labels are binary lesion masks (0 background, 1 lesion); relative paths are read
 relative to the CSV's folder.
 
-  python -m resfuse_jax.main --config=configs/manifest.py \
+  python -m resfuse_jax.main --config=manifest \
       --config.data.manifest=/data/inhouse/cases.csv --workdir=runs/inhouse
 """
 

@@ -1,6 +1,6 @@
 """Breast DCE-MRI in the MAMA-MIA layout: pre = _0000, post = _0001 (data.post_phase).
 
-  python -m resfuse_jax.main --config=configs/breast.py \
+  python -m resfuse_jax.main --config=breast \
       --config.data.root=/data/MAMA-MIA --workdir=runs/breast
 """
 
