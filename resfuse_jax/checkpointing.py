@@ -38,6 +38,7 @@ from resfuse_jax.errors import CheckpointError, OutputError
 
 BEST_METRIC = "val_dice_mean"
 EXPORT_FORMAT = "resfuse_jax-export-1"
+ENSEMBLE_FORMAT = "resfuse_jax-ensemble-1"  # an export of a cross-validation's folds
 EXPORT_SERVING_FILE = "serving/window.jax_export"
 DIGESTS_ITEM = "digests"
 DIGESTS_FILE = f"{DIGESTS_ITEM}/metadata"  # where Orbax's JsonSave puts the item
@@ -360,14 +361,19 @@ def is_export(path: str | Path) -> bool:
   return (Path(path) / "export.json").is_file()
 
 
-def export_metadata(path: str | Path) -> dict:
+def export_metadata(path: str | Path, format_: str = EXPORT_FORMAT) -> dict:
+  """``export.json``, refused unless it is of ``format_`` (a single model's by default)."""
   meta_path = Path(path) / "export.json"
   try:
     meta = json.loads(meta_path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{meta_path}: cannot read the export's metadata: {e}") from e
-  if meta.get("format") != EXPORT_FORMAT:
-    raise CheckpointError(f"{meta_path}: unknown export format {meta.get('format')!r}")
+  found = meta.get("format") if isinstance(meta, dict) else None
+  if found != format_:
+    ensemble = f"{path} is an ensemble export (one model per fold): predict --model={path} runs it"
+    raise CheckpointError(
+      ensemble if found == ENSEMBLE_FORMAT else f"{meta_path}: unknown export format {found!r}"
+    )
   return meta
 
 

@@ -2,13 +2,16 @@
 
   python -m resfuse_jax.evaluate --workdir=W [--tta] [--step=N] [--nofigures]
   python -m resfuse_jax.evaluate --pool_folds=W0,W1,W2,W3,W4 --output=postprocessing.json
+  python -m resfuse_jax.evaluate --workdir=W [--tta]   (W: a cross-validation, main --folds=all)
 
 Writes its own folder ``W/eval-<step>[-tta]/``: ``metrics.csv`` (one row per
 case), ``results.json`` (the training contract's keys, plus standard deviations,
 for BraTS lesion-wise metrics, and the same after the post-processing chosen on
 these cases), ``postprocessing.json``, ``report.md`` (the paper's Table 1 / 2
 layout) and ``figures/<case>.png``. Training's ``W/results.json`` and
-``W/metrics.csv`` are never touched.
+``W/metrics.csv`` are never touched. For a cross-validation W each finished fold scores its
+own validation cases and the pooled out-of-fold results go to ``W/eval-folds[-tta]/``
+(``resfuse_jax.evaluation.cross_validation``).
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ from __future__ import annotations
 from absl import app, flags
 
 from resfuse_jax import cli
-from resfuse_jax.evaluation import evaluation
-from resfuse_jax.workdir import Results
+from resfuse_jax.evaluation import cross_validation, evaluation
+from resfuse_jax.workdir import Results, Workdir
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
-  flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
+  flags.DEFINE_string("workdir", None, "Training workdir (or cross-validation) to evaluate.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes.")
   flags.DEFINE_bool("figures", True, "Write figures/<case>.png for every validation case.")
@@ -58,9 +61,19 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  out, _ = evaluation.evaluate_workdir(
-    FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures, FLAGS.cache_dir
-  )
+  if Workdir(FLAGS.workdir).is_cross_validation():
+    if FLAGS.step is not None:
+      raise app.UsageError(
+        f"--step names one checkpoint, but {FLAGS.workdir} holds one model per fold (the "
+        "latest of each is evaluated); leave --step out, or evaluate one fold's folder"
+      )
+    out, _ = cross_validation.evaluate_folds(
+      FLAGS.workdir, FLAGS.tta, FLAGS.figures, FLAGS.cache_dir
+    )
+  else:
+    out, _ = evaluation.evaluate_workdir(
+      FLAGS.workdir, FLAGS.step, FLAGS.tta, FLAGS.figures, FLAGS.cache_dir
+    )
   print(Results(out).report_file.read_text())
   print(f"wrote {out}")
 

@@ -3,7 +3,12 @@
   python -m resfuse_jax.export --workdir=W --output=E [--step=N] [--onnx=auto|yes|no]
   python -m resfuse_jax.predict --model=E --pre=t1n.nii.gz --post=t1c.nii.gz --out=seg.nii.gz
 
-What ``E/`` holds: ``resfuse_jax.serving.exporting``.
+  python -m resfuse_jax.export --workdir=W --output=E [--folds=all|0,1,...]
+      (a cross-validation, main --folds=all: one export per fold and the ensemble around
+      them; predict --model=E averages the folds)
+
+What ``E/`` holds: ``resfuse_jax.serving.exporting`` (one model),
+``resfuse_jax.serving.ensembles`` (a cross-validation).
 """
 
 from __future__ import annotations
@@ -11,16 +16,22 @@ from __future__ import annotations
 from absl import app, flags
 
 from resfuse_jax import checkpointing, cli
-from resfuse_jax.serving import exporting
+from resfuse_jax.serving import ensembles, exporting
+from resfuse_jax.workdir import FOLDS, Workdir
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """Called by `run`: importing this module for its functions defines no flags."""
-  flags.DEFINE_string("workdir", None, "Training workdir to export.")
+  flags.DEFINE_string("workdir", None, "Training workdir (or cross-validation) to export.")
   flags.DEFINE_string("output", None, "Export folder to create (must not exist).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest; one model only).")
+  flags.DEFINE_string(
+    "folds",
+    None,
+    "For a cross-validation W: the folds to pack, 'all' or 0,1,...; default every finished fold.",
+  )
   flags.DEFINE_enum(
     "onnx",
     "auto",
@@ -35,6 +46,20 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
+  if Workdir(FLAGS.workdir).is_cross_validation():
+    if FLAGS.step is not None:
+      raise app.UsageError(
+        f"--step names one checkpoint, but {FLAGS.workdir} holds one model per fold (the "
+        "latest of each is exported); leave --step out, or export one fold's folder"
+      )
+    out = ensembles.export_ensemble(FLAGS.workdir, FLAGS.output, FLAGS.folds, FLAGS.onnx)
+    print(f"exported {FLAGS.workdir} to {out}: {ensembles.describe(out)}")
+    return
+  if FLAGS.folds is not None:
+    raise app.UsageError(
+      f"--folds needs a cross-validation (a workdir with {FOLDS}: main --folds=all); "
+      f"{FLAGS.workdir} holds one model"
+    )
   out = exporting.export_model(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.onnx)
   onnx = checkpointing.export_metadata(out)["onnx"]
   note = "with model.onnx" if onnx["written"] else f"without model.onnx ({onnx['reason']})"

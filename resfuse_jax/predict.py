@@ -4,6 +4,9 @@
   python -m resfuse_jax.predict --workdir=W --input=DIR --output=OUT [--tta] [--probabilities]
   python -m resfuse_jax.predict --model=E [--backend=auto|jax|onnxruntime] ...
       (an export: python -m resfuse_jax.export)
+  python -m resfuse_jax.predict --workdir=W [--folds=all|0,1,...] ...
+      (a cross-validation, main --folds=all, or its export: the mean of the folds'
+      probabilities, then W's post-processing chosen on the pooled out-of-fold predictions)
 
 ``--input`` is a folder in the layout of the training dataset (BraTS 2023 case folders, or the
 MAMA-MIA ``images/`` tree) or a CSV manifest; segmentations are not needed. BraTS outputs are
@@ -25,9 +28,17 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Called by `run`: importing this module defines no flags (CLIs share flag names)."""
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+  flags.DEFINE_string(
+    "workdir", None, "Training workdir (config.json + checkpoints/), or a cross-validation's."
+  )
   flags.DEFINE_string("model", None, "Exported model folder (python -m resfuse_jax.export).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest; one model only).")
+  flags.DEFINE_string(
+    "folds",
+    None,
+    "For a cross-validation W (or its ensemble export): the folds to average, 'all' or "
+    "0,1,...; default every finished fold.",
+  )
   flags.DEFINE_string("pre", None, "Pre-contrast NIfTI of one case.")
   flags.DEFINE_string("post", None, "Post-contrast NIfTI of one case.")
   flags.DEFINE_string("out", None, "Output label map for --pre/--post.")
@@ -75,6 +86,7 @@ def main(argv):
     raise app.UsageError("--pre, --post and --out go together")
   if folder and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--input and --output go together")
+  prediction.check_model_flags(FLAGS.workdir or FLAGS.model, FLAGS.step, FLAGS.folds)
   if pair:
     prediction.check_label_map_path(FLAGS.out)  # before the model loads
   prediction.check_outputs(  # before the model loads: no output may touch an input
@@ -87,19 +99,18 @@ def main(argv):
     FLAGS.postprocess,
   )
   predictor = prediction.load_predictor(
-    FLAGS.workdir, FLAGS.model, FLAGS.step, FLAGS.postprocess, FLAGS.backend
+    FLAGS.workdir, FLAGS.model, FLAGS.step, FLAGS.postprocess, FLAGS.backend, FLAGS.folds
   )
   options = (FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
   if pair:
     out = prediction.predict_pair(predictor, FLAGS.pre, FLAGS.post, FLAGS.out, *options)
-    print(f"wrote {out}")
+    print(f"wrote {out} ({predictor.describe()})")
   else:
     written, bad = prediction.predict_folder(
       predictor, FLAGS.input, FLAGS.output, *options, on_bad_case=FLAGS.on_bad_case
     )
     print(
-      f"wrote {len(written)} label maps to {FLAGS.output} (checkpoint step {predictor.step}, "
-      f"{predictor.backend})"
+      f"wrote {len(written)} label maps to {FLAGS.output} ({predictor.describe()})"
       + (f"; skipped {len(bad)} bad case(s), see {Path(FLAGS.output) / BAD_CASES}" if bad else "")
     )
 

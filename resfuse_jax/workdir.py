@@ -191,6 +191,10 @@ class Workdir(Results):
     """Where ``evaluate`` writes: its own folder, never training's files."""
     return Results(self.path / f"eval-{int(step)}{'-tta' if tta else ''}")
 
+  def folds_eval_dir(self, tta: bool) -> Results:
+    """Where ``evaluate`` of a cross-validation writes the pooled folds: never training's files."""
+    return Results(self.path / f"eval-folds{'-tta' if tta else ''}")
+
   @contextlib.contextmanager
   def lock(self, what: str = "training run") -> Iterator[Path]:
     """Holds ``W/.lock`` for the block; a second holder fails at once naming the first."""

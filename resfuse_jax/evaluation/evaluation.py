@@ -78,7 +78,8 @@ def evaluate_cases(
   return acc
 
 
-def _figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
+def figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
+  """``folder/<case>.png`` per evaluated case: scans, prediction, reference, fusion heat."""
   from resfuse_jax import visualize  # matplotlib only when figures are asked for
 
   def write(case, probs, masks, row):
@@ -97,33 +98,25 @@ def _figure_writer(folder: Path, predictor: Predictor) -> CaseHook:
   return write
 
 
-def evaluate_workdir(
-  workdir: str | Path,
-  step: int | None = None,
-  tta: bool = False,
-  figures: bool = True,
-  cache_dir: str | Path | None = None,
-) -> tuple[Path, dict]:
-  """Evaluates a trained workdir on every case of its validation fold.
+def validate_predictor(
+  predictor: Predictor,
+  val_ids: list[str],
+  tta: bool,
+  figures_dir: Path | None,
+  cache_dir: str | Path | None,
+) -> tuple[metrics.RegionMetrics, list[postprocess_selection.CaseMasks]]:
+  """Scores ``predictor`` on the cases ``val_ids`` on their original grids; returns the
+  metrics and every case's masks (what ``finalize`` chooses the post-processing on).
 
-  Every score is computed on each case's original grid against its source label file
-  (``grids``). Writes ``W/eval-<step>[-tta]/`` (``Workdir.eval_dir``) through ``finalize``: results
-  (training's keys plus standard deviations, the TTA flag, for BraTS regions lesion-wise
-  metrics, and ``postprocessed``: the same after the rules chosen on these cases), those
-  rules, per-case rows before and after them; then the paper-layout report and a figure
-  per case. Returns (that folder, results). The preprocessed cache (and a phantom whose
-  files are missing) goes to the running user's cache (``cache_dir``, else ``$RESFUSE_CACHE``,
-  else the default), never where W's ``config.json`` says (``data.confined_to_user_cache``).
+  The preprocessed cache (and a phantom whose files are missing) goes to the running
+  user's cache (``cache_dir``, else ``$RESFUSE_CACHE``, else the default), never where the
+  model's ``config.json`` says (``data.confined_to_user_cache``).
   """
-  w = Workdir(workdir)
-  predictor = Predictor.load(w.path, step)
   config, task = predictor.config, predictor.task
-  val_ids = w.read_splits()["val"]
   data_config = data.confined_to_user_cache(config.data, cache_dir)
   cache, _, _ = data.prepare(data_config, progress=False)
   cases = data.load_cases(cache, val_ids)
-  out = w.eval_dir(predictor.step, tta).make()
-  figure = _figure_writer(out.figures_dir, predictor) if figures else None
+  figure = figure_writer(figures_dir, predictor) if figures_dir is not None else None
   collected: list[postprocess_selection.CaseMasks] = []
 
   def log_case(case, probs, masks, row):
@@ -142,6 +135,34 @@ def evaluate_workdir(
     grid=grids.ORIGINAL,
     collect=collected,
   )
+  return acc, collected
+
+
+def evaluate_workdir(
+  workdir: str | Path,
+  step: int | None = None,
+  tta: bool = False,
+  figures: bool = True,
+  cache_dir: str | Path | None = None,
+) -> tuple[Path, dict]:
+  """Evaluates a trained workdir on every case of its validation fold.
+
+  Every score is computed on each case's original grid against its source label file
+  (``grids``). Writes ``W/eval-<step>[-tta]/`` (``Workdir.eval_dir``) through ``finalize``: results
+  (training's keys plus standard deviations, the TTA flag, for BraTS regions lesion-wise
+  metrics, and ``postprocessed``: the same after the rules chosen on these cases), those
+  rules, per-case rows before and after them; then the paper-layout report and a figure
+  per case. Returns (that folder, results). Where the cache goes: `validate_predictor`.
+  """
+  w = Workdir(workdir)
+  predictor = Predictor.load(w.path, step)
+  task = predictor.task
+  val_ids = w.read_splits()["val"]
+  out = w.eval_dir(predictor.step, tta)  # made once the cases are read (figures make theirs)
+  acc, collected = validate_predictor(
+    predictor, val_ids, tta, out.figures_dir if figures else None, cache_dir
+  )
+  out.make()
   results = finalize(
     out, task, predictor.step, predictor.num_params, acc, collected, extra={"tta": tta}
   )

@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 
 from resfuse_jax import files
+from resfuse_jax.errors import CheckpointError
 from resfuse_jax.evaluation import metrics, postprocess_selection
 from resfuse_jax.evaluation.finalize import results_record
 from resfuse_jax.inference import postprocess
@@ -30,11 +31,13 @@ def pooled_rows(folds: list[Workdir], task: Task) -> metrics.RegionMetrics:
   ids = [row["case"] for row in acc.rows]
   if len(ids) != len(set(ids)):
     twice = sorted({i for i in ids if ids.count(i) > 1})
-    raise ValueError(f"cases scored by two folds: {twice[:5]}; the folds' splits disagree")
+    raise CheckpointError(f"cases scored by two folds: {twice[:5]}; the folds' splits disagree")
   return acc
 
 
-def pool_out_of_fold(w: Workdir, out: Results, task: Task, folds: list[int]) -> dict:
+def pool_out_of_fold(
+  w: Workdir, out: Results, task: Task, folds: list[int], extra: dict | None = None
+) -> dict:
   """Writes ``out``'s results.json, metrics CSVs and postprocessing.json from W's folds.
 
   ``folds``: the finished folds to pool (``W/fold_<k>/`` each holding its final
@@ -64,6 +67,7 @@ def pool_out_of_fold(w: Workdir, out: Results, task: Task, folds: list[int]) -> 
     "folds": per_fold,
     "fold_mean_dice": _mean_over_folds(per_fold, task.region_names),
     "postprocessed": {**after.summary(), "std": after.std(), "rules": record["describe"]},
+    **(extra or {}),
   }
   logging.info(
     "pooled %d out-of-fold cases of folds %s; post-processing: %s",

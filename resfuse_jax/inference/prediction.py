@@ -19,13 +19,14 @@ from absl import logging
 from resfuse_jax import checkpointing, data, files, workdir
 from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
-from resfuse_jax.inference import outputs, postprocess
+from resfuse_jax.inference import ensemble, outputs, postprocess
+from resfuse_jax.inference.ensemble import EnsemblePredictor
 from resfuse_jax.inference.predictor import Predictor
 from resfuse_jax.workdir import BAD_CASES
 
 
 def predict_case(
-  predictor: Predictor,
+  predictor: Predictor | EnsemblePredictor,
   files: data.CaseFiles,
   out: Path,
   tta: bool = False,
@@ -162,22 +163,49 @@ def check_outputs(
   outputs.refuse_overlaps(out_files, out_folders, inputs, in_folders, [(flag, source)])
 
 
+def check_model_flags(source: str, step: int | None, folds: str | None) -> None:
+  """Refuses, before anything loads, ``--folds`` for one model and ``--step`` for several
+  (a missing ``source`` is left to the loader, which names what it lacks)."""
+  if not Path(source).is_dir():
+    return
+  several = ensemble.is_ensemble(source)
+  if folds is not None and not several:
+    raise ConfigError(
+      f"--folds needs a cross-validation (a workdir with {workdir.FOLDS}: main --folds=all) "
+      f"or its ensemble export; {source} holds one model"
+    )
+  if step is not None and several:
+    raise ConfigError(
+      f"--step names one checkpoint, but {source} holds one model per fold, each with its own "
+      "steps (the latest of each is used); leave --step out, or predict with one fold's folder"
+    )
+
+
 def load_predictor(
   workdir: str | None,
   model: str | None,
   step: int | None,
   postprocess_: str = "auto",
   backend: str = "auto",
-) -> Predictor:
-  """A training workdir (``--workdir``) or an export folder (``--model``).
+  folds: str | None = None,
+) -> Predictor | EnsemblePredictor:
+  """A training workdir (``--workdir``) or an export folder (``--model``); for a
+  cross-validation W or its ensemble export, the ensemble of its folds (``folds``:
+  ``all`` or ``0,1``; None: every finished fold).
 
   ``postprocess_``: ``auto`` applies the post-processing chosen on validation when the
   workdir or export has one, ``none`` applies none, anything else is a
   ``postprocessing.json`` file to apply. ``backend``: `predictor.resolve_backend`.
   """
   _require_export(model)
-  predictor = Predictor.load(workdir or model, step, backend, postprocess_)
+  source = workdir or model
+  check_model_flags(source, step, folds)
+  if ensemble.is_ensemble(source):
+    predictor = EnsemblePredictor.load(source, folds, backend, postprocess_)
+  else:
+    predictor = Predictor.load(source, step, backend, postprocess_)
   logging.info("window function: %s", predictor.backend)
+  logging.info("model: %s", predictor.describe())
   if predictor.rules is None:
     logging.info("post-processing: none (thresholds and nesting only)")
   else:
@@ -190,7 +218,13 @@ def load_predictor(
 
 
 def predict_pair(
-  predictor: Predictor, pre: str, post: str, out: str, tta: bool, probs: bool, figure: bool
+  predictor: Predictor | EnsemblePredictor,
+  pre: str,
+  post: str,
+  out: str,
+  tta: bool,
+  probs: bool,
+  figure: bool,
 ) -> Path:
   """One case given as two files."""
   case_files = data.CaseFiles(Path(pre).name, Path(pre), Path(post), None)
@@ -219,7 +253,7 @@ def check_writable(folder: Path, flag: str) -> None:
 
 
 def predict_folder(
-  predictor: Predictor,
+  predictor: Predictor | EnsemblePredictor,
   input_path: str,
   output: str,
   tta: bool,

@@ -128,6 +128,11 @@ class Predictor:
     ``none``, or a ``postprocessing.json`` file. ``backend``: see `resolve_backend`.
     """
     path = Path(path)
+    if workdir.Workdir(path).is_cross_validation():
+      raise CheckpointError(
+        f"{path} is a cross-validation: one model per fold, {path}/fold_<k>/; load its folds "
+        "together (inference.ensemble: predict and export take W whole) or one fold's folder"
+      )
     if checkpointing.is_export(path):  # every file read below matches export.json's digests
       integrity.verify_export(path)
     backend = resolve_backend(backend, path)
@@ -179,6 +184,10 @@ class Predictor:
     if self._num_params is not None:
       return self._num_params
     return models.count_params(self.params)
+
+  def describe(self) -> str:
+    """``checkpoint step 600, jax``: what a command's line reports about the model."""
+    return f"checkpoint step {self.step}, {self.backend}"
 
   def window_fn(self) -> Callable[[np.ndarray], np.ndarray]:
     """[N, d, h, w, 2] numpy tiles -> [N, d, h, w, R] numpy probabilities; JAX's is a

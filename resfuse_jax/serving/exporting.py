@@ -25,10 +25,12 @@ killed export never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import flax
@@ -170,6 +172,33 @@ def _metadata(predictor: Predictor, workdir: Path | None) -> dict:
   }
 
 
+@contextlib.contextmanager
+def atomic_folder(output: Path) -> Iterator[Path]:
+  """Yields a temporary folder beside ``output``, renamed to ``output`` when the block ends.
+
+  On any failure the temporary is removed: a killed or failed export never leaves a
+  folder under the final name, nor one that looks finished.
+  """
+  tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+  files.remove_orphaned_tmp_dirs(output.parent, ".*.tmp-*")  # a killed export's leftovers
+  files.make_owned_tmp_dir(tmp)
+  try:
+    yield tmp
+    (tmp / files.TMP_OWNER).unlink()  # the record of who writes it, not part of E
+    tmp.rename(output)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, UserError):
+      raise
+    raise files.output_error(output, e) from e
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = files.disk_full_reason(e)
+    if reason is not None:  # tensorstore's RESOURCE_EXHAUSTED is not an OSError
+      raise OutputError(f"cannot write the export {output}: {reason}; nothing was left") from None
+    raise
+
+
 def export_model(
   workdir: str | Path, output: str | Path, step: int | None = None, onnx: str = "auto"
 ) -> Path:
@@ -197,10 +226,7 @@ def write_export(
     )
   if output.exists():
     raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
-  tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-  files.remove_orphaned_tmp_dirs(output.parent, ".*.tmp-*")  # a killed export's leftovers
-  files.make_owned_tmp_dir(tmp)
-  try:
+  with atomic_folder(output) as tmp:
     files.write_json(tmp / CONFIG, predictor.config.to_dict())
     chosen = None if workdir is None else Workdir(workdir).postprocessing_file
     if chosen is not None and chosen.is_file():  # the rules chosen on validation travel along
@@ -213,18 +239,5 @@ def write_export(
     onnx_record = write_onnx(tmp, predictor, onnx, deploy)
     meta = _metadata(predictor, workdir)
     record = {**meta, "onnx": onnx_record, "deploy": deploy, "param_digests": digests}
-    (tmp / files.TMP_OWNER).unlink()  # the record of who writes it, not part of E
     files.write_json(tmp / integrity.EXPORT_JSON, integrity.seal(record, tmp))
-    tmp.rename(output)
-  except OSError as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, UserError):
-      raise
-    raise files.output_error(output, e) from e
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    reason = files.disk_full_reason(e)
-    if reason is not None:  # tensorstore's RESOURCE_EXHAUSTED is not an OSError
-      raise OutputError(f"cannot write the export {output}: {reason}; nothing was left") from None
-    raise
   return output
