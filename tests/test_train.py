@@ -145,5 +145,5 @@ def test_brats_without_data_says_where_to_get_it(tmp_path):
   )
   assert proc.returncode != 0
   assert "BraTS data folder not found" in proc.stderr
-  assert "--config.data.root" in proc.stderr and "configs/phantom.py" in proc.stderr
+  assert "--config.data.root" in proc.stderr and "--config=phantom " in proc.stderr
   assert "Traceback" not in proc.stderr
