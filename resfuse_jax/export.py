@@ -16,7 +16,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from resfuse_jax import checkpointing, cli
-from resfuse_jax.serving import ensembles, exporting
+from resfuse_jax.serving import agreement, ensembles, exporting
 from resfuse_jax.workdir import FOLDS, Workdir
 
 FLAGS = flags.FLAGS
@@ -39,6 +39,13 @@ def define_flags() -> None:
     "Also write E/model.onnx: auto when the model has an ONNX form and the onnx package is "
     "installed (export.json says why not otherwise); yes: fail if it cannot; no: never.",
   )
+  flags.DEFINE_integer(
+    "agreement_cases",
+    agreement.DEFAULT_CASES,
+    "Validation cases (of splits.json, at most eval.max_cases when set) run through OpenVINO "
+    "at f32 and bf16 on this machine; export.json records only the agreement numbers, which "
+    "predict --precision=bf16 needs. 0: none (bf16 then stays refused).",
+  )
 
 
 def main(argv):
@@ -52,7 +59,9 @@ def main(argv):
         f"--step names one checkpoint, but {FLAGS.workdir} holds one model per fold (the "
         "latest of each is exported); leave --step out, or export one fold's folder"
       )
-    out = ensembles.export_ensemble(FLAGS.workdir, FLAGS.output, FLAGS.folds, FLAGS.onnx)
+    out = ensembles.export_ensemble(
+      FLAGS.workdir, FLAGS.output, FLAGS.folds, FLAGS.onnx, FLAGS.agreement_cases
+    )
     print(f"exported {FLAGS.workdir} to {out}: {ensembles.describe(out)}")
     return
   if FLAGS.folds is not None:
@@ -60,10 +69,12 @@ def main(argv):
       f"--folds needs a cross-validation (a workdir with {FOLDS}: main --folds=all); "
       f"{FLAGS.workdir} holds one model"
     )
-  out = exporting.export_model(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.onnx)
+  out = exporting.export_model(
+    FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.onnx, FLAGS.agreement_cases
+  )
   onnx = checkpointing.export_metadata(out)["onnx"]
   note = "with model.onnx" if onnx["written"] else f"without model.onnx ({onnx['reason']})"
-  print(f"exported {FLAGS.workdir} to {out} {note}")
+  print(f"exported {FLAGS.workdir} to {out} {note}")  # the bf16 agreement is logged
 
 
 def run():

@@ -2,8 +2,10 @@
 
   python -m resfuse_jax.predict --workdir=W --pre=t1n.nii.gz --post=t1c.nii.gz --out=seg.nii.gz
   python -m resfuse_jax.predict --workdir=W --input=DIR --output=OUT [--tta] [--probabilities]
-  python -m resfuse_jax.predict --model=E [--backend=auto|jax|onnxruntime] ...
+  python -m resfuse_jax.predict --model=E [--backend=auto|jax|openvino|onnxruntime] ...
       (an export: python -m resfuse_jax.export)
+  python -m resfuse_jax.predict --model=E --backend=openvino --precision=bf16 ...
+      (where export measured bf16 to agree with f32 on the validation cases)
   python -m resfuse_jax.predict --workdir=W [--folds=all|0,1,...] ...
       (a cross-validation, main --folds=all, or its export: the mean of the folds'
       probabilities, then W's post-processing chosen on the pooled out-of-fold predictions)
@@ -20,7 +22,8 @@ from pathlib import Path
 from absl import app, flags
 
 from resfuse_jax import cli
-from resfuse_jax.inference import prediction
+from resfuse_jax.inference import prediction, runtimes
+from resfuse_jax.serving import onnx_cache
 from resfuse_jax.workdir import BAD_CASES
 
 FLAGS = flags.FLAGS
@@ -56,10 +59,25 @@ def define_flags() -> None:
   flags.DEFINE_enum(
     "backend",
     "auto",
-    ["auto", "jax", "onnxruntime"],
-    "What runs the network on each window: auto is onnxruntime for an export with "
-    "model.onnx when onnxruntime is installed and JAX runs on CPU, JAX otherwise. "
-    "Everything else (preprocessing, stitching, TTA, post-processing) is the same code.",
+    list(runtimes.BACKENDS),
+    "What runs the network on each window: auto is, when JAX runs on CPU, the first "
+    "installed of openvino and onnxruntime (on an export's model.onnx, or a --workdir's "
+    "checkpoint translated once into the user's cache), and JAX on a GPU. Everything else "
+    "(preprocessing, stitching, TTA, post-processing) is the same code.",
+  )
+  flags.DEFINE_enum(
+    "precision",
+    "f32",
+    ["f32", "bf16"],
+    "OpenVINO's inference precision. bf16 only for an export whose agreement check (run "
+    "by export on the validation cases) stayed within 0.1% of labels and 0.005 Dice.",
+  )
+  flags.DEFINE_integer(
+    "threads", 0, "CPU threads of the OpenVINO/onnxruntime window (0: the runtime's default)."
+  )
+  flags.DEFINE_integer("streams", 0, "OpenVINO's NUM_STREAMS (0: OpenVINO's default).")
+  flags.DEFINE_integer(
+    "windows_per_call", 0, "Windows per OpenVINO/onnxruntime call (0: the default, 1 on CPU)."
   )
   flags.DEFINE_enum(
     "on_bad_case",
@@ -98,8 +116,18 @@ def main(argv):
     FLAGS.figures,
     FLAGS.postprocess,
   )
+  settings = runtimes.WindowSettings(
+    FLAGS.precision, FLAGS.threads, FLAGS.streams, FLAGS.windows_per_call
+  )
   predictor = prediction.load_predictor(
-    FLAGS.workdir, FLAGS.model, FLAGS.step, FLAGS.postprocess, FLAGS.backend, FLAGS.folds
+    FLAGS.workdir,
+    FLAGS.model,
+    FLAGS.step,
+    FLAGS.postprocess,
+    FLAGS.backend,
+    FLAGS.folds,
+    settings,
+    onnx_cache.WorkdirGraphs(),  # a --workdir's graph: built by serving, run by inference
   )
   options = (FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
   if pair:

@@ -43,10 +43,11 @@ def case(cv):
 
 @pytest.fixture(scope="module")
 def ensemble_run(cv, case, tmp_path_factory):
-  """``predict --workdir=W --probabilities`` of ``case``: (its label map, the command)."""
+  """``predict --workdir=W --probabilities --backend=jax`` of ``case``: (its label map, the
+  command). JAX, what the folds alone are compared with; OpenVINO's: test_openvino_runs_*."""
   out = tmp_path_factory.mktemp("ensemble") / "seg.nii.gz"
   proc = run("predict", f"--workdir={cv}", f"--pre={case[0]}", f"--post={case[1]}",
-             f"--out={out}", "--probabilities")  # fmt: skip
+             f"--out={out}", "--probabilities", "--backend=jax")  # fmt: skip
   return out, proc
 
 
@@ -77,7 +78,7 @@ def test_predict_averages_the_probabilities_of_the_folds(cv, case, ensemble_run,
   np.testing.assert_allclose(probabilities(out), (own[0] + own[1]) / 2, atol=1e-5)
   one = tmp_path / "one.nii.gz"
   proc = run("predict", f"--workdir={cv}", "--folds=1", f"--pre={case[0]}", f"--post={case[1]}",
-             f"--out={one}", "--probabilities")  # fmt: skip
+             f"--out={one}", "--probabilities", "--backend=jax")  # fmt: skip
   assert "(ensemble of 1 fold: 1; step 2; jax)" in proc.stdout
   np.testing.assert_allclose(probabilities(one), own[1], atol=1e-6)
 
@@ -159,6 +160,34 @@ def test_export_packs_the_ensemble(cv, case, ensemble_export, ensemble_run, tmp_
     np.testing.assert_allclose(probabilities(got), probabilities(ensemble_run[0]), atol=1e-4)
 
 
+def test_openvino_runs_the_folds_of_a_workdir_and_of_its_export(
+  cv, case, ensemble_export, ensemble_run, tmp_path
+):
+  """auto on a CPU: each fold's graph built into the user's cache (W untouched), each
+  member's model.onnx of E; both agree with JAX's ensemble."""
+  from resfuse_jax.inference import openvino_runtime, precision, prediction
+  from resfuse_jax.inference.ensemble import EnsemblePredictor
+
+  if not openvino_runtime.available():  # importorskip would import it with its telemetry
+    pytest.skip("openvino is not installed")
+
+  before = {p: p.stat().st_mtime_ns for p in cv.rglob("*")}
+  out = tmp_path / "seg.nii.gz"
+  proc = run("predict", f"--workdir={cv}", f"--pre={case[0]}", f"--post={case[1]}",
+             f"--out={out}", "--probabilities")  # fmt: skip
+  assert "(ensemble of 2 folds: 0, 1; steps 2, 2; openvino)" in proc.stdout
+  assert proc.stderr.count("built the ONNX graph of") + proc.stderr.count("(cached)") == 2
+  np.testing.assert_allclose(probabilities(out), probabilities(ensemble_run[0]), atol=1e-4)
+  assert {p: p.stat().st_mtime_ns for p in cv.rglob("*")} == before
+  loaded = EnsemblePredictor.load(ensemble_export, backend="auto")
+  assert loaded.backend == "openvino"
+  got = prediction.predict_pair(loaded, *case, str(tmp_path / "e.nii.gz"), False, True, False)
+  np.testing.assert_allclose(probabilities(got), probabilities(ensemble_run[0]), atol=1e-4)
+  for k in (0, 1):  # each member records its own fold's bf16 agreement (or why not)
+    member = json.loads((ensemble_export / f"fold_{k}" / "export.json").read_text())
+    assert "measured" in member[precision.KEY]
+
+
 def _edit_member_record(e):
   """A member's export.json edited and resealed: only E's own record still tells."""
   from resfuse_jax.inference import integrity
@@ -210,7 +239,7 @@ def test_a_failed_ensemble_export_leaves_nothing(cv, tmp_path, monkeypatch):
 
   calls = []
 
-  def second_fails(predictor, output, onnx, workdir):
+  def second_fails(predictor, output, onnx, workdir, agreement_cases):
     calls.append(output)
     if len(calls) == 2:
       raise RuntimeError("killed while writing the second member")

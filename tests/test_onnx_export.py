@@ -18,7 +18,15 @@ ort = pytest.importorskip("onnxruntime")
 from resfuse_jax import config_lib, data, files, models, task  # noqa: E402
 from resfuse_jax.data import brats  # noqa: E402
 from resfuse_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from resfuse_jax.inference import integrity, onnx_runtime, postprocess, prediction, predictor, tiler  # noqa: E402
+from resfuse_jax.inference import (  # noqa: E402
+  integrity,
+  onnx_runtime,
+  postprocess,
+  prediction,
+  predictor,
+  runtimes,
+  tiler,
+)
 from resfuse_jax.inference.predictor import Predictor  # noqa: E402
 from resfuse_jax.models import convolution  # noqa: E402
 from resfuse_jax.serving import exporting, onnx_graph  # noqa: E402
@@ -84,24 +92,49 @@ def test_every_variant_is_registered_here():
   assert {config_lib.VARIANTS[v][0] for v in VARIANTS} == set(models.names())
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_exports_and_onnxruntime_agrees_with_jax(variant, tmp_path):
-  """Through the backend's own path: `write_onnx`, then `OnnxWindow` against JAX's window."""
-  config, model, params, patch = random_model(variant)
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant_export(request, tmp_path_factory):
+  """Each registered model with random parameters through the backend's own path
+  (`write_onnx`), and JAX's probabilities of 3 random tiles, which every runtime meets."""
+  variant = request.param
+  config, _, params, patch = random_model(variant)
   p = Predictor(config, params, 0)
-  record = exporting.write_onnx(tmp_path, p, "yes", {})
-  proto = onnx.load(str(tmp_path / onnx_runtime.FILE))
+  folder = tmp_path_factory.mktemp(f"onnx_{variant}")
+  record = exporting.write_onnx(folder, p, "yes", {})
+  tiles = np.random.default_rng(0).normal(size=(3, *patch, 2)).astype(np.float32)
+  return variant, folder / onnx_runtime.FILE, record, tiles, p.window_fn()(tiles)
+
+
+def test_every_variant_exports_and_onnxruntime_agrees_with_jax(variant_export):
+  variant, path, record, tiles, expected = variant_export
+  patch = tiles.shape[1:4]
+  proto = onnx.load(str(path))
   assert proto.opset_import[0].version == onnx_graph.OPSET == record["opset"]
   assert [i.name for i in proto.graph.input] == ["pre", "post"]
   assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
   dims = proto.graph.input[0].type.tensor_type.shape.dim
   assert dims[0].dim_param == "n" and [d.dim_value for d in dims[1:]] == [1, *patch]
-  window = onnx_runtime.OnnxWindow(tmp_path / onnx_runtime.FILE, record["sha256"], max_batch=3)
-  tiles = np.random.default_rng(0).normal(size=(3, *patch, 2)).astype(np.float32)
-  expected = p.window_fn()(tiles)
+  window = onnx_runtime.OnnxWindow(path, record["sha256"], max_batch=3)
   assert_probabilities_agree(window(tiles), expected, variant)
   assert_probabilities_agree(window(tiles[1:2]), expected[1:2], variant)  # another batch
   assert (expected < 0.1).any() and (expected > 0.9).any()  # a real signal, not constants
+
+
+def test_every_variant_runs_through_openvino_and_agrees_with_jax(variant_export):
+  """Issue 31's acceptance bound is 1e-3 in probability and >= 99.9% of labels; measured
+  at f32 on these models, OpenVINO 2026.4 vs JAX: max |Δprob| 1.1e-6 to 2.1e-6, LiTS 8.6e-6
+  (onnxruntime: 0.6e-6 to 2.2e-6), every label equal. ATOL (1e-4) is asserted."""
+  from resfuse_jax.inference import openvino_runtime
+
+  if not openvino_runtime.available():  # importorskip would import it with its telemetry
+    pytest.skip("openvino is not installed")
+  variant, path, record, tiles, expected = variant_export
+  window = openvino_runtime.OpenVinoWindow(path, record["sha256"], regions=expected.shape[-1])
+  got = window(tiles)
+  assert window.backend == "openvino" and window.precision == "f32"
+  assert_probabilities_agree(got, expected, variant)
+  assert ((got > 0.5) == (expected > 0.5)).mean() >= 0.999
+  assert_probabilities_agree(window(tiles[1:2]), expected[1:2], variant)
 
 
 def test_a_model_with_another_window_and_batch():
@@ -302,8 +335,9 @@ def test_predict_cli_with_onnxruntime_for_other_models(random_export, small_phan
 
 def test_backend_choice(onnx_export, tmp_path):
   workdir, out = onnx_export
-  assert predictor.resolve_backend("auto", out) == "onnxruntime"
-  assert predictor.resolve_backend("auto", workdir) == "jax"
+  first = "openvino" if runtimes.installed("openvino") else "onnxruntime"  # test_openvino.py
+  assert predictor.resolve_backend("auto", out) == first
+  assert predictor.resolve_backend("auto", workdir) == "jax"  # no graph builder handed in
   with pytest.raises(ConfigError, match="training workdir, not an export"):
     predictor.resolve_backend("onnxruntime", workdir)
   with pytest.raises(ConfigError, match="--backend must be one of"):

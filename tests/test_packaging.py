@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from conftest import ROOT
 
-CPU_EXTRAS = ("deploy",)  # onnx + onnxruntime: export writes model.onnx, predict runs it
+CPU_EXTRAS = ("deploy",)  # onnx, openvino, onnxruntime: export writes model.onnx, predict runs it
 GPU_EXTRAS = ("cuda",)
 # What a clean clone holds: the build must not see local environments, caches or old builds.
 NOT_SOURCE = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "runs", ".*_cache")
@@ -117,6 +117,6 @@ def test_the_installed_wheel_trains_exports_and_predicts_from_an_empty_folder(tm
   predict = run([python, "-m", "resfuse_jax.predict", "--model=E", f"--input={cases}",
                  "--output=OUT"], here, env)  # fmt: skip
   names = sorted(f"{case.name}.nii.gz" for case in cases.iterdir() if case.is_dir())
-  assert f"wrote {len(names)} label maps to OUT (checkpoint step 4, onnxruntime)" in predict.stdout
+  assert f"wrote {len(names)} label maps to OUT (checkpoint step 4, openvino)" in predict.stdout
   assert sorted(p.name for p in (here / "OUT").iterdir()) == names
   assert sorted(p.name for p in here.iterdir()) == ["E", "OUT", "W"]  # nothing else written

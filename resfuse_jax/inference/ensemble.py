@@ -19,9 +19,9 @@ import numpy as np
 
 from resfuse_jax import data, workdir
 from resfuse_jax.errors import CheckpointError, ConfigError
-from resfuse_jax.inference import integrity
+from resfuse_jax.inference import integrity, runtimes
 from resfuse_jax.inference.postprocess import Rule
-from resfuse_jax.inference.predictor import Predictor, chosen_rules, resolve_backend
+from resfuse_jax.inference.predictor import Predictor, chosen_rules
 from resfuse_jax.task import Task
 
 
@@ -144,6 +144,9 @@ class EnsemblePredictor:
     self.members = [m for _, m in members_]
     self.rules = rules
     self.backend = "+".join(sorted({m.backend for m in self.members}))
+    self.backend_note = "; ".join(
+      dict.fromkeys(m.backend_note for m in self.members if m.backend_note)
+    )
     self.steps = [m.step for m in self.members]
     self.step = max(self.steps)  # the newest member's: each fold has its own (``steps``)
 
@@ -154,12 +157,16 @@ class EnsemblePredictor:
     folds: str | None = None,
     backend: str = "auto",
     postprocessing: str = "auto",
+    settings: runtimes.WindowSettings | None = None,
+    graphs: runtimes.GraphSource | None = None,
   ) -> EnsemblePredictor:
     """``path``: a cross-validation W or its ensemble export; ``folds``: see `members`.
 
-    ``backend``: `resolve_backend` per member; ``auto`` runs onnxruntime only when it
-    would for every member, JAX otherwise. ``postprocessing``: ``auto`` is the choice on
-    the pooled out-of-fold predictions (``path/postprocessing.json``), as for one model.
+    ``backend``: `runtimes.choose` per member; ``auto`` runs a runtime (OpenVINO first)
+    only when it would for every member (each export member has ``model.onnx``, or
+    ``graphs`` builds each fold's), JAX otherwise. ``settings``, ``graphs``: as for one
+    `Predictor`. ``postprocessing``: ``auto`` is the choice on the pooled out-of-fold
+    predictions (``path/postprocessing.json``), as for one model.
     """
     path = Path(path)
     chosen = members(path, folds)  # an export is verified here, before anything is read
@@ -167,10 +174,15 @@ class EnsemblePredictor:
     check_agreement(config, chosen, path)
     task = Task.from_config(config)
     rules = chosen_rules(workdir.Workdir(path), task, postprocessing)
-    resolved = {resolve_backend(backend, folder) for _, folder in chosen}
-    backend = resolved.pop() if len(resolved) == 1 else "jax"
-    loaded = [(k, Predictor.load(folder, None, backend, "auto")) for k, folder in chosen]
-    return cls(config, loaded, rules, task)
+    resolved = {runtimes.choose(backend, folder, graphs)[0] for _, folder in chosen}
+    same = backend if len(resolved) == 1 else "jax"  # each member resolves it alike
+    loaded = [
+      (k, Predictor.load(folder, None, same, "auto", settings, graphs)) for k, folder in chosen
+    ]
+    ensemble = cls(config, loaded, rules, task)
+    if len(resolved) > 1:
+      ensemble.backend_note = f"{backend}: the folds differ ({', '.join(sorted(resolved))})"
+    return ensemble
 
   @property
   def num_params(self) -> int:

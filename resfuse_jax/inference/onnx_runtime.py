@@ -39,6 +39,7 @@ class OnnxWindow:
   probabilities, any ``n``: the sliding window sends a partial last batch as it is."""
 
   fixed_batch = False  # the graph's batch is symbolic: no padding tiles to compute
+  backend = "onnxruntime"
 
   def __init__(
     self,
@@ -86,6 +87,7 @@ class OnnxWindow:
     self._check_channels(self._declared_channels())
     on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
     self.max_batch = max_batch or (1 if on_cpu else None)
+    self.windows_per_call = self.max_batch or 0  # what a call takes at once (0: any)
 
   def _declared_channels(self) -> int | None:
     outputs = {o.name: o.shape for o in self.session.get_outputs()}

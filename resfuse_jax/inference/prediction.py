@@ -19,7 +19,7 @@ from absl import logging
 from resfuse_jax import checkpointing, data, files, workdir
 from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
-from resfuse_jax.inference import ensemble, outputs, postprocess
+from resfuse_jax.inference import ensemble, outputs, postprocess, runtimes
 from resfuse_jax.inference.ensemble import EnsemblePredictor
 from resfuse_jax.inference.predictor import Predictor
 from resfuse_jax.workdir import BAD_CASES
@@ -188,6 +188,8 @@ def load_predictor(
   postprocess_: str = "auto",
   backend: str = "auto",
   folds: str | None = None,
+  settings: runtimes.WindowSettings | None = None,
+  graphs: runtimes.GraphSource | None = None,
 ) -> Predictor | EnsemblePredictor:
   """A training workdir (``--workdir``) or an export folder (``--model``); for a
   cross-validation W or its ensemble export, the ensemble of its folds (``folds``:
@@ -195,16 +197,16 @@ def load_predictor(
 
   ``postprocess_``: ``auto`` applies the post-processing chosen on validation when the
   workdir or export has one, ``none`` applies none, anything else is a
-  ``postprocessing.json`` file to apply. ``backend``: `predictor.resolve_backend`.
+  ``postprocessing.json`` file to apply. ``backend``: `runtimes.choose` (``graphs``
+  builds a training workdir's ONNX graph); ``settings``: the runtime's knobs.
   """
   _require_export(model)
   source = workdir or model
   check_model_flags(source, step, folds)
   if ensemble.is_ensemble(source):
-    predictor = EnsemblePredictor.load(source, folds, backend, postprocess_)
+    predictor = EnsemblePredictor.load(source, folds, backend, postprocess_, settings, graphs)
   else:
-    predictor = Predictor.load(source, step, backend, postprocess_)
-  logging.info("window function: %s", predictor.backend)
+    predictor = Predictor.load(source, step, backend, postprocess_, settings, graphs)
   logging.info("model: %s", predictor.describe())
   if predictor.rules is None:
     logging.info("post-processing: none (thresholds and nesting only)")

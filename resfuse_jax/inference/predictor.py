@@ -3,8 +3,9 @@
 The one forward pass of the package: ``window_probabilities`` is what training's
 validation, ``evaluate``, ``predict``, ``export`` and the benchmarks run on
 each sliding window. Loading reads only the parameters of a checkpoint (no
-optimiser state) and imports nothing of training. An export with ``model.onnx`` can
-instead be run by onnxruntime (``backend``): only the window function changes.
+optimiser state) and imports nothing of training. An ONNX graph (an export's
+``model.onnx``, or a workdir's built into the user's cache) can instead be run by
+OpenVINO or onnxruntime (`runtimes`): only the window function changes.
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
+from resfuse_jax import backend as backends
 from resfuse_jax import checkpointing, data, models, sharding, workdir
 from resfuse_jax.errors import CheckpointError, ConfigError
-from resfuse_jax.inference import integrity, onnx_runtime, postprocess, tiler
+from resfuse_jax.inference import (
+  integrity,
+  onnx_runtime,
+  openvino_runtime,
+  postprocess,
+  precision,
+  runtimes,
+  tiler,
+)
 from resfuse_jax.task import Task
 
-BACKENDS = ("auto", "jax", "onnxruntime")
+BACKENDS = runtimes.BACKENDS
 
 
 def window_probabilities(model: nn.Module, params: Any, tiles: jax.Array) -> jax.Array:
@@ -50,24 +61,32 @@ def abstract_params(model: nn.Module, patch_size, sharding_=None) -> Any:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_), shapes)
 
 
-def resolve_backend(name: str, path: str | Path) -> str:
-  """``predict --backend``: ``auto`` is onnxruntime for an export with ``model.onnx`` when
-  onnxruntime is installed and JAX would run on CPU (where onnxruntime's 3D convolutions
-  are the faster), JAX otherwise."""
-  if name not in BACKENDS:
-    raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-  path = Path(path)
-  has_onnx = checkpointing.is_export(path) and (path / onnx_runtime.FILE).is_file()
-  if name == "auto":
-    use = has_onnx and onnx_runtime.available() and jax.default_backend() == "cpu"
-    return "onnxruntime" if use else "jax"
-  if name == "onnxruntime" and not has_onnx:
-    what = "an export" if checkpointing.is_export(path) else "a training workdir, not an export"
+def resolve_backend(name: str, path: str | Path, graphs: runtimes.GraphSource | None = None) -> str:
+  """``predict --backend``: `runtimes.choose` without its reason."""
+  return runtimes.choose(name, path, graphs)[0]
+
+
+def precision_note(
+  settings: runtimes.WindowSettings, backend: str, meta: dict | None, path: Path
+) -> str:
+  """For bf16, the note `precision.check_bf16` allows it with, or its refusal; f32: "".
+
+  ``meta``: the verified ``export.json`` (None: a training workdir, never measured).
+  """
+  if settings.precision == "f32":
+    return ""
+  if backend != "openvino":
     raise ConfigError(
-      f"--backend=onnxruntime needs an export with {onnx_runtime.FILE}; {path} is {what} "
-      f"without one ({onnx_runtime.export_hint()})"
+      f"--precision={settings.precision} runs on OpenVINO only; this prediction runs {backend} "
+      "(--backend=openvino, with openvino installed)"
     )
-  return name
+  if meta is None:
+    raise ConfigError(
+      f"--precision={settings.precision} needs an export, whose bf16 agreement was measured "
+      f"when it was written; {path} is a training workdir: export it first "
+      f"(python -m resfuse_jax.export --workdir={path} --output=E) on a CPU with BF16"
+    )
+  return precision.check_bf16(meta, path, openvino_runtime.cpu())
 
 
 def chosen_rules(folder: workdir.Workdir, task: Task, postprocessing: str) -> list | None:
@@ -103,7 +122,8 @@ class Predictor:
     self.dataset, self.model = self.task.dataset, self.task.model
     self._params, self._load_params = params, load_params
     self._window, self._num_params = window, num_params
-    self.backend = "jax" if window is None else "onnxruntime"
+    self.backend = "jax" if window is None else getattr(window, "backend", "onnxruntime")
+    self.backend_note = ""  # why this backend (and precision), for the log
     self.step = int(step)
     self.rules = rules  # post-processing per region (None: thresholds and nesting only)
     self._forward = jax.jit(lambda p, t: window_probabilities(self.model, p, t))
@@ -120,12 +140,15 @@ class Predictor:
     step: int | None = None,
     backend: str = "jax",
     postprocessing: str = "auto",
+    settings: runtimes.WindowSettings | None = None,
+    graphs: runtimes.GraphSource | None = None,
   ) -> Predictor:
     """``path``: a training workdir (its latest or ``step`` checkpoint) or an export folder.
 
     Parameters land on this machine's first device, whatever topology trained them.
     ``postprocessing``: ``auto`` (the rules chosen on validation, when ``path`` has them),
-    ``none``, or a ``postprocessing.json`` file. ``backend``: see `resolve_backend`.
+    ``none``, or a ``postprocessing.json`` file. ``backend``: `runtimes.choose`, whose
+    ``graphs`` builds a training workdir's ONNX graph; ``settings``: the runtime's knobs.
     """
     path = Path(path)
     if workdir.Workdir(path).is_cross_validation():
@@ -133,44 +156,67 @@ class Predictor:
         f"{path} is a cross-validation: one model per fold, {path}/fold_<k>/; load its folds "
         "together (inference.ensemble: predict and export take W whole) or one fold's folder"
       )
-    if checkpointing.is_export(path):  # every file read below matches export.json's digests
-      integrity.verify_export(path)
-    backend = resolve_backend(backend, path)
+    export = checkpointing.is_export(path)
+    meta = integrity.verify_export(path) if export else None  # every file read is covered
+    backend, why = runtimes.choose(backend, path, graphs)
+    settings = settings or runtimes.WindowSettings()
+    note = precision_note(settings, backend, meta, path)
+    loaded_note = "; ".join(x for x in (why, note) if x)
+    said = f" ({loaded_note})" if loaded_note else ""
+    logging.info("window function: %s%s", backend, said)  # before any slow step
     config = workdir.read_config(path)
     task = Task.from_config(config)
-    folder = workdir.Workdir(path)
-    rules = chosen_rules(folder, task, postprocessing)
+    rules = chosen_rules(workdir.Workdir(path), task, postprocessing)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = abstract_params(task.model, task.patch_size, device)
-    if checkpointing.is_export(path):
-      meta = checkpointing.export_metadata(path)
-      exported_step = int(meta["step"])
-      if step is not None and step != exported_step:
-        raise CheckpointError(f"{path} is an export of step {exported_step}, not {step}")
-      if backend == "onnxruntime":
-        digest = (meta.get("onnx") or {}).get("sha256")
-        if not digest:  # a model.onnx that export did not record is not trusted
-          raise CheckpointError(
-            f"{path / 'export.json'} records no SHA-256 for {onnx_runtime.FILE}: the file was "
-            "not written by this export; export the model again"
-          )
-        window = onnx_runtime.OnnxWindow(
-          path / onnx_runtime.FILE, digest, regions=len(task.regions)
-        )
-        return cls(
-          config,
-          None,
-          exported_step,
-          rules,
-          window=window,
-          load_params=lambda: checkpointing.load_export_params(path, abstract),
-          num_params=int(meta["params"]),
-          task=task,
-        )
-      params = checkpointing.load_export_params(path, abstract)
-      return cls(config, params, exported_step, rules, task=task)
-    params, step = checkpointing.restore_params(folder.checkpoints_dir, step, abstract)
-    return cls(config, params, step, rules, task=task)
+    if export:
+      loaded = cls._from_export(path, meta, step, backend, settings, rules, abstract, task)
+    else:
+      folder = workdir.Workdir(path)
+      params, step = checkpointing.restore_params(folder.checkpoints_dir, step, abstract)
+      loaded = cls(config, params, step, rules, task=task)
+      if backend != "jax":  # the checkpoint's graph, built into the user's cache once
+        graph, digest = graphs(loaded, path)
+        loaded.use_window(runtimes.make_window(backend, graph, digest, settings, len(task.regions)))
+    loaded.backend_note = loaded_note
+    return loaded
+
+  @classmethod
+  def _from_export(cls, path, meta, step, backend, settings, rules, abstract, task) -> Predictor:
+    """`load` of an export folder, whose ``export.json`` ``meta`` was verified."""
+    exported_step = int(meta["step"])
+    if step is not None and step != exported_step:
+      raise CheckpointError(f"{path} is an export of step {exported_step}, not {step}")
+    config = task.config
+
+    def params():
+      return checkpointing.load_export_params(path, abstract)
+
+    if backend == "jax":
+      return cls(config, params(), exported_step, rules, task=task)
+    digest = (meta.get("onnx") or {}).get("sha256")
+    if not digest:  # a model.onnx that export did not record is not trusted
+      raise CheckpointError(
+        f"{path / 'export.json'} records no SHA-256 for {onnx_runtime.FILE}: the file was "
+        "not written by this export; export the model again"
+      )
+    window = runtimes.make_window(
+      backend, path / onnx_runtime.FILE, digest, settings, len(task.regions)
+    )
+    return cls(
+      config,
+      None,
+      exported_step,
+      rules,
+      window=window,
+      load_params=params,
+      num_params=int(meta["params"]),
+      task=task,
+    )
+
+  def use_window(self, window: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Runs the windows through ``window`` (another runtime's) from now on."""
+    self._window, self.backend = window, getattr(window, "backend", "onnxruntime")
 
   @property
   def params(self) -> Any:
@@ -199,11 +245,16 @@ class Predictor:
   def probabilities(self, case: data.Case, tta: bool = False, placement: str = "auto"):
     """[D, H, W, R] region probabilities on the case's (preprocessed) grid.
 
-    ``placement``: where the tiler cuts and blends (`tiler.sliding_window`).
+    ``placement``: where the tiler cuts and blends (`tiler.sliding_window`). Windows per
+    call: ``eval.batch_size``, or more where the runtime takes more at once (its
+    ``windows_per_call``: ``predict --windows_per_call`` times OpenVINO's requests).
     """
     mirror_axes = (0, 1, 2) if tta else ()
+    window = self.window_fn()
+    batch = backends.resolve("eval_batch_size", self.config.eval.batch_size)
+    batch = max(batch, getattr(window, "windows_per_call", 0))
     return tiler.predict_volume(
-      self.window_fn(), case, self.config, mirror_axes=mirror_axes, placement=placement
+      window, case, self.config, batch, mirror_axes=mirror_axes, placement=placement
     )
 
   def fusion_heat(self, case: data.Case) -> np.ndarray | None:

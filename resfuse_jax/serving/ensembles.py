@@ -26,7 +26,7 @@ from resfuse_jax import checkpointing, files, workdir
 from resfuse_jax.errors import CheckpointError, ConfigError
 from resfuse_jax.inference import integrity, outputs, postprocess
 from resfuse_jax.inference.ensemble import EnsemblePredictor
-from resfuse_jax.serving import exporting
+from resfuse_jax.serving import agreement, exporting
 
 COMBINE = (
   "mean of the members' region probabilities [D, H, W, R] (each member's own sliding "
@@ -55,11 +55,16 @@ def _record(ensemble_: EnsemblePredictor, source: Path, num_folds: int) -> dict:
 
 
 def export_ensemble(
-  source: str | Path, output: str | Path, folds: str | None = None, onnx: str = "auto"
+  source: str | Path,
+  output: str | Path,
+  folds: str | None = None,
+  onnx: str = "auto",
+  agreement_cases: int = agreement.DEFAULT_CASES,
 ) -> Path:
   """Writes the ensemble export ``output`` (which must not exist) of the cross-validation
   ``source``; ``folds``: ``all`` or ``0,1`` (default every finished fold); ``onnx``:
-  each member's ``model.onnx`` (`exporting.write_onnx`)."""
+  each member's ``model.onnx`` (`exporting.write_onnx`); ``agreement_cases``: each
+  member's bf16 agreement check, on its own fold's validation cases."""
   source, output = Path(source), Path(output)
   outputs.refuse_overlaps(output_folders=[("--output", output)], protected=[("--workdir", source)])
   if output.exists():
@@ -74,7 +79,7 @@ def export_ensemble(
   with exporting.atomic_folder(output) as tmp:
     for k, member in zip(loaded.folds, loaded.members):
       fold = workdir.Workdir(source).fold(k)
-      exporting.write_export(member, tmp / fold.path.name, onnx, fold.path)
+      exporting.write_export(member, tmp / fold.path.name, onnx, fold.path, agreement_cases)
     files.write_bytes(tmp / workdir.CONFIG, workdir.Workdir(source).config_file.read_bytes())
     if chosen.is_file():
       files.write_bytes(tmp / workdir.POSTPROCESSING, chosen.read_bytes())

@@ -17,7 +17,10 @@
   model (`serving.onnx_graph`: ``pre, post [n, 1, d, h, w] -> logits, probabilities
   [n, R, d, h, w]``), for onnxruntime, OpenVINO, Triton, C++ or .NET without JAX;
   ``export.json``'s ``deploy`` section holds the settings around it (preprocessing,
-  window, thresholds, labels, post-processing rules) as data.
+  window, thresholds, labels, post-processing rules) as data, and its
+  ``bf16_agreement`` section what OpenVINO's bf16 did to the validation cases' labels
+  on the exporting machine (`serving.agreement`; numbers only), which
+  ``predict --precision=bf16`` is allowed or refused by.
 
 The folder is written under a temporary name and renamed when complete, so a
 killed export never leaves a folder that looks finished.
@@ -40,8 +43,9 @@ from absl import logging
 
 from resfuse_jax import checkpointing, data, files
 from resfuse_jax.errors import CheckpointError, ConfigError, OutputError, UserError
-from resfuse_jax.inference import integrity, onnx_runtime, outputs, postprocess, tiler
+from resfuse_jax.inference import integrity, onnx_runtime, outputs, postprocess, precision, tiler
 from resfuse_jax.inference.predictor import Predictor, window_probabilities
+from resfuse_jax.serving import agreement
 from resfuse_jax.workdir import CONFIG, POSTPROCESSING, Workdir
 
 PLATFORMS = ("cpu", "cuda")
@@ -200,25 +204,36 @@ def atomic_folder(output: Path) -> Iterator[Path]:
 
 
 def export_model(
-  workdir: str | Path, output: str | Path, step: int | None = None, onnx: str = "auto"
+  workdir: str | Path,
+  output: str | Path,
+  step: int | None = None,
+  onnx: str = "auto",
+  agreement_cases: int = agreement.DEFAULT_CASES,
 ) -> Path:
   """Writes the export folder ``output`` (which must not exist) from ``workdir``.
 
-  ``onnx``: whether to write ``model.onnx`` (`write_onnx`).
+  ``onnx``: whether to write ``model.onnx`` (`write_onnx`); ``agreement_cases``: the
+  validation cases the bf16 agreement check runs (`agreement.bf16_agreement`; 0: none).
   """
   outputs.refuse_overlaps(output_folders=[("--output", output)], protected=[("--workdir", workdir)])
   if Path(output).exists():
     raise CheckpointError(f"--output={output} already exists; remove it or choose another path")
   if onnx not in ONNX_MODES:
     raise ConfigError(f"--onnx must be one of {', '.join(ONNX_MODES)}; got {onnx!r}")
-  return write_export(Predictor.load(workdir, step), output, onnx, Path(workdir))
+  loaded = Predictor.load(workdir, step)
+  return write_export(loaded, output, onnx, Path(workdir), agreement_cases)
 
 
 def write_export(
-  predictor: Predictor, output: str | Path, onnx: str = "auto", workdir: Path | None = None
+  predictor: Predictor,
+  output: str | Path,
+  onnx: str = "auto",
+  workdir: Path | None = None,
+  agreement_cases: int = agreement.DEFAULT_CASES,
 ) -> Path:
   """Writes the export folder ``output`` of a loaded ``predictor``; ``workdir``: its source,
-  whose chosen post-processing travels with it."""
+  whose chosen post-processing travels with it and whose validation cases the bf16
+  agreement check runs (``agreement_cases`` of them)."""
   output = Path(output)
   if workdir is not None:
     outputs.refuse_overlaps(
@@ -237,7 +252,13 @@ def write_export(
     serving.write_bytes(serving_function(predictor).serialize())
     deploy = deployment(predictor, predictor.rules)
     onnx_record = write_onnx(tmp, predictor, onnx, deploy)
+    if onnx_record["written"]:
+      graph, sha = tmp / onnx_runtime.FILE, onnx_record["sha256"]
+      bf16 = agreement.bf16_agreement(predictor, graph, sha, workdir, agreement_cases)
+    else:
+      bf16 = {"measured": False, "reason": f"no {onnx_runtime.FILE}: {onnx_record['reason']}"}
     meta = _metadata(predictor, workdir)
     record = {**meta, "onnx": onnx_record, "deploy": deploy, "param_digests": digests}
+    record[precision.KEY] = bf16
     files.write_json(tmp / integrity.EXPORT_JSON, integrity.seal(record, tmp))
   return output
