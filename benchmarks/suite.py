@@ -62,17 +62,23 @@ def torch_step(model_name, patch, batch, steps) -> dict:
   return workloads.torch_step(brats_config(model_name, patch, batch), steps)
 
 
-def jax_inference(model_name, patch, batch, conv_impl=None) -> dict:
-  return workloads.jax_volume(brats_config(model_name, patch, batch, conv_impl), VOLUME, batch)
+def jax_inference(model_name, patch, batch, conv_impl=None, out=None) -> dict:
+  config = brats_config(model_name, patch, batch, conv_impl)
+  return workloads.jax_volume(config, VOLUME, batch, out=out)
 
 
 def onnx_export(model_name, patch, batch, path) -> dict:
   return workloads.onnx_export(brats_config(model_name, patch, batch), path)
 
 
-def onnxruntime_inference(model_name, patch, batch, path) -> dict:
+def onnxruntime_inference(model_name, patch, batch, path, out=None) -> dict:
   config = brats_config(model_name, patch, batch)
-  return workloads.onnxruntime_volume(config, VOLUME, batch, path)
+  return workloads.onnxruntime_volume(config, VOLUME, batch, path, out=out)
+
+
+def openvino_inference(model_name, patch, batch, path, precision="f32", out=None) -> dict:
+  config = brats_config(model_name, patch, batch)
+  return workloads.openvino_volume(config, VOLUME, batch, path, precision, out=out)
 
 
 def monai_inference(model_name, patch, batch) -> dict:
@@ -86,6 +92,7 @@ WORKERS = {
   "jax_inference": jax_inference,
   "onnx_export": onnx_export,
   "onnxruntime_inference": onnxruntime_inference,
+  "openvino_inference": openvino_inference,
   "monai_inference": monai_inference,
 }
 
@@ -123,14 +130,59 @@ def measurements(args, tmp: str) -> list[measure.Measurement]:
 
 
 def inference_measurements(patch: int, onnx_path: str, batch: int = 4) -> list:
-  """One whole volume by each framework, one after another in this run."""
+  """One whole volume by each framework, one after another in this run.
+
+  The JAX, onnxruntime and OpenVINO runs (one model, one initialisation) leave their
+  probabilities beside ``onnx_path`` for `agreement`; MONAI runs the PyTorch twin, whose
+  weights are its own, so it has no agreement row.
+  """
   kw = {"model_name": "resfuse", "patch": patch, "batch": batch}
-  return [
-    isolated("inference/jax", "jax_inference", **kw),
+  folder = Path(onnx_path).parent
+  out = {"out": str(folder / "jax.npy")}
+  todo = [
+    isolated("inference/jax", "jax_inference", **kw, **out),
     isolated("inference/onnx_export", "onnx_export", **kw, path=onnx_path),
-    isolated("inference/onnxruntime", "onnxruntime_inference", **kw, path=onnx_path),
-    isolated("inference/monai", "monai_inference", **kw),
-  ]
+    isolated(
+      "inference/onnxruntime", "onnxruntime_inference", **kw, path=onnx_path,
+      out=str(folder / "onnxruntime.npy"),
+    ),
+  ]  # fmt: skip
+  for precision in openvino_precisions():
+    todo.append(
+      isolated(
+        f"inference/openvino_{precision}", "openvino_inference", **kw, path=onnx_path,
+        precision=precision, out=str(folder / f"openvino_{precision}.npy"),
+      )
+    )  # fmt: skip
+  return todo + [isolated("inference/monai", "monai_inference", **kw)]
+
+
+def openvino_precisions() -> list[str]:
+  """f32, and bf16 where this CPU has it (OpenVINO's own capability list)."""
+  from resfuse_jax.inference import openvino_runtime
+
+  if not openvino_runtime.available():
+    return []
+  return ["f32", "bf16"] if openvino_runtime.cpu()["bf16"] else ["f32"]
+
+
+def agreement(results: dict[str, dict]) -> None:
+  """Each backend's probabilities against JAX's: max |Δprob| and the share of equal labels
+  (probability > 0.5 per region), added to its record; the files are removed."""
+  reference_path = results["inference/jax"].get("out")
+  if not reference_path:
+    return
+  reference = np.load(reference_path)  # a recorded output that is missing is an error
+  for name, record in results.items():
+    path = record.get("out")
+    if name == "inference/jax" or not path:
+      continue
+    probs = np.load(path)
+    record["max_abs_prob_diff_vs_jax"] = float(np.abs(probs - reference).max())
+    record["labels_equal_vs_jax"] = float(np.mean((probs > 0.5) == (reference > 0.5)))
+  for record in results.values():
+    if record.get("out"):
+      Path(record.pop("out")).unlink(missing_ok=True)
 
 
 def sections(results: dict[str, dict]) -> dict:
@@ -155,13 +207,15 @@ def sections(results: dict[str, dict]) -> dict:
 
 
 def inference_rows(results: dict[str, dict]) -> list[dict]:
+  agreement(results)
   ort = {k: v for k, v in results["inference/onnxruntime"].items() if k != "path"}
   ort["export_s"] = results["inference/onnx_export"]["export_s"]
-  return [
-    {"framework": "jax", **results["inference/jax"]},
-    {"framework": "onnxruntime", **ort},
-    {"framework": "monai", **results["inference/monai"]},
-  ]
+  rows = [{"framework": "jax", **results["inference/jax"]}, {"framework": "onnxruntime", **ort}]
+  for name, record in results.items():
+    if name.startswith("inference/openvino_"):
+      framework = name.split("/")[1].replace("_f32", "")  # openvino (f32), openvino_bf16
+      rows.append({"framework": framework, **{k: v for k, v in record.items() if k != "path"}})
+  return rows + [{"framework": "monai", **results["inference/monai"]}]
 
 
 def step_row(r: dict) -> dict:
@@ -192,13 +246,14 @@ def main(argv=None) -> dict:
     return measure.run_worker(WORKERS, args.worker, args.kwargs)
   command = f"python -m {MODULE} " + " ".join(sys.argv[1:] if argv is None else argv)
   res = {"name": args.name, **measure.environment(command)}
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp:  # sections() reads the probabilities left here
     todo = measurements(args, tmp)
     results, failed = measure.run_measurements(todo, only=[f"{args.only}/"] if args.only else ())
-  if failed:
-    errors = {k: r["error"] for k, r in results.items() if "error" in r}
-    raise SystemExit(f"the suite wrote nothing: {errors}")
-  return finish(args.name, sections(results), res, args.only)
+    if failed:
+      errors = {k: r["error"] for k, r in results.items() if "error" in r}
+      raise SystemExit(f"the suite wrote nothing: {errors}")
+    values = sections(results)
+  return finish(args.name, values, res, args.only)
 
 
 def finish(name: str, values: dict, header: dict, only: str | None = None) -> dict:
@@ -248,6 +303,11 @@ def inference_ratios(rows: list[dict]) -> dict:
     out["monai_over_onnxruntime_inference"] = inf["monai"]["volume_s"] / ort_row["volume_s"]
     out["onnxruntime_over_jax_inference"] = inf["jax"]["volume_s"] / ort_row["volume_s"]
     out["peak_rss_monai_over_onnxruntime"] = inf["monai"]["peak_rss_mb"] / ort_row["peak_rss_mb"]
+  for name in ("openvino", "openvino_bf16"):
+    if name in inf:
+      row = inf[name]
+      out[f"monai_over_{name}_inference"] = inf["monai"]["volume_s"] / row["volume_s"]
+      out[f"peak_rss_monai_over_{name}"] = inf["monai"]["peak_rss_mb"] / row["peak_rss_mb"]
   return out
 
 
@@ -281,8 +341,9 @@ def markdown(res: dict) -> str:
     sec = res["sections"]["inference"]
     lines += [f"Measured apart from the rest: `{sec['command']}` ({sec['date']}).", ""]
   lines += measure.table(
-    ["framework", "volume s", "warm-up s", "peak RSS MB"],
-    ([r["framework"], f"{r['volume_s']:.1f}", f"{r['warmup_s']:.1f}", f"{r['peak_rss_mb']:,.0f}"]
+    ["framework", "volume s", "warm-up s", "peak RSS MB", "max |Δprob| vs JAX", "labels = JAX"],
+    ([r["framework"], f"{r['volume_s']:.1f}", f"{r['warmup_s']:.1f}", f"{r['peak_rss_mb']:,.0f}",
+      _agree(r, "max_abs_prob_diff_vs_jax", "{:.2e}"), _agree(r, "labels_equal_vs_jax", "{:.4%}")]
      for r in res["inference"]),
   )  # fmt: skip
   lines += ["", "## Data pipeline", ""]
@@ -310,6 +371,10 @@ def step_cells(r: dict) -> list:
     f"{r['params']:,}", f"{r['step_s']:.2f}", f"{r['voxels_per_s']:,.0f}", gflops,
     f"{r['peak_rss_mb']:,.0f}",
   ]  # fmt: skip
+
+
+def _agree(row: dict, key: str, fmt: str) -> str:
+  return fmt.format(row[key]) if key in row else ""
 
 
 if __name__ == "__main__":

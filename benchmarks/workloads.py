@@ -102,7 +102,15 @@ def jax_window(config):
   return tiler.JaxWindow(forward, params)
 
 
-def jax_volume(config, shape, batch: int, placement: str = "host", repeats: int = 1) -> dict:
+def save_output(out: np.ndarray, path: str | None) -> None:
+  """The volume's probabilities for the agreement between backends (``np.save``)."""
+  if path:
+    np.save(path, np.asarray(out, np.float32))
+
+
+def jax_volume(
+  config, shape, batch: int, placement: str = "host", repeats: int = 1, out: str | None = None
+) -> dict:
   """Whole-volume inference through the package's one tiler (Gaussian, 50% overlap).
 
   Warm-up: one batch of windows on the host (the window function compiles), one whole
@@ -122,6 +130,7 @@ def jax_volume(config, shape, batch: int, placement: str = "host", repeats: int 
   run() if placement == "device" else window(np.zeros((batch, *patch, 2), np.float32))
   warmup_s = time.perf_counter() - t
   timing = measure.time_calls(run, repeats, warmup=0)
+  save_output(last["out"], out)
   return {
     "warmup_s": warmup_s,
     "volume_s": timing.median_s,
@@ -143,28 +152,67 @@ def onnx_export(config, path: str) -> dict:
   return {"export_s": time.perf_counter() - t, "bytes": Path(path).stat().st_size}
 
 
-def onnxruntime_volume(config, shape, batch: int, path: str) -> dict:
+def onnxruntime_volume(config, shape, batch: int, path: str, out: str | None = None) -> dict:
   """``path`` (from `onnx_export`, as a deployer has the file) run by onnxruntime through
   the package's tiler, the partial last batch as it is."""
   import onnxruntime
 
-  from resfuse_jax.inference import onnx_runtime, tiler
+  from resfuse_jax.inference import onnx_runtime
 
-  predict = onnx_runtime.OnnxWindow(path)
+  predict = onnx_runtime.OnnxWindow(path)  # warm-up: one batch, as recorded before issue 31
+  record = runtime_volume(predict, config, shape, batch, out, time.perf_counter())
+  return {**record, "onnxruntime": onnxruntime.__version__, "tiles_per_run": predict.max_batch}
+
+
+def runtime_volume(predict, config, shape, batch: int, out: str | None, started: float) -> dict:
+  """One volume through the package's tiler with another runtime's window function: the
+  warm-up (from ``started``: loading, compiling, one batch) and the volume timed apart."""
+  from resfuse_jax.inference import tiler
+
   volume, patch = random_volume(shape), tuple(config.data.patch_size)
-  t = time.perf_counter()
   predict(np.zeros((batch, *patch, 2), np.float32))
-  warm = time.perf_counter() - t
+  warm = time.perf_counter() - started
   t = time.perf_counter()
-  out = tiler.sliding_window(predict, volume, patch, overlap=0.5, batch_size=batch)
+  probs = tiler.sliding_window(predict, volume, patch, overlap=0.5, batch_size=batch)
   volume_s = time.perf_counter() - t
+  save_output(probs, out)
   return {
     "warmup_s": warm,
     "volume_s": volume_s,
     "ms": 1e3 * volume_s,
-    "out_shape": list(out.shape),
-    "onnxruntime": onnxruntime.__version__,
-    "tiles_per_run": predict.max_batch,
+    "out_shape": list(probs.shape),
+  }
+
+
+def openvino_volume(
+  config,
+  shape,
+  batch: int,
+  path: str,
+  precision: str = "f32",
+  threads: int = 0,
+  streams: int = 0,
+  max_batch: int | None = None,
+  out: str | None = None,
+) -> dict:
+  """``path`` run by OpenVINO through the package's tiler; ``batch`` windows per tiler call,
+  ``max_batch`` per inference request, ``streams`` requests in flight (0: OpenVINO's own).
+
+  Compiled without the model cache: the warm-up is a first use's compile.
+  """
+  from resfuse_jax.inference import openvino_runtime
+
+  t = time.perf_counter()
+  predict = openvino_runtime.OpenVinoWindow(
+    path, precision=precision, threads=threads, streams=streams, max_batch=max_batch,
+    cache=False,
+  )  # fmt: skip
+  return {
+    **runtime_volume(predict, config, shape, batch, out, t),
+    "openvino": openvino_runtime.version(),
+    "precision": precision,
+    "windows_per_request": predict.max_batch,
+    "windows_per_call": predict.windows_per_call,
   }
 
 
