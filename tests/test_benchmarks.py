@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -380,3 +381,34 @@ def test_the_gpu_checks_step_profile_runs_at_toy_sizes_on_the_cpu(tmp_path):
   assert profile["ops"] > 0 and profile["by_kind_ms"]["convolution"] > 0
   assert sum(profile["by_kind_share"].values()) == pytest.approx(1.0)
   assert profile["top_ops_ms"] and profile["ops_ms"] > 0
+
+
+def test_the_openvino_row_and_the_agreement_with_jax_at_toy_size(monkeypatch, tmp_path):
+  """The suite's OpenVINO worker on the exported graph, and each backend's agreement with
+  JAX computed from the probabilities the workers leave (one model, one initialisation)."""
+  pytest.importorskip("openvino")
+  monkeypatch.setattr(suite, "VOLUME", (20, 18, 16))
+  path = str(tmp_path / "model.onnx")
+  suite.onnx_export("resunet", 16, 2, path)
+  outs = {"jax": str(tmp_path / "jax.npy"), "ov": str(tmp_path / "ov.npy")}
+  results = {  # as measure.run_isolated returns them: the worker's kwargs, then its record
+    "inference/jax": {"out": outs["jax"], **suite.jax_inference("resunet", 16, 2, out=outs["jax"])},
+    "inference/openvino_f32": {
+      "out": outs["ov"],
+      **suite.openvino_inference("resunet", 16, 2, path, out=outs["ov"]),
+    },
+  }
+  row = results["inference/openvino_f32"]
+  assert row["out_shape"] == [20, 18, 16, 3] and row["precision"] == "f32"
+  suite.agreement(results)
+  assert row["max_abs_prob_diff_vs_jax"] < 1e-4 and row["labels_equal_vs_jax"] > 0.999
+  assert not list(tmp_path.glob("*.npy"))  # the probabilities are removed once compared
+  planted = {
+    "inference/jax": {"out": str(tmp_path / "a.npy")},
+    "inference/openvino_f32": {"out": str(tmp_path / "b.npy")},
+  }
+  np.save(tmp_path / "a.npy", np.full((4, 4, 4, 1), 0.4, np.float32))
+  np.save(tmp_path / "b.npy", np.full((4, 4, 4, 1), 0.6, np.float32))
+  suite.agreement(planted)
+  assert planted["inference/openvino_f32"]["labels_equal_vs_jax"] == 0.0
+  assert planted["inference/openvino_f32"]["max_abs_prob_diff_vs_jax"] == pytest.approx(0.2)
