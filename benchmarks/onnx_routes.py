@@ -80,20 +80,10 @@ def export_routes(features, window, rev: str, folder: Path, names=None) -> dict:
 
 
 def openvino_window(path: Path):
-  import openvino as ov
+  """The package's OpenVINO window (f32, one window per request, imported without telemetry)."""
+  from resfuse_jax.inference import openvino_runtime
 
-  compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-  request = compiled.create_infer_request()
-
-  def predict(tiles: np.ndarray) -> np.ndarray:
-    x = np.moveaxis(np.asarray(tiles, np.float32), -1, 1)
-    outs = []
-    for i in range(len(x)):  # one tile per request, as onnxruntime's CPU default
-      feeds = {"pre": x[i : i + 1, 0:1].copy(), "post": x[i : i + 1, 1:2].copy()}
-      outs.append(request.infer(feeds)[compiled.output("probabilities")])
-    return np.moveaxis(np.concatenate(outs), 1, -1)
-
-  return predict
+  return openvino_runtime.OpenVinoWindow(path, cache=False)
 
 
 def measure(routes: dict, window, volume_shape, repeats: int) -> dict:
