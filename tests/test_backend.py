@@ -184,6 +184,7 @@ def test_every_command_compiles_into_the_users_cache_and_a_second_process_loads_
 
   def run(out, *flags):
     cmd = [sys.executable, "-c", script, f"--workdir={trained_workdir}", f"--out={out}", *flags]
+    cmd += ["--backend=jax"]  # XLA's cache is the subject (auto would run OpenVINO on a CPU)
     cmd += [
       f"--pre={case / f'{case.name}-t1n.nii.gz'}",
       f"--post={case / f'{case.name}-t1c.nii.gz'}",
