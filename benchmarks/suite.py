@@ -158,12 +158,28 @@ def inference_measurements(patch: int, onnx_path: str, batch: int = 4) -> list:
 
 
 def openvino_precisions() -> list[str]:
-  """f32, and bf16 where this CPU has it (OpenVINO's own capability list)."""
+  """f32, and bf16 where this CPU has it (OpenVINO's own capability list); `skipped`
+  says why a row is left out."""
   from resfuse_jax.inference import openvino_runtime
 
   if not openvino_runtime.available():
     return []
   return ["f32", "bf16"] if openvino_runtime.cpu()["bf16"] else ["f32"]
+
+
+def skipped() -> dict[str, str]:
+  """{row: why} for the inference rows this machine cannot measure, so that a missing row
+  is explained in the results (`finish` records it beside the ratios) instead of silent."""
+  from resfuse_jax.inference import openvino_runtime
+
+  if not openvino_runtime.available():
+    return {"openvino": f"not measured: openvino is not installed: {openvino_runtime.INSTALL_HINT}"}
+  here = openvino_runtime.cpu()
+  if here["bf16"]:
+    return {}
+  caps = ", ".join(here["capabilities"])
+  why = f"this CPU ({here['name']}) has no BF16 (OpenVINO OPTIMIZATION_CAPABILITIES: [{caps}])"
+  return {"openvino_bf16": f"not measured: {why}"}
 
 
 def agreement(results: dict[str, dict]) -> None:
@@ -263,6 +279,7 @@ def finish(name: str, values: dict, header: dict, only: str | None = None) -> di
   else:
     res = {**header, **values}
   res["ratios"] = ratios(res)
+  res["skipped"] = skipped()  # this machine's: a merged section is measured here too
   return measure.write_report(RESULTS, name, res, markdown)
 
 
@@ -346,6 +363,8 @@ def markdown(res: dict) -> str:
       _agree(r, "max_abs_prob_diff_vs_jax", "{:.2e}"), _agree(r, "labels_equal_vs_jax", "{:.4%}")]
      for r in res["inference"]),
   )  # fmt: skip
+  if res.get("skipped"):
+    lines += [""] + [f"- {row}: {why}" for row, why in res["skipped"].items()]
   lines += ["", "## Data pipeline", ""]
   lines += measure.table(
     ["workers", "patches/s"], ([k.split("_")[-2], f"{v:.2f}"] for k, v in res["pipeline"].items())

@@ -415,3 +415,25 @@ def test_the_openvino_row_and_the_agreement_with_jax_at_toy_size(monkeypatch, tm
   suite.agreement(planted)
   assert planted["inference/openvino_f32"]["labels_equal_vs_jax"] == 0.0
   assert planted["inference/openvino_f32"]["max_abs_prob_diff_vs_jax"] == pytest.approx(0.2)
+
+
+def test_a_cpu_without_bf16_records_why_the_openvino_bf16_row_is_missing(monkeypatch, tmp_path):
+  """The suite leaves the bf16 row out on a CPU without BF16, and says so in its results."""
+  from resfuse_jax.inference import openvino_runtime
+
+  no_bf16 = {"name": "Test CPU", "capabilities": ["FP32", "INT8"], "bf16": False}
+  monkeypatch.setattr(openvino_runtime, "available", lambda: True)
+  monkeypatch.setattr(openvino_runtime, "cpu", lambda: no_bf16)
+  assert suite.openvino_precisions() == ["f32"]
+  line = (
+    "openvino_bf16: not measured: this CPU (Test CPU) has no BF16 "
+    "(OpenVINO OPTIMIZATION_CAPABILITIES: [FP32, INT8])"
+  )
+  assert [f"{k}: {v}" for k, v in suite.skipped().items()] == [line]
+  monkeypatch.setattr(suite, "RESULTS", tmp_path)
+  res = suite.finish("t", synthetic_results(), {})
+  assert json.loads((tmp_path / "t.json").read_text())["skipped"] == res["skipped"]
+  assert f"- {line}" in (tmp_path / "t.md").read_text().splitlines()
+  monkeypatch.setattr(openvino_runtime, "cpu", lambda: {**no_bf16, "bf16": True})
+  assert suite.openvino_precisions() == ["f32", "bf16"] and suite.skipped() == {}
+  assert "not measured" not in suite.markdown({**res, "skipped": suite.skipped()})
