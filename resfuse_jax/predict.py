@@ -6,12 +6,17 @@
       (an export: python -m resfuse_jax.export)
   python -m resfuse_jax.predict --model=E --backend=openvino --precision=bf16 ...
       (where export measured bf16 to agree with f32 on the validation cases)
+  python -m resfuse_jax.predict --model=E --pre=DICOM/T1 --post=DICOM/T1C --out=seg.dcm
+      (DICOM series folders in, a DICOM SEG out; --dicom_seg writes one beside NIfTI)
+  python -m resfuse_jax.predict --model=E --input=STUDIES --output=OUT --pre_series='T1*pre*'
+      --post_series='T1*post*' --dicom_seg   (one DICOM study folder per case)
   python -m resfuse_jax.predict --workdir=W [--folds=all|0,1,...] ...
       (a cross-validation, main --folds=all, or its export: the mean of the folds'
       probabilities, then W's post-processing chosen on the pooled out-of-fold predictions)
 
 ``--input`` is a folder in the layout of the training dataset (BraTS 2023 case folders, or the
-MAMA-MIA ``images/`` tree) or a CSV manifest; segmentations are not needed. BraTS outputs are
+MAMA-MIA ``images/`` tree; a scan there may be a DICOM series folder of the same name), a CSV
+manifest, or a folder of DICOM studies; segmentations are not needed. BraTS outputs are
 named ``BraTS-GLI-XXXXX-YYY.nii.gz`` as the challenge expects.
 """
 
@@ -42,9 +47,28 @@ def define_flags() -> None:
     "For a cross-validation W (or its ensemble export): the folds to average, 'all' or "
     "0,1,...; default every finished fold.",
   )
-  flags.DEFINE_string("pre", None, "Pre-contrast NIfTI of one case.")
-  flags.DEFINE_string("post", None, "Post-contrast NIfTI of one case.")
-  flags.DEFINE_string("out", None, "Output label map for --pre/--post.")
+  flags.DEFINE_string(
+    "pre", None, "Pre-contrast scan of one case: a NIfTI file or a folder of DICOM files."
+  )
+  flags.DEFINE_string(
+    "post", None, "Post-contrast scan of one case: a NIfTI file or a folder of DICOM files."
+  )
+  flags.DEFINE_string(
+    "out", None, "Output label map for --pre/--post: NIfTI, or NAME.dcm for a DICOM SEG."
+  )
+  flags.DEFINE_string(
+    "pre_series",
+    None,
+    "Which series of a DICOM folder is the pre-contrast scan, when it holds several: its "
+    "SeriesInstanceUID, SeriesDescription or a shell pattern of the description.",
+  )
+  flags.DEFINE_string("post_series", None, "As --pre_series, for the post-contrast scan.")
+  flags.DEFINE_bool(
+    "dicom_seg",
+    False,
+    "Also write a DICOM Segmentation <name>.dcm beside each NIfTI label map (DICOM inputs): "
+    "one segment per label, referencing the post-contrast series.",
+  )
   flags.DEFINE_string("input", None, "Folder (dataset layout) or CSV manifest of cases.")
   flags.DEFINE_string("output", None, "Output folder for --input.")
   flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes (8 passes).")
@@ -105,6 +129,11 @@ def main(argv):
   if folder and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--input and --output go together")
   prediction.check_model_flags(FLAGS.workdir or FLAGS.model, FLAGS.step, FLAGS.folds)
+  for flag, scan in (("pre_series", FLAGS.pre), ("post_series", FLAGS.post)):
+    if pair and FLAGS[flag].value and not Path(scan or "").is_dir():
+      raise app.UsageError(
+        f"--{flag} chooses a series of a DICOM folder, but --{flag[:-7]}={scan} is not a folder"
+      )
   if pair:
     prediction.check_label_map_path(FLAGS.out)  # before the model loads
   prediction.check_outputs(  # before the model loads: no output may touch an input
@@ -115,6 +144,8 @@ def main(argv):
     FLAGS.probabilities,
     FLAGS.figures,
     FLAGS.postprocess,
+    FLAGS.dicom_seg,
+    (FLAGS.pre_series, FLAGS.post_series),
   )
   settings = runtimes.WindowSettings(
     FLAGS.precision, FLAGS.threads, FLAGS.streams, FLAGS.windows_per_call
@@ -130,12 +161,15 @@ def main(argv):
     onnx_cache.WorkdirGraphs(),  # a --workdir's graph: built by serving, run by inference
   )
   options = (FLAGS.tta, FLAGS.probabilities, FLAGS.figures)
+  series = (FLAGS.pre_series, FLAGS.post_series)
   if pair:
-    out = prediction.predict_pair(predictor, FLAGS.pre, FLAGS.post, FLAGS.out, *options)
+    out = prediction.predict_pair(
+      predictor, FLAGS.pre, FLAGS.post, FLAGS.out, *options, FLAGS.dicom_seg, series
+    )
     print(f"wrote {out} ({predictor.describe()})")
   else:
     written, bad = prediction.predict_folder(
-      predictor, FLAGS.input, FLAGS.output, *options, on_bad_case=FLAGS.on_bad_case
+      predictor, FLAGS.input, FLAGS.output, *options, FLAGS.on_bad_case, FLAGS.dicom_seg, series
     )
     print(
       f"wrote {len(written)} label maps to {FLAGS.output} ({predictor.describe()})"

@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base_config(model)
   c.data.name = "manifest"
   c.data.manifest = ""
+  c.data.label_names = "lesion"  # what label 1 marks: the segment label of a DICOM SEG
   config_lib.apply_dce_defaults(c)
   if "smoke" in options:
     config_lib.apply_smoke(c)

@@ -13,7 +13,7 @@ from absl import logging
 
 from resfuse_jax import files as file_io
 from resfuse_jax.data import cache
-from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits
+from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits, require_scan
 from resfuse_jax.data.datasets import (
   Dataset,
   default_cache_dir,
@@ -52,6 +52,7 @@ __all__ = [
   "make_splits",
   "preprocess_case",
   "check_case_id",
+  "require_scan",
 ]
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from resfuse_jax import files as file_io
-from resfuse_jax.data.common import CaseFiles, DataError
+from resfuse_jax.data.common import CaseFiles, DataError, require_scan, scan_path
 
 REGIONS = {"lesion": (1,)}
 LABELS = (0, 1)
+LABEL_NAMES = {1: "lesion"}
 SOURCE_HINT = (
   "Expected the MAMA-MIA layout: <root>/images/<ID>/<ID>_0000.nii.gz (pre-contrast), "
   "<ID>_0001.nii.gz (first post-contrast phase) and <root>/segmentations/expert/<ID>.nii.gz. "
@@ -35,15 +36,15 @@ def find_cases(
   cases = []
   for case_dir in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
     cid = file_io.check_name(case_dir.name, f"case folder {case_dir}")
-    pre = case_dir / f"{cid}_0000.nii.gz"
-    post = case_dir / f"{cid}_{post_phase:04d}.nii.gz"
+    pre = scan_path(case_dir / f"{cid}_0000.nii.gz")  # or a DICOM series folder <ID>_0000/
+    post = scan_path(case_dir / f"{cid}_{post_phase:04d}.nii.gz")
     label = root / "segmentations" / "expert" / f"{cid}.nii.gz"
     if not require_label and not label.is_file():
       label = None
     problem = None
     try:
-      file_io.require_file(pre, f"case {cid}: pre-contrast phase")
-      if not post.is_file():
+      require_scan(pre, f"case {cid}: pre-contrast phase")
+      if not post.is_file() and not post.is_dir():
         phases = sorted(p.name for p in case_dir.glob(f"{cid}_*.nii.gz"))
         raise DataError(f"case {cid}: missing post-contrast phase {post} (found: {phases})")
       if label is not None and not label.is_file():

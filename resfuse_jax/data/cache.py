@@ -61,16 +61,29 @@ def source_stamp(files: CaseFiles) -> dict:
       out[kind] = None
     else:
       try:
-        st = os.stat(path)
+        size, mtime = _size_and_mtime(Path(path))
       except OSError:  # gone since it was cached: the rebuild names the problem
         out[kind] = {"path": str(Path(path).absolute()), "missing": True}
         continue
-      out[kind] = {
-        "path": str(Path(path).absolute()),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-      }
+      out[kind] = {"path": str(Path(path).absolute()), "size": size, "mtime_ns": mtime}
+  if files.pre_series or files.post_series:
+    out["series"] = [files.pre_series, files.post_series]
   return out
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+  """A file's size and mtime; a DICOM folder's total size and newest mtime (folder included:
+  a removed slice changes it)."""
+  st = os.stat(path)
+  if not path.is_dir():
+    return st.st_size, st.st_mtime_ns
+  size, mtime = 0, st.st_mtime_ns
+  for parent, _, names in os.walk(path):
+    mtime = max(mtime, os.stat(parent).st_mtime_ns)
+    for name in names:
+      member = os.stat(os.path.join(parent, name))
+      size, mtime = size + member.st_size, max(mtime, member.st_mtime_ns)
+  return size, mtime
 
 
 def _array_record(path: Path) -> dict:

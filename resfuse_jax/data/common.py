@@ -11,7 +11,17 @@ import numpy as np
 from resfuse_jax import files
 from resfuse_jax.errors import DataError
 
-__all__ = ["Case", "CaseFiles", "DataError", "InputLimits", "load_canonical"]
+__all__ = [
+  "Case",
+  "CaseFiles",
+  "DataError",
+  "InputLimits",
+  "canonical",
+  "load_canonical",
+  "load_scans",
+  "require_scan",
+  "scan_path",
+]
 
 MiB = 2**20
 
@@ -46,6 +56,7 @@ class CaseFiles:
 
   ``problem`` is why the case cannot be read, found while listing (a missing file):
   raised when the case is preprocessed, so that ``data.on_bad_case=skip`` skips it.
+  ``pre``/``post`` are NIfTI files, or folders holding a DICOM series each.
   """
 
   case_id: str
@@ -53,6 +64,8 @@ class CaseFiles:
   post: Path
   label: Path | None
   problem: str | None = None
+  pre_series: str | None = None  # a DICOM folder's series (UID or description), when it has several
+  post_series: str | None = None
 
 
 @dataclasses.dataclass
@@ -78,6 +91,26 @@ class Case:
   normalization: dict | None = None
   fg_locations: list[np.ndarray] | None = None  # per region: [N, 3] voxel indices
   label_file: Path | None = None
+
+
+def require_scan(path: str | Path, what: str) -> Path:
+  """``path`` if it is a scan: an existing file (NIfTI) or folder (a DICOM series)."""
+  if Path(path).is_dir():
+    return Path(path)
+  return files.require_file(path, what)
+
+
+def scan_path(nifti: Path) -> Path:
+  """``nifti``, or the folder of the same name without ``.nii.gz``/``.nii`` when only that
+  exists (a dataset layout's scan given as a DICOM series)."""
+  if nifti.exists() or nifti.is_symlink():
+    return nifti
+  name = nifti.name
+  for suffix in (".nii.gz", ".nii"):
+    if name.lower().endswith(suffix):
+      folder = nifti.with_name(name[: -len(suffix)])
+      return folder if folder.is_dir() else nifti
+  return nifti
 
 
 def check_header(img, path: Path, case_id: str, kind: str, limits: InputLimits) -> None:
@@ -134,10 +167,18 @@ def load_canonical(
     img = nib.load(str(path))
   except Exception as e:  # nibabel raises many types for damaged files
     raise DataError(f"case {case_id}: cannot read {kind} file {path}: {e}") from e
+  return canonical(img, path, case_id, kind, limits)
+
+
+def canonical(
+  img: nib.Nifti1Image, path: Path, case_id: str, kind: str, limits: InputLimits = InputLimits()
+) -> tuple[np.ndarray, nib.Nifti1Image, tuple[float, float, float]]:
+  """`load_canonical` of an image already opened (a NIfTI file, or a DICOM series read into
+  memory): the same checks and reorientation, whatever the source format."""
   check_header(img, path, case_id, kind, limits)
   try:
-    canonical = nib.as_closest_canonical(img)
-    data = np.asarray(canonical.dataobj)
+    canonical_img = nib.as_closest_canonical(img)
+    data = np.asarray(canonical_img.dataobj)
   except MemoryError:
     shape = "x".join(map(str, img.header.get_data_shape()))
     raise DataError(
@@ -148,5 +189,32 @@ def load_canonical(
     raise DataError(f"case {case_id}: cannot read {kind} file {path}: {e}") from e
   if data.ndim == 4 and data.shape[-1] == 1:
     data = data[..., 0]
-  spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+  spacing = tuple(float(z) for z in canonical_img.header.get_zooms()[:3])
   return data, img, spacing
+
+
+def load_scans(files_: CaseFiles, limits: InputLimits = InputLimits()):
+  """(pre, pre image, spacing), (post, post image, spacing): both NIfTI files, or both
+  DICOM series folders (pre then on post's grid, `dicom.read_pair`)."""
+  cid = files_.case_id
+  folders = [Path(p).is_dir() for p in (files_.pre, files_.post)]
+  if not any(folders):
+    return (
+      load_canonical(files_.pre, cid, "pre-contrast", limits),
+      load_canonical(files_.post, cid, "post-contrast", limits),
+    )
+  if not all(folders):
+    dicom_one, nifti_one = (files_.pre, files_.post) if folders[0] else (files_.post, files_.pre)
+    raise DataError(
+      f"case {cid}: {dicom_one} is a DICOM folder but {nifti_one} a file; give the pre- and "
+      "post-contrast scans both as DICOM series folders or both as NIfTI files"
+    )
+  from resfuse_jax.data import dicom  # pydicom only when DICOM is read
+
+  pre_img, post_img = dicom.read_pair(
+    cid, Path(files_.pre), Path(files_.post), files_.pre_series, files_.post_series, limits
+  )
+  return (
+    canonical(pre_img, files_.pre, cid, "pre-contrast", limits),
+    canonical(post_img, files_.post, cid, "post-contrast", limits),
+  )

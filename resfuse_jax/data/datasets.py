@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from resfuse_jax import files as file_io
 from resfuse_jax.data import brats, breast, manifest, phantom
 from resfuse_jax.data.common import CaseFiles
 from resfuse_jax.errors import ConfigError, DataError
@@ -34,6 +35,7 @@ class Dataset:
   find_cases: Callable[[Any, bool], list[CaseFiles]]
   find_inputs: Callable[[Path, Any], list[CaseFiles]]
   cache_tag: Callable[[Any], str]
+  label_names: dict[int, str] = dataclasses.field(default_factory=dict)  # value -> what it marks
 
   @property
   def region_names(self) -> list[str]:
@@ -109,7 +111,8 @@ PREDICT_LAYOUTS = {  # what ``predict --input`` expects, per dataset (training's
   ),
 }
 PREDICT_ALTERNATIVES = (
-  "a CSV manifest (case_id,pre,post) as --input=cases.csv, or one case with "
+  "a CSV manifest (case_id,pre,post) as --input=cases.csv, a folder of DICOM studies (one "
+  "per case) with --pre_series and --post_series, or one case with "
   "--pre=PRE.nii.gz --post=POST.nii.gz --out=SEG.nii.gz"
 )
 
@@ -138,6 +141,7 @@ _REGISTRY = {
     find_cases=_phantom_cases,
     find_inputs=_folder_inputs("brats", lambda p, cfg: brats.find_cases(p, require_label=False)),
     cache_tag=lambda cfg: phantom_root(cfg).name,
+    label_names=brats.LABEL_NAMES,
   ),
   "brats": Dataset(
     "brats",
@@ -146,6 +150,7 @@ _REGISTRY = {
     find_cases=lambda cfg, require_label: brats.find_cases(cfg.root, require_label),
     find_inputs=_folder_inputs("brats", lambda p, cfg: brats.find_cases(p, require_label=False)),
     cache_tag=lambda cfg: "brats",
+    label_names=brats.LABEL_NAMES,
   ),
   "breast": Dataset(
     "breast",
@@ -158,6 +163,7 @@ _REGISTRY = {
       "breast", lambda p, cfg: breast.find_cases(p, cfg.post_phase, require_label=False)
     ),
     cache_tag=lambda cfg: f"breast-phase{cfg.post_phase}",
+    label_names=breast.LABEL_NAMES,
   ),
   "manifest": Dataset(
     "manifest",
@@ -166,6 +172,7 @@ _REGISTRY = {
     find_cases=lambda cfg, require_label: manifest.find_cases(cfg.manifest, require_label),
     find_inputs=_manifest_inputs,
     cache_tag=lambda cfg: "manifest",
+    label_names=breast.LABEL_NAMES,  # data.label_names of a manifest config replaces them
   ),
 }
 
@@ -181,9 +188,34 @@ def get_dataset(name: str) -> Dataset:
   return _REGISTRY[name]
 
 
-def find_input_cases(path: str | Path, data_config: Any) -> list[CaseFiles]:
-  """Cases to predict: a CSV manifest (any dataset), or a folder in the training layout."""
+def find_input_cases(
+  path: str | Path, data_config: Any, pre_series: str | None = None, post_series: str | None = None
+) -> list[CaseFiles]:
+  """Cases to predict: a CSV manifest (any dataset), a folder in the training layout, or
+  (given ``pre_series`` and ``post_series``) a folder of DICOM studies, one per case."""
   path = Path(path)
+  series = (pre_series, post_series)
   if path.suffix.lower() == ".csv":
-    return manifest.find_cases(path, require_label=False)
+    return manifest.find_cases(path, require_label=False, series=series)
+  if pre_series or post_series:
+    return study_cases(path, pre_series, post_series)
   return get_dataset(data_config.name).find_inputs(path, data_config)
+
+
+def study_cases(path: Path, pre_series: str | None, post_series: str | None) -> list[CaseFiles]:
+  """``<path>/<case>/``: each a DICOM study (its files in any tree below it), whose pre- and
+  post-contrast series the two selectors name."""
+  if not (pre_series and post_series):
+    raise DataError(
+      f"--input={path}: a folder of DICOM studies needs both --pre_series and --post_series "
+      "(SeriesInstanceUID, SeriesDescription or a pattern of it)"
+    )
+  if not path.is_dir():
+    raise DataError(f"--input={path} is not a folder of DICOM study folders")
+  cases = []
+  for case_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    cid = file_io.check_name(case_dir.name, f"case folder {case_dir}")
+    cases.append(CaseFiles(cid, case_dir, case_dir, None, None, pre_series, post_series))
+  if not cases:
+    raise DataError(f"--input={path} holds no case folders (one DICOM study per folder)")
+  return cases

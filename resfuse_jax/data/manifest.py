@@ -10,9 +10,10 @@ import csv
 from pathlib import Path
 
 from resfuse_jax import files as file_io
-from resfuse_jax.data.common import CaseFiles, DataError
+from resfuse_jax.data.common import CaseFiles, DataError, require_scan
 
 COLUMNS = ("case_id", "pre", "post", "label")
+SERIES_COLUMNS = ("pre_series", "post_series")  # optional: which series of a DICOM folder
 
 
 def _decoded_lines(path: Path) -> list[str]:
@@ -34,7 +35,13 @@ def _decoded_lines(path: Path) -> list[str]:
   return out
 
 
-def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFiles]:
+def find_cases(
+  manifest: str | Path,
+  require_label: bool = True,
+  series: tuple[str | None, str | None] = (None, None),
+) -> list[CaseFiles]:
+  """The manifest's cases; ``pre``/``post`` may name DICOM series folders, whose series the
+  optional ``pre_series``/``post_series`` columns choose (else ``series``, the flags)."""
   path = Path(manifest) if manifest else None
   if path is None:
     raise DataError(
@@ -71,10 +78,14 @@ def find_cases(manifest: str | Path, require_label: bool = True) -> list[CaseFil
       try:
         if not value:
           raise DataError(f"{where}: empty {column!r} path")
-        file_io.require_file(files[column], f"{where}: {column} file")
+        if column == "label":
+          file_io.require_file(files[column], f"{where}: {column} file")
+        else:
+          require_scan(files[column], f"{where}: {column} file")
       except DataError as e:
         problem = problem or str(e)
-    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"], problem))
+    chosen = [(row.get(c) or "").strip() or flag for c, flag in zip(SERIES_COLUMNS, series)]
+    cases.append(CaseFiles(cid, files["pre"], files["post"], files["label"], problem, *chosen))
   if not cases:
     raise DataError(f"manifest {path} lists no cases")
   return cases

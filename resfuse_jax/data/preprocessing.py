@@ -14,7 +14,15 @@ import numpy as np
 from absl import logging
 from scipy import ndimage
 
-from resfuse_jax.data.common import Case, CaseFiles, DataError, InputLimits, MiB, load_canonical
+from resfuse_jax.data.common import (
+  Case,
+  CaseFiles,
+  DataError,
+  InputLimits,
+  MiB,
+  load_canonical,
+  load_scans,
+)
 
 NORMALIZATIONS = ("zscore", "joint")
 
@@ -222,8 +230,7 @@ def _check_identical(cid: str, files: CaseFiles, pre, post, training: bool) -> N
 def _read_checked(files: CaseFiles, label_values, settings, limits, training: bool = True):
   """Scans and label in canonical orientation, each checked against the pre-contrast scan."""
   cid = files.case_id
-  pre, pre_img, spacing = load_canonical(files.pre, cid, "pre-contrast", limits)
-  post, post_img, _ = load_canonical(files.post, cid, "post-contrast", limits)
+  (pre, pre_img, spacing), (post, post_img, _) = load_scans(files, limits)
   label, label_img = None, None
   if files.label is not None:
     label_raw, label_img, _ = load_canonical(files.label, cid, "label", limits)

@@ -189,6 +189,12 @@ class EnsemblePredictor:
     """Every member's parameters: what the ensemble runs per window."""
     return sum(m.num_params for m in self.members)
 
+  def parameter_digests(self) -> dict[str, str]:
+    """Each fold's `Predictor.parameters_sha256`, keyed ``fold_<k>_parameters_sha256``."""
+    return {
+      f"fold_{k}_parameters_sha256": m.parameters_sha256() for k, m in zip(self.folds, self.members)
+    }
+
   def describe(self) -> str:
     """``ensemble of 2 folds: 0, 1; steps 600, 600; jax``: what a command's line reports."""
     n = len(self.folds)

@@ -19,7 +19,7 @@ from absl import logging
 from resfuse_jax import checkpointing, data, files, workdir
 from resfuse_jax.data import geometry
 from resfuse_jax.errors import CheckpointError, ConfigError, DataError, OutputError
-from resfuse_jax.inference import ensemble, outputs, postprocess, runtimes
+from resfuse_jax.inference import dicom_seg, ensemble, outputs, postprocess, runtimes
 from resfuse_jax.inference.ensemble import EnsemblePredictor
 from resfuse_jax.inference.predictor import Predictor
 from resfuse_jax.workdir import BAD_CASES
@@ -32,9 +32,11 @@ def predict_case(
   tta: bool = False,
   write_probs: bool = False,
   figure: bool = False,
+  seg: bool = False,
 ) -> None:
-  """Writes ``out`` (uint8 labels), and optionally ``<name>_probabilities.nii.gz``
-  [D, H, W, R] and ``<name>.png`` beside it."""
+  """Writes ``out`` (uint8 labels as NIfTI, or a DICOM SEG for a ``.dcm`` name), and
+  optionally ``<name>_probabilities.nii.gz`` [D, H, W, R], ``<name>.png`` and (``seg``,
+  for DICOM inputs) the SEG ``<name>.dcm`` beside it."""
   config = predictor.config
   task = predictor.task
   case = data.preprocess_case(
@@ -51,9 +53,17 @@ def predict_case(
   # The rules were chosen on each validation case's original grid: applied there too.
   masks = geometry.to_canonical_grid(thresholded, case)
   masks = postprocess.apply_rules(masks, predictor.rules, case.original_spacing or case.spacing)
-  geometry.save_canonical_label_map(postprocess.masks_to_labels(masks, regions), case, out)
+  labels = postprocess.masks_to_labels(masks, regions)
   del masks
   _, probs_file, figure_file = case_outputs(out, True, True)  # the names check_outputs checks
+  if dicom_seg.is_seg_path(out):  # the SEG is the label map
+    dicom_seg.write_case_seg(predictor, files, geometry.from_canonical(labels, case), out)
+  else:
+    geometry.save_canonical_label_map(labels, case, out)
+    if seg:
+      seg_file = case_outputs(out, False, False, True)[-1]
+      dicom_seg.write_case_seg(predictor, files, geometry.from_canonical(labels, case), seg_file)
+  del labels
   if figure:
     from resfuse_jax import visualize  # matplotlib only when figures are asked for
 
@@ -80,7 +90,7 @@ def predict_case(
     )
 
 
-LABEL_MAP_SUFFIXES = (".nii.gz", ".nii")
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", dicom_seg.SUFFIX)
 
 
 def label_map_stem(out: Path) -> str:
@@ -93,29 +103,49 @@ def label_map_stem(out: Path) -> str:
 
 
 def check_label_map_path(out: str | Path, flag: str = "--out") -> Path:
-  """Refuses, before the model is loaded, a label-map name nibabel cannot write as NIfTI.
+  """Refuses, before the model is loaded, a label-map name that is neither NIfTI nor a
+  DICOM SEG.
 
-  ``.nii.gz`` and ``.nii`` are accepted in any letter case; anything else (no suffix,
-  ``.png``, ``.nii.zip``) is an ``OutputError`` naming the path.
+  ``.nii.gz`` and ``.nii`` (and ``.dcm``: a DICOM SEG, for DICOM inputs) are accepted in
+  any letter case; anything else (no suffix, ``.png``, ``.nii.zip``) is an ``OutputError``
+  naming the path.
   """
   out = Path(out)
   if not out.name.lower().endswith(LABEL_MAP_SUFFIXES) or not label_map_stem(out):
     raise OutputError(
-      f"{flag}={out}: a label map is written as NIfTI; give a name ending in .nii.gz or .nii"
+      f"{flag}={out}: a label map is written as NIfTI; give a name ending in .nii.gz or .nii "
+      "(or .dcm for a DICOM SEG of DICOM inputs)"
     )
   return out
 
 
-def case_outputs(out: Path, probs: bool, figure: bool) -> list[Path]:
+def case_outputs(out: Path, probs: bool, figure: bool, seg: bool = False) -> list[Path]:
   """The files `predict_case` writes for the label map ``out``."""
   name = label_map_stem(out)
   extra = [f"{name}_probabilities.nii.gz"] * probs + [f"{name}.png"] * figure
+  extra += [f"{name}{dicom_seg.SUFFIX}"] * (seg and not dicom_seg.is_seg_path(out))
   return [out, *(out.with_name(e) for e in extra)]
 
 
 def _case_inputs(case_files: data.CaseFiles, pre: str = "--pre", post: str = "--post") -> list:
   named = [(pre, case_files.pre), (post, case_files.post)]
   return named + ([("label", case_files.label)] if case_files.label is not None else [])
+
+
+def _split_folders(named: list) -> tuple[list, list]:
+  """(input files, input folders): a DICOM series is a folder, and nothing may be written
+  into it (the next read of the folder would take a SEG for one of its slices)."""
+  folders = [(flag, p) for flag, p in named if Path(p).is_dir()]
+  return [(flag, p) for flag, p in named if not Path(p).is_dir()], folders
+
+
+def check_seg_inputs(case_files: data.CaseFiles, flag: str) -> None:
+  """A DICOM SEG references the post-contrast series' instances: a NIfTI input has none."""
+  if not Path(case_files.post).is_dir():
+    raise OutputError(
+      f"{flag}: a DICOM SEG references DICOM source images, but case {case_files.case_id}'s "
+      f"post-contrast scan {case_files.post} is a NIfTI file; write NIfTI (.nii.gz) instead"
+    )
 
 
 def _require_export(model: str | None) -> None:
@@ -131,11 +161,15 @@ def check_outputs(
   probs: bool = False,
   figure: bool = False,
   postprocess_: str = "auto",
+  seg: bool = False,
+  series: tuple[str | None, str | None] = (None, None),
 ) -> None:
-  """Refuses, before the model loads, any output of predict that would touch an input.
+  """Refuses, before the model loads, any output of predict that would touch an input,
+  and a DICOM SEG asked of NIfTI inputs.
 
   ``workdir_`` / ``model``: the workdir or export read (one of them); ``pair``: (--pre,
-  --post, --out); ``folder``: (--input, --output). The rule is `outputs.refuse_overlaps`.
+  --post, --out); ``folder``: (--input, --output); ``seg``: ``--dicom_seg``; ``series``:
+  (--pre_series, --post_series). The rule is `outputs.refuse_overlaps`.
   """
   _require_export(model)
   source, flag = (model, "--model") if model else (workdir_, "--workdir")
@@ -143,8 +177,12 @@ def check_outputs(
   out_files, out_folders, in_folders = [], [], []
   if pair is not None:
     pre, post, out = pair
-    inputs += _case_inputs(data.CaseFiles(Path(pre).name, Path(pre), Path(post), None))
-    out_files = [("--out", p) for p in case_outputs(Path(out), probs, figure)]
+    case_files = data.CaseFiles(Path(pre).name, Path(pre), Path(post), None, None, *series)
+    if seg or dicom_seg.is_seg_path(out):
+      check_seg_inputs(case_files, "--dicom_seg" if seg else f"--out={out}")
+    files_, folders = _split_folders(_case_inputs(case_files))
+    inputs, in_folders = inputs + files_, in_folders + folders
+    out_files = [("--out", p) for p in case_outputs(Path(out), probs, figure, seg)]
   if folder is not None:
     input_path, output = folder
     out_folders = [("--output", output)]
@@ -153,12 +191,16 @@ def check_outputs(
     else:
       inputs.append(("--input", input_path))
     outputs.refuse_overlaps((), out_folders, inputs, in_folders, [(flag, source)])
-    cases = data.find_input_cases(input_path, workdir.read_config(source).data)
+    cases = data.find_input_cases(input_path, workdir.read_config(source).data, *series)
     for case_files in cases:
-      inputs += _case_inputs(case_files, f"{case_files.case_id} pre", f"{case_files.case_id} post")
+      if seg:
+        check_seg_inputs(case_files, "--dicom_seg")
+      named = _case_inputs(case_files, f"{case_files.case_id} pre", f"{case_files.case_id} post")
+      files_, folders = _split_folders(named)
+      inputs, in_folders = inputs + files_, in_folders + folders
       name = files.check_name(case_files.case_id, f"--input={input_path}")
       out_files += [
-        ("--output", p) for p in case_outputs(Path(output, f"{name}.nii.gz"), probs, figure)
+        ("--output", p) for p in case_outputs(Path(output, f"{name}.nii.gz"), probs, figure, seg)
       ]
   outputs.refuse_overlaps(out_files, out_folders, inputs, in_folders, [(flag, source)])
 
@@ -227,17 +269,20 @@ def predict_pair(
   tta: bool,
   probs: bool,
   figure: bool,
+  seg: bool = False,
+  series: tuple[str | None, str | None] = (None, None),
 ) -> Path:
-  """One case given as two files."""
-  case_files = data.CaseFiles(Path(pre).name, Path(pre), Path(post), None)
-  files.require_file(case_files.pre, "--pre")
-  files.require_file(case_files.post, "--post")
+  """One case given as two NIfTI files or two DICOM series folders (``series``: which
+  series of each folder, when it holds several)."""
+  case_files = data.CaseFiles(Path(pre).name, Path(pre), Path(post), None, None, *series)
+  data.require_scan(case_files.pre, "--pre")
+  data.require_scan(case_files.post, "--post")
   out = Path(out)
   if out.is_dir():
     raise OutputError(f"--out={out} is a folder; give the label map's file name")
   check_label_map_path(out)
   check_writable(out.parent, "--out")
-  predict_case(predictor, case_files, out, tta, probs, figure)
+  predict_case(predictor, case_files, out, tta, probs, figure, seg)
   return out
 
 
@@ -262,17 +307,20 @@ def predict_folder(
   probs: bool,
   figure: bool,
   on_bad_case: str = "error",
+  seg: bool = False,
+  series: tuple[str | None, str | None] = (None, None),
 ) -> tuple[list[Path], list[dict]]:
   """Every case of a folder in the training dataset's layout, or of a CSV manifest.
 
   BraTS outputs are named ``BraTS-GLI-XXXXX-YYY.nii.gz`` as the challenge expects.
   ``on_bad_case='skip'`` goes on past a case whose input is bad and lists it in
-  ``OUT/bad_cases.json``. Returns (written label maps, skipped cases).
+  ``OUT/bad_cases.json``. ``seg``: a DICOM SEG beside each label map (DICOM inputs);
+  ``series``: `data.find_input_cases`. Returns (written label maps, skipped cases).
   """
   if on_bad_case not in ("error", "skip"):
     raise ConfigError(f"--on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
   output = Path(output)
-  cases = data.find_input_cases(input_path, predictor.config.data)
+  cases = data.find_input_cases(input_path, predictor.config.data, *series)
   check_writable(output, "--output")
   written, bad = [], []
   for i, case_files in enumerate(cases, 1):
@@ -281,7 +329,7 @@ def predict_folder(
       name = files.check_name(case_files.case_id, f"--input={input_path}")
       data.check_case_id(case_files)
       out = files.under(output, f"{name}.nii.gz")
-      predict_case(predictor, case_files, out, tta, probs, figure)
+      predict_case(predictor, case_files, out, tta, probs, figure, seg)
     except DataError as e:
       if on_bad_case == "error":
         raise

@@ -10,6 +10,7 @@ OpenVINO or onnxruntime (`runtimes`): only the window function changes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ class Predictor:
     self.backend_note = ""  # why this backend (and precision), for the log
     self.step = int(step)
     self.rules = rules  # post-processing per region (None: thresholds and nesting only)
+    self._digest: str | None = None  # parameters_sha256, computed on first use
     self._forward = jax.jit(lambda p, t: window_probabilities(self.model, p, t))
     self._fusion_terms = jax.jit(
       lambda p, t: self.model.apply(
@@ -230,6 +232,21 @@ class Predictor:
     if self._num_params is not None:
       return self._num_params
     return models.count_params(self.params)
+
+  def parameters_sha256(self) -> str:
+    """The SHA-256 of the parameters (each leaf's path, dtype, shape and bytes, in tree
+    order), whatever backend runs them: what a DICOM SEG records of the model used."""
+    if self._digest is None:
+      digest = hashlib.sha256()
+      for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
+        value = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+      self._digest = digest.hexdigest()
+    return self._digest
+
+  def parameter_digests(self) -> dict[str, str]:
+    return {"parameters_sha256": self.parameters_sha256()}
 
   def describe(self) -> str:
     """``checkpoint step 600, jax``: what a command's line reports about the model."""
