@@ -66,7 +66,7 @@ RUN_IDENTITY = ("model", "data")
 ADDED_LATER = {
   "phantom": {"data": {knob: 0.0 for knob in data.PHANTOM_KNOBS}},
   "breast": {"data": {"post_phase": 1}},  # the first post-contrast phase, _0001
-  "manifest": {"data": {"manifest": ""}},
+  "manifest": {"data": {"manifest": "", "label_names": "lesion"}},  # label_names: the SEG
 }
 
 

@@ -359,3 +359,20 @@ def test_an_ensembles_seg_records_each_folds_parameter_digest(
     )
   assert len(set(m.parameters_sha256() for m in ensemble.members)) == 2
   assert not (tmp_path / "seg.nii.gz").exists()  # a .dcm out is the label map itself
+
+
+def test_a_manifest_models_segments_are_named_by_its_config():
+  from resfuse_jax import config_lib, workdir
+
+  config = config_lib.load("manifest")
+  manifest = data.get_dataset("manifest")
+  assert dicom_seg.label_names(manifest, config.data) == {1: "lesion"}
+  config.data.label_names = "enhancing mass"
+  assert dicom_seg.label_names(manifest, config.data) == {1: "enhancing mass"}
+  config.data.label_names = "mass, cyst"
+  with pytest.raises(OutputError, match="names 2 labels; the model predicts \\[1\\]"):
+    dicom_seg.label_names(manifest, config.data)
+  old = config.to_dict()
+  del old["data"]["label_names"]  # a workdir written before the key existed
+  filled = config_lib.fill_defaults(old, workdir.ADDED_LATER)
+  assert dicom_seg.label_names(manifest, filled.data) == {1: "lesion"}
