@@ -47,7 +47,7 @@ def study(patient_id="RFJ-0001", name="Phantom^Case") -> dict:
   }
 
 
-def _slice(volume, affine, k, stored, slope, intercept, meta: dict, series: dict, number: int):
+def _slice(volume, affine, k, stored, slope, intercept, meta, series, number, decimals=8):
   ds = Dataset()
   for key, value in {**meta, **series}.items():
     setattr(ds, key, value)
@@ -61,7 +61,7 @@ def _slice(volume, affine, k, stored, slope, intercept, meta: dict, series: dict
   ds.ImageOrientationPatient = [
     f"{v:.10f}" for v in (*col_dir / np.linalg.norm(col_dir), *row_dir / np.linalg.norm(row_dir))
   ]
-  ds.ImagePositionPatient = [f"{v:.8f}" for v in LPS @ (affine @ [0, 0, k, 1])[:3]]
+  ds.ImagePositionPatient = [f"{v:.{decimals}f}" for v in LPS @ (affine @ [0, 0, k, 1])[:3]]
   ds.PixelSpacing = [f"{np.linalg.norm(row_dir):.10f}", f"{np.linalg.norm(col_dir):.10f}"]
   ds.SliceThickness = f"{np.linalg.norm(affine[:3, 2]):.6f}"
   ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
@@ -88,13 +88,15 @@ def write_series(
   intercept: float = 0.0,
   multiframe: bool = False,
   edit=None,
+  decimals: int = 8,
 ) -> list[Path]:
   """Writes ``volume`` as one MR series under ``folder`` (created); returns its files.
 
   Stored values are ``round((volume - intercept) / slope)`` as int16. ``multiframe``
   converts the single-frame instances into one enhanced MR instance with highdicom's
   legacy conversion. ``edit(k, ds)`` may change slice k's dataset before it is written
-  (the tests plant defects with it).
+  (the tests plant defects with it). ``decimals``: of ImagePositionPatient (scanners write
+  2 to 6).
   """
   folder.mkdir(parents=True, exist_ok=True)
   stored = np.round((np.asarray(volume, np.float64) - intercept) / slope)
@@ -106,7 +108,8 @@ def write_series(
   }
   slices = []
   for k in range(volume.shape[2]):
-    ds = file_meta(_slice(volume, affine, k, stored, slope, intercept, meta, series, k + 1))
+    ds = _slice(volume, affine, k, stored, slope, intercept, meta, series, k + 1, decimals)
+    ds = file_meta(ds)
     if edit is not None:
       ds = edit(k, ds)
     if ds is not None:

@@ -179,7 +179,7 @@ def test_a_pair_in_different_frames_of_reference_on_other_grids_is_refused(serie
   _, affine, meta = series
   write_series(tmp_path / "pre", scans[0][:, :, :30], affine, study(), "T1 pre", 3)
   write_series(tmp_path / "post", scans[1], affine, meta, "T1 post", 5)
-  with pytest.raises(DataError, match="different frames of reference.*no registration"):
+  with pytest.raises(DataError, match="do not share a frame of reference.*no registration"):
     dicom.read_pair("c", tmp_path / "pre", tmp_path / "post")
 
 
@@ -194,12 +194,28 @@ def _moved(k, ds, shift):
   return ds
 
 
+def _along_normal(ds, mm):
+  cosines = np.array(ds.ImageOrientationPatient, float)
+  return _moved(0, ds, mm * np.cross(cosines[:3], cosines[3:]))
+
+
+def _in_plane(ds, mm):
+  return _moved(0, ds, mm * np.array(ds.ImageOrientationPatient[:3], float))
+
+
+def _sized(ds, rows):
+  ds.Rows = rows
+  return ds
+
+
 PLANTED = {
   "missing slices": (lambda k, ds: None if k == 12 else ds, "missing slices: a gap"),
   "non-uniform": (
-    lambda k, ds: _moved(k, ds, [0, 0, 0.1]) if k >= 20 else ds,  # every step 2 mm; one 2.1
+    lambda k, ds: _along_normal(ds, 0.1) if k >= 20 else ds,  # every step 2 mm; one 2.1
     "non-uniform slice spacing",
   ),
+  "shear": (lambda k, ds: _in_plane(ds, 0.5) if k == 9 else ds, "gantry tilt or shear"),
+  "mixed rows": (lambda k, ds: _sized(ds, 31) if k == 3 else ds, "mixed slice sizes"),
   "gantry tilt": (lambda k, ds: _moved(k, ds, [0.2 * k, 0.2 * k, 0]), "gantry tilt or shear"),
   "mixed orientations": (
     lambda k, ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]) or ds
@@ -257,6 +273,7 @@ def test_a_folder_of_several_series_lists_them_and_a_selector_chooses(series, tm
     dicom.read_grid(both, None, "case c: pre-contrast", "--pre_series")
   assert dicom.read_grid(both, "T1 post", "c", "--post_series").series.description == "T1 post"
   assert dicom.read_grid(both, "*pre", "c", "--pre_series").series.description == "T1 pre"
+  assert dicom.read_grid(both, "t1 POST", "c", "--post_series").series.description == "T1 post"
   with pytest.raises(DataError, match="--pre_series='T2' matches no series"):
     dicom.read_grid(both, "T2", "case c: pre-contrast", "--pre_series")
 
@@ -376,3 +393,94 @@ def test_a_manifest_models_segments_are_named_by_its_config():
   del old["data"]["label_names"]  # a workdir written before the key existed
   filled = config_lib.fill_defaults(old, workdir.ADDED_LATER)
   assert dicom_seg.label_names(manifest, filled.data) == {1: "lesion"}
+
+
+@pytest.mark.parametrize("decimals", [2, 3])
+@pytest.mark.parametrize("thickness", [0.5, 1.0, 3.0])
+def test_scanner_rounded_positions_of_an_oblique_stack_are_not_refused(
+  scans, tmp_path, decimals, thickness
+):
+  rng = np.random.default_rng(int(thickness * 10) + decimals)
+  for plan in range(4):  # random oblique plans, as a scanner's console writes them
+    affine = oblique_affine((0.9, 0.9, thickness), rng.uniform(-40, 40, 3), rng.uniform(-90, 90, 3))
+    folder = tmp_path / f"{plan}"
+    write_series(folder, scans[1], affine, study(), "T1 post", 5, decimals=decimals)
+    grid = dicom.read_grid(folder, None, "case c: post", "--post_series")
+    np.testing.assert_allclose(grid.affine, affine, atol=10.0**-decimals * 2)
+
+
+def test_resampling_onto_a_rotated_grid_of_other_spacing_is_linear_in_world_space(tmp_path):
+  meta = study()
+  post_affine = oblique_affine((1.0, 1.1, 1.7), (5.0, -3.0, 10.0), (-20, 10, -15))
+  pre_affine = oblique_affine((0.8, 0.8, 1.2), (-6.0, 4.0, 25.0), (-25, 5, -20))
+  field = np.array(
+    [0.7, -0.4, 1.3]
+  )  # a linear field of world position: linear interpolation is exact
+
+  def world(affine, shape):
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+  pre = (world(pre_affine, (40, 40, 36)) @ field + 200).astype(np.float32)
+  write_series(tmp_path / "pre", pre, pre_affine, meta, "T1 pre", 3, slope=0.01)
+  write_series(tmp_path / "post", np.full((24, 24, 16), 100.0), post_affine, meta, "T1 post", 5)
+  pre_img, _ = dicom.read_pair("c", tmp_path / "pre", tmp_path / "post")
+  on_post = np.asarray(pre_img.dataobj)
+  expected = world(post_affine, (24, 24, 16)) @ field + 200
+  inside = on_post != 0  # pre's field of view covers most, not all, of post's grid
+  assert inside.mean() > 0.5
+  np.testing.assert_allclose(on_post[inside], expected[inside], atol=0.02)
+
+
+def test_a_pair_on_one_grid_in_different_frames_of_reference_is_refused(series, scans, tmp_path):
+  _, affine, meta = series
+  write_series(tmp_path / "pre", scans[0], affine, study(), "T1 pre", 3)  # another study
+  write_series(tmp_path / "post", scans[1], affine, meta, "T1 post", 5)
+  with pytest.raises(DataError, match="do not share a frame of reference"):
+    dicom.read_pair("c", tmp_path / "pre", tmp_path / "post")
+
+
+def test_a_seg_of_an_anonymised_series_is_written(scans, tmp_path):
+  removed = ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+             "PatientName", "PatientID", "StudyDate", "StudyTime")  # fmt: skip
+
+  def anonymise(k, ds):
+    for key in removed:
+      delattr(ds, key)
+    return ds
+
+  folder = _plant(tmp_path, scans, anonymise)
+  grid = dicom.read_grid(folder, None, "case c: post", "--post_series")
+  labels = np.zeros(grid.shape, np.uint8)
+  labels[4:9, 5:7, 3:6] = 1
+  algorithm = dicom_seg.algorithm_identification("resfuse", {"parameters_sha256": "0" * 64})
+  out = dicom_seg.write(labels, grid, {1: "lesion"}, algorithm, tmp_path / "seg.dcm")
+  seg, back = _labels_from_seg(out, grid)
+  np.testing.assert_array_equal(back, labels)
+  assert seg.PatientID == "" and "PatientID" not in grid.datasets[0]  # the source untouched
+
+
+def test_a_series_that_cannot_take_a_seg_is_refused_before_the_model_runs(
+  scans, predictor, tmp_path, monkeypatch
+):
+  def no_frame_of_reference(k, ds):
+    del ds.FrameOfReferenceUID
+    return ds
+
+  folder = _plant(tmp_path, scans, no_frame_of_reference)
+  monkeypatch.setattr(predictor, "probabilities", lambda *a: pytest.fail("the model ran"))
+  case = data.CaseFiles("c", folder, folder, None)
+  with pytest.raises(DataError, match="lack FrameOfReferenceUID; a SEG cannot reference them"):
+    prediction.predict_case(predictor, case, tmp_path / "out" / "seg.nii.gz", seg=True)
+  assert not (tmp_path / "out").exists()
+
+
+def test_files_without_the_dicom_preamble_are_read_and_other_files_passed_over(series, tmp_path):
+  root, _, _ = series
+  folder = tmp_path / "post"
+  shutil.copytree(root / "single" / "post", folder)
+  for path in sorted(folder.iterdir())[:3]:  # an older export: no 128-byte preamble, no DICM
+    path.write_bytes(path.read_bytes()[132:])
+  (folder / "README.txt").write_text("exported by a PACS\n")
+  grid = dicom.read_series(folder, None, "case c: post", "--post_series")
+  assert grid.shape == (32, 32, 32)

@@ -113,6 +113,23 @@ def scan_path(nifti: Path) -> Path:
   return nifti
 
 
+def check_size(where: str, shape, itemsize: int, zooms, limits: InputLimits) -> None:
+  """Refuses, before any voxel is read, a scan over ``data.max_voxels``/``max_bytes`` or with
+  a spacing outside ``data.spacing_range`` (NIfTI headers and DICOM series alike)."""
+  voxels = int(np.prod(shape, dtype=np.int64))
+  if voxels > limits.max_voxels or voxels * itemsize > limits.max_bytes:
+    raise DataError(
+      f"{where}: its header claims {'x'.join(map(str, shape))} voxels "
+      f"({voxels * itemsize / MiB:.0f} MiB in memory), over data.max_voxels={limits.max_voxels} "
+      f"/ data.max_bytes={limits.max_bytes}; not read (raise the limits if the scan is real)"
+    )
+  lo, hi = limits.spacing_range
+  if not all(np.isfinite(z) and lo <= z <= hi for z in zooms):
+    raise DataError(
+      f"{where} has voxel spacing {list(zooms)} mm, outside data.spacing_range=({lo}, {hi}) mm"
+    )
+
+
 def check_header(img, path: Path, case_id: str, kind: str, limits: InputLimits) -> None:
   """Refuses, from the header alone, a volume that is not a real 3-D scan of sane size."""
   where = f"case {case_id}: {kind} file {path}"
@@ -127,21 +144,9 @@ def check_header(img, path: Path, case_id: str, kind: str, limits: InputLimits) 
   dtype = np.dtype(header.get_data_dtype())
   if dtype.kind not in "biuf":
     raise DataError(f"{where} has data type {dtype}; expected real integer or float voxels")
-  voxels = int(np.prod(shape, dtype=np.int64))
   slope, inter = header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None)
   itemsize = 8 if (slope not in (None, 1.0) or inter not in (None, 0.0)) else dtype.itemsize
-  if voxels > limits.max_voxels or voxels * itemsize > limits.max_bytes:
-    raise DataError(
-      f"{where}: its header claims {'x'.join(map(str, shape))} voxels "
-      f"({voxels * itemsize / MiB:.0f} MiB in memory), over data.max_voxels={limits.max_voxels} "
-      f"/ data.max_bytes={limits.max_bytes}; not read (raise the limits if the scan is real)"
-    )
-  zooms = [float(z) for z in header.get_zooms()[:3]]
-  lo, hi = limits.spacing_range
-  if not all(np.isfinite(z) and lo <= z <= hi for z in zooms):
-    raise DataError(
-      f"{where} has voxel spacing {zooms} mm, outside data.spacing_range=({lo}, {hi}) mm"
-    )
+  check_size(where, shape, itemsize, [float(z) for z in header.get_zooms()[:3]], limits)
   affine = np.asarray(img.affine, np.float64)
   linear = affine[:3, :3]
   if not np.isfinite(affine).all() or not linear.any():

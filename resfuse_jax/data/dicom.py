@@ -22,13 +22,15 @@ from absl import logging
 from scipy import ndimage
 
 from resfuse_jax.data import dicom_series
-from resfuse_jax.data.common import InputLimits
+from resfuse_jax.data.common import InputLimits, check_size
 from resfuse_jax.errors import DataError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 GAP = 1.5  # a step this many median steps long is a missing slice ("about twice")
 UNEVEN = 0.01  # a step more than 1% off the median is non-uniform spacing
-TILT = 1e-3  # in-plane shift per slice step (tangent of ~0.06 degrees): tilt or shear
+TILT = 1e-3  # sideways drift per mm along the normal (~0.06 degrees): gantry tilt
+SIDEWAYS = 0.05  # ... or per pixel spacing, whichever is larger (rounded positions)
+ROUNDING = 0.02  # mm: what rounding of ImagePositionPatient (0.01 mm, 6 digits) may add
 SAME = 1e-4  # orientation cosines and spacings that agree to this are equal
 GRID_TOLERANCE = 1e-3  # mm: two grids this close are one (no resampling)
 
@@ -144,7 +146,12 @@ def _check_same(frames: list[Frame], where: str) -> np.ndarray:
 
 def _check_positions(frames: list[Frame], normal: np.ndarray, where: str) -> list[Frame]:
   """The slices in order along the normal, refused unless they are evenly spaced and stacked
-  straight along it (no gap, no uneven step, no gantry tilt or shear)."""
+  straight along it (no gap, no uneven step, no gantry tilt or shear).
+
+  Positions are decimal strings, often rounded to 0.01 mm or 6 significant digits: steps
+  get an absolute allowance of ``ROUNDING`` mm, and sideways drift is judged over the whole
+  stack (where rounding averages out) and per slice against a fraction of a pixel.
+  """
   if len(frames) < 2:
     raise DataError(f"{where}: {len(frames)} slice; a 3-D volume needs at least two")
   depth = np.array([f.position @ normal for f in frames])
@@ -152,10 +159,11 @@ def _check_positions(frames: list[Frame], normal: np.ndarray, where: str) -> lis
   frames, depth = [frames[i] for i in order], depth[order]
   steps = np.diff(depth)
   median = float(np.median(steps))
-  if steps.min() < 1e-3 * max(median, 1e-3):
+  shared = steps < max(1e-3 * median, ROUNDING)
+  if shared.any():
     raise DataError(
-      f"{where}: {int(np.sum(steps < 1e-3 * max(median, 1e-3))) + 1} slices share one position "
-      "(several echoes, phases or repeats in one series?); give a series with one slice per position"
+      f"{where}: {int(shared.sum()) + 1} slices share one position (several echoes, phases or "
+      "repeats in one series?); give a series with one slice per position"
     )
   worst = int(np.argmax(np.abs(steps - median)))
   if steps[worst] > GAP * median:
@@ -164,21 +172,35 @@ def _check_positions(frames: list[Frame], normal: np.ndarray, where: str) -> lis
       f"{depth[worst]:.4g} and {depth[worst + 1]:.4g} mm along the normal, where the median step "
       f"is {median:.3g} mm (about {round(steps[worst] / median) - 1} slice(s) missing)"
     )
-  if abs(steps[worst] - median) > UNEVEN * median:
+  if abs(steps[worst] - median) > max(UNEVEN * median, ROUNDING):
     raise DataError(
       f"{where}: non-uniform slice spacing: a step of {steps[worst]:.4g} mm where the median "
       f"is {median:.4g} mm (more than {UNEVEN:.0%} off); it cannot be read as one grid"
     )
-  moves = np.diff(np.array([f.position for f in frames]), axis=0)
-  sideways = np.linalg.norm(moves - np.outer(moves @ normal, normal), axis=1)
-  if sideways.max() > TILT * median:
-    angle = np.degrees(np.arctan2(sideways.max(), median))
-    raise DataError(
-      f"{where}: gantry tilt or shear: consecutive slices shift {sideways.max():.3g} mm sideways "
-      f"per {median:.3g} mm step ({angle:.2f} degrees off the slice normal); resample it to an "
-      "orthogonal grid first"
-    )
+  _check_straight(np.array([f.position for f in frames]), normal, min(frames[0].spacing), where)
   return frames
+
+
+def _check_straight(positions: np.ndarray, normal: np.ndarray, pixel: float, where: str) -> None:
+  """Slices stacked along the normal: no overall drift sideways (gantry tilt), no slice off
+  the line through the first and last (shear)."""
+  span = positions[-1] - positions[0]
+  along = float(span @ normal)
+  drift = float(np.linalg.norm(span - along * normal))
+  if drift > max(TILT * along, SIDEWAYS * pixel):
+    raise DataError(
+      f"{where}: gantry tilt or shear: the slices drift {drift:.3g} mm sideways over "
+      f"{along:.4g} mm along the normal ({np.degrees(np.arctan2(drift, along)):.2f} degrees off "
+      "it); resample the series to an orthogonal grid first"
+    )
+  fraction = np.linspace(0.0, 1.0, len(positions))[:, None]
+  away = positions - (positions[0] + fraction * span)
+  off = float(np.linalg.norm(away - np.outer(away @ normal, normal), axis=1).max())  # sideways
+  if off > SIDEWAYS * pixel + ROUNDING:
+    raise DataError(
+      f"{where}: gantry tilt or shear: a slice lies {off:.3g} mm off the line through the "
+      "first and last slice positions; the slices do not make one grid"
+    )
 
 
 def _affine(frames: list[Frame]) -> np.ndarray:
@@ -216,17 +238,9 @@ def _check_decodable(ds, path: Path, where: str) -> None:
 
 def _check_size(frames: list[Frame], where: str, limits: InputLimits) -> None:
   rows, cols = frames[0].size
-  voxels = rows * cols * len(frames)
-  if voxels > limits.max_voxels or voxels * 4 > limits.max_bytes:
-    raise DataError(
-      f"{where}: {cols}x{rows}x{len(frames)} voxels ({voxels * 4 / 2**20:.0f} MiB as float32), "
-      f"over data.max_voxels={limits.max_voxels} / data.max_bytes={limits.max_bytes}; not read"
-    )
-  lo, hi = limits.spacing_range
-  if not all(lo <= s <= hi for s in frames[0].spacing):
-    raise DataError(
-      f"{where}: pixel spacing {list(frames[0].spacing)} mm, outside data.spacing_range=({lo}, {hi})"
-    )
+  step = float(np.linalg.norm(frames[-1].position - frames[0].position)) / (len(frames) - 1)
+  zooms = (frames[0].spacing[1], frames[0].spacing[0], step)
+  check_size(where, (cols, rows, len(frames)), 4, zooms, limits)  # float32 once rescaled
 
 
 def read_grid(
@@ -242,7 +256,7 @@ def read_grid(
   series = dicom_series.select(folder, selector, what, flag)
   where = f"{what} folder {folder} (series {series.description or series.uid!r})"
   dcm = dicom_series.pydicom()
-  headers = [dcm.dcmread(p, stop_before_pixels=True) for p in series.files]
+  headers = [dcm.dcmread(p, stop_before_pixels=True, force=True) for p in series.files]
   frames = [f for i, ds in enumerate(headers) for f in _frames_of(ds, i, where)]
   frames = _check_positions(frames, _check_same(frames, where), where)
   _check_size(frames, where, limits)
@@ -270,9 +284,11 @@ def read_series(
   dcm = dicom_series.pydicom()
   for i, members in by_file.items():
     try:
-      pixels = dcm.dcmread(paths[i]).pixel_array
+      pixels = dcm.dcmread(paths[i], force=True).pixel_array
     except Exception as e:
-      raise DataError(f"{grid.where}: cannot decode the pixels of {paths[i]}: {e}") from e
+      raise DataError(
+        f"{grid.where}: cannot decode the pixels of {paths[i]}: {dicom_series.one_line(e)}"
+      ) from e
     for k, frame in members:
       plane = pixels if pixels.ndim == 2 else pixels[frame.frame or 0]
       slope, intercept = frame.rescale
@@ -305,20 +321,22 @@ def read_pair(
   """Pre- and post-contrast series as images on the post-contrast grid.
 
   Series of one frame of reference on different grids: pre is resampled onto post's
-  (logged); of different frames of reference: refused (no registration is attempted).
+  (logged); of different frames of reference (or without one), on any grid: refused (no
+  registration is attempted).
   """
   pre_v = read_series(pre, pre_series, f"case {case_id}: pre-contrast", "--pre_series", limits)
   post_v = read_series(post, post_series, f"case {case_id}: post-contrast", "--post_series", limits)
-  if same_grid(pre_v, post_v):
-    return pre_v.image(), post_v.image()
   frames = pre_v.series.frame_of_reference, post_v.series.frame_of_reference
   if None in frames or frames[0] != frames[1]:
     raise DataError(
       f"case {case_id}: the pre-contrast series in {pre} and the post-contrast series in {post} "
-      f"lie on different grids in different frames of reference (FrameOfReferenceUID "
-      f"{frames[0]} vs {frames[1]}); no registration is attempted: register them first, or give "
-      "series of one frame of reference"
+      f"do not share a frame of reference (FrameOfReferenceUID {frames[0] or 'missing'} vs "
+      f"{frames[1] or 'missing'}), so nothing says their voxels are the same places in the "
+      "patient; no registration is attempted: register them first, or give series of one "
+      "frame of reference"
     )
+  if same_grid(pre_v, post_v):
+    return pre_v.image(), post_v.image()
   logging.info(
     "case %s: pre-contrast %s resampled onto the post-contrast grid %s (one frame of reference)",
     case_id, "x".join(map(str, pre_v.shape)), "x".join(map(str, post_v.shape)),

@@ -11,6 +11,8 @@ import dataclasses
 import fnmatch
 from pathlib import Path
 
+from absl import logging
+
 from resfuse_jax.errors import DataError
 
 EXTRA = "pip install 'resfuse_jax[dicom]'"
@@ -24,11 +26,6 @@ def pydicom():
   except ImportError:
     raise DataError(f"reading DICOM needs pydicom: {EXTRA}") from None
   return module
-
-
-def is_dicom_path(path: str | Path) -> bool:
-  """A folder given where a scan is expected is read as a DICOM series (NIfTI is a file)."""
-  return Path(path).is_dir()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,22 +43,43 @@ class Series:
     return f"{number}{self.description or '(no SeriesDescription)'!r}  {self.uid}  ({len(self.files)} files)"
 
 
+def one_line(error: Exception) -> str:
+  """A library's message (pydicom's list every plug-in it tried, line by line) on one line."""
+  return " ".join(str(error).split())
+
+
+def _read_header(dcm, path: Path, folder: Path):
+  """The header of ``path``; None for a file that is not DICOM. Files written without the
+  128-byte preamble and "DICM" (older exports) are read too, when they parse as DICOM."""
+  try:
+    return dcm.dcmread(path, stop_before_pixels=True)
+  except dcm.errors.InvalidDicomError:
+    try:
+      ds = dcm.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # a README, a thumbnail: not DICOM at all
+      return None
+    return ds if "SOPInstanceUID" in ds and "SeriesInstanceUID" in ds else None
+  except Exception as e:
+    raise DataError(f"DICOM folder {folder}: cannot read {path}: {one_line(e)}") from e
+
+
 def _headers(folder: Path):
   """(path, header dataset) of every DICOM image instance under ``folder``, sorted by path."""
   dcm = pydicom()
+  skipped = 0
   for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-    try:
-      ds = dcm.dcmread(path, stop_before_pixels=True)
-    except dcm.errors.InvalidDicomError:
-      continue  # a README, a thumbnail: not part of any series
-    except Exception as e:
-      raise DataError(f"DICOM folder {folder}: cannot read {path}: {e}") from e
+    ds = _read_header(dcm, path, folder)
+    if ds is None:
+      skipped += 1
+      continue
     sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     if sop_class == DICOMDIR_SOP_CLASS or "Rows" not in ds or "SeriesInstanceUID" not in ds:
       continue  # DICOMDIR, structured reports, presentation states: no image
     if str(getattr(ds, "Modality", "")) == "SEG":
       continue  # segmentations (ours or others') are not scans
     yield path, ds
+  if skipped:
+    logging.info("DICOM folder %s: %d file(s) that are not DICOM were passed over", folder, skipped)
 
 
 def list_series(folder: str | Path) -> list[Series]:
@@ -81,9 +99,7 @@ def list_series(folder: str | Path) -> list[Series]:
         uid=uid,
         description=str(getattr(first, "SeriesDescription", "") or ""),
         number=None if number in (None, "") else int(number),
-        frame_of_reference=str(first.FrameOfReferenceUID)
-        if "FrameOfReferenceUID" in first
-        else None,
+        frame_of_reference=str(first.get("FrameOfReferenceUID", "") or "").strip() or None,
         files=tuple(p for p, _ in members),
       )
     )
@@ -105,9 +121,10 @@ def select(folder: str | Path, selector: str | None, what: str, flag: str) -> Se
   series = list_series(folder)
   if not series:
     raise DataError(f"{what} folder {folder} holds no DICOM image series")
-  if selector:
-    chosen = [s for s in series if selector == s.uid or selector == s.description]
-    chosen = chosen or [s for s in series if fnmatch.fnmatchcase(s.description, selector)]
+  if selector:  # a UID exactly; a description exactly, then in any letter case or a pattern
+    chosen = [s for s in series if selector in (s.uid, s.description)]
+    wanted = selector.casefold()
+    chosen = chosen or [s for s in series if fnmatch.fnmatchcase(s.description.casefold(), wanted)]
     if len(chosen) == 1:
       return chosen[0]
     problem = "matches no series" if not chosen else f"matches {len(chosen)} series"

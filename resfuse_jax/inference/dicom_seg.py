@@ -12,6 +12,7 @@ from them, so the archive files it under the same study. highdicom comes with th
 
 from __future__ import annotations
 
+import copy
 from importlib import metadata
 from pathlib import Path
 
@@ -116,16 +117,55 @@ def frames_for(labels: np.ndarray, grid: dicom.SeriesVolume) -> np.ndarray:
   return by_slice[np.argsort([f.file for f in grid.frames])]  # one file per slice
 
 
+# Type 2 attributes (present, possibly empty) of the patient and study modules that highdicom
+# copies from the source; anonymisers often delete them instead of emptying them.
+TYPE2 = (
+  "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+  "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
 def source_images(grid: dicom.SeriesVolume) -> list:
-  """The source datasets in the order `frames_for` lays the frames out."""
-  if len(grid.datasets) == 1:
-    return list(grid.datasets)
-  if len(grid.datasets) != len(grid.frames):
+  """Copies of the source datasets, in the order `frames_for` lays the frames out, with
+  deleted Type 2 attributes restored empty. Checked before the model runs (`prepare`)."""
+  if len(grid.datasets) > 1 and len(grid.datasets) != len(grid.frames):
     raise DataError(
       f"{grid.where}: {len(grid.datasets)} multi-frame instances in one series; a SEG is "
       "written for a series of single-frame instances or one multi-frame instance"
     )
-  return list(grid.datasets)
+  out = []
+  for ds in grid.datasets:
+    missing = [key for key in (*REQUIRED, "FrameOfReferenceUID") if not ds.get(key)]
+    if missing:
+      raise DataError(
+        f"{grid.where}: its instances lack {', '.join(missing)}; a SEG cannot reference them"
+      )
+    ds = copy.deepcopy(ds)
+    for key in TYPE2:
+      if key not in ds:
+        setattr(ds, key, "")
+    out.append(ds)
+  return out
+
+
+def require_dicom_post(case_files, what: str) -> None:
+  """A SEG references the post-contrast series' instances: a NIfTI input has none."""
+  if not Path(case_files.post).is_dir():
+    raise OutputError(
+      f"{what}: a DICOM SEG references DICOM source images, but case {case_files.case_id}'s "
+      f"post-contrast scan {case_files.post} is a NIfTI file; write NIfTI (.nii.gz) instead"
+    )
+
+
+def prepare(case_files, out: Path) -> dicom.SeriesVolume:
+  """The post-contrast series' grid, checked to take a SEG, before any inference: a series
+  that cannot is a bad case (``DataError``) before the model spends time on it."""
+  require_dicom_post(case_files, str(out))
+  what = f"case {case_files.case_id}: post-contrast"
+  grid = dicom.read_grid(case_files.post, case_files.post_series, what, "--post_series")
+  source_images(grid)
+  return grid
 
 
 def write(
@@ -164,16 +204,9 @@ def write(
   return out
 
 
-def write_case_seg(predictor, case_files, labels: np.ndarray, out: Path) -> Path:
-  """The SEG of one predicted case: ``labels`` [columns, rows, slices] on the grid of the
-  post-contrast series ``case_files.post`` (a DICOM folder; a NIfTI input is refused)."""
-  if not Path(case_files.post).is_dir():
-    raise OutputError(
-      f"{out}: a DICOM SEG references DICOM source images, but case {case_files.case_id}'s "
-      f"post-contrast scan {case_files.post} is a NIfTI file; write NIfTI (.nii.gz) instead"
-    )
-  what = f"case {case_files.case_id}: post-contrast"
-  grid = dicom.read_grid(case_files.post, case_files.post_series, what, "--post_series")
+def write_case_seg(predictor, grid: dicom.SeriesVolume, labels: np.ndarray, out: Path) -> Path:
+  """The SEG of one predicted case: ``labels`` [columns, rows, slices] on ``grid``, the
+  post-contrast series (`prepare`)."""
   names = label_names(predictor.dataset, predictor.config.data)
   algorithm = algorithm_identification(predictor.config.model.name, predictor.parameter_digests())
   return write(labels, grid, names, algorithm, out)

@@ -39,6 +39,9 @@ def predict_case(
   for DICOM inputs) the SEG ``<name>.dcm`` beside it."""
   config = predictor.config
   task = predictor.task
+  as_seg = dicom_seg.is_seg_path(out)  # the SEG is the label map
+  seg_file = case_outputs(out, False, False, True)[-1] if seg and not as_seg else None
+  grid = dicom_seg.prepare(files, seg_file or out) if as_seg or seg_file else None  # checked first
   case = data.preprocess_case(
     files, task.dataset.label_values, task.prep_settings, task.input_limits, training=False
   )
@@ -56,13 +59,12 @@ def predict_case(
   labels = postprocess.masks_to_labels(masks, regions)
   del masks
   _, probs_file, figure_file = case_outputs(out, True, True)  # the names check_outputs checks
-  if dicom_seg.is_seg_path(out):  # the SEG is the label map
-    dicom_seg.write_case_seg(predictor, files, geometry.from_canonical(labels, case), out)
-  else:
+  if not as_seg:
     geometry.save_canonical_label_map(labels, case, out)
-    if seg:
-      seg_file = case_outputs(out, False, False, True)[-1]
-      dicom_seg.write_case_seg(predictor, files, geometry.from_canonical(labels, case), seg_file)
+  if grid is not None:
+    dicom_seg.write_case_seg(
+      predictor, grid, geometry.from_canonical(labels, case), seg_file or out
+    )
   del labels
   if figure:
     from resfuse_jax import visualize  # matplotlib only when figures are asked for
@@ -139,15 +141,6 @@ def _split_folders(named: list) -> tuple[list, list]:
   return [(flag, p) for flag, p in named if not Path(p).is_dir()], folders
 
 
-def check_seg_inputs(case_files: data.CaseFiles, flag: str) -> None:
-  """A DICOM SEG references the post-contrast series' instances: a NIfTI input has none."""
-  if not Path(case_files.post).is_dir():
-    raise OutputError(
-      f"{flag}: a DICOM SEG references DICOM source images, but case {case_files.case_id}'s "
-      f"post-contrast scan {case_files.post} is a NIfTI file; write NIfTI (.nii.gz) instead"
-    )
-
-
 def _require_export(model: str | None) -> None:
   if model and not checkpointing.is_export(model):
     raise CheckpointError(f"--model={model} is not an export: export.json is missing")
@@ -179,7 +172,7 @@ def check_outputs(
     pre, post, out = pair
     case_files = data.CaseFiles(Path(pre).name, Path(pre), Path(post), None, None, *series)
     if seg or dicom_seg.is_seg_path(out):
-      check_seg_inputs(case_files, "--dicom_seg" if seg else f"--out={out}")
+      dicom_seg.require_dicom_post(case_files, "--dicom_seg" if seg else f"--out={out}")
     files_, folders = _split_folders(_case_inputs(case_files))
     inputs, in_folders = inputs + files_, in_folders + folders
     out_files = [("--out", p) for p in case_outputs(Path(out), probs, figure, seg)]
@@ -194,7 +187,7 @@ def check_outputs(
     cases = data.find_input_cases(input_path, workdir.read_config(source).data, *series)
     for case_files in cases:
       if seg:
-        check_seg_inputs(case_files, "--dicom_seg")
+        dicom_seg.require_dicom_post(case_files, "--dicom_seg")
       named = _case_inputs(case_files, f"{case_files.case_id} pre", f"{case_files.case_id} post")
       files_, folders = _split_folders(named)
       inputs, in_folders = inputs + files_, in_folders + folders
