@@ -47,6 +47,14 @@ def define_flags() -> None:
     "For a cross-validation W (or its ensemble export): the folds to average, 'all' or "
     "0,1,...; default every finished fold.",
   )
+  _define_case_flags()
+  flags.DEFINE_string("input", None, "Folder (dataset layout) or CSV manifest of cases.")
+  flags.DEFINE_string("output", None, "Output folder for --input.")
+  _define_output_flags()
+
+
+def _define_case_flags() -> None:
+  """One case (--pre/--post/--out) and what DICOM inputs and outputs take."""
   flags.DEFINE_string(
     "pre", None, "Pre-contrast scan of one case: a NIfTI file or a folder of DICOM files."
   )
@@ -69,8 +77,9 @@ def define_flags() -> None:
     "Also write a DICOM Segmentation <name>.dcm beside each NIfTI label map (DICOM inputs): "
     "one segment per label, referencing the post-contrast series.",
   )
-  flags.DEFINE_string("input", None, "Folder (dataset layout) or CSV manifest of cases.")
-  flags.DEFINE_string("output", None, "Output folder for --input.")
+
+
+def _define_output_flags() -> None:
   flags.DEFINE_bool("tta", False, "Mirroring test-time augmentation over all axes (8 passes).")
   flags.DEFINE_bool("probabilities", False, "Also write <name>_probabilities.nii.gz [D,H,W,R].")
   flags.DEFINE_bool("figures", False, "Also write <name>.png: scans, subtraction, prediction.")
@@ -80,6 +89,11 @@ def define_flags() -> None:
     "auto: the post-processing chosen on validation (W/postprocessing.json, carried into "
     "exports) when there is one; none: thresholds only; or a postprocessing.json to apply.",
   )
+  _define_runtime_flags()
+
+
+def _define_runtime_flags() -> None:
+  """What runs the windows, and its knobs."""
   flags.DEFINE_enum(
     "backend",
     "auto",
@@ -112,10 +126,8 @@ def define_flags() -> None:
   )
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  pair, folder = FLAGS.pre or FLAGS.post or FLAGS.out, FLAGS.input or FLAGS.output
+def _check_flags(pair, folder) -> None:
+  """The flag combinations, before anything loads."""
   if FLAGS.workdir and FLAGS.model:
     raise app.UsageError(
       "give --workdir (a training workdir) or --model (an export), not both: they name two models"
@@ -136,6 +148,13 @@ def main(argv):
       )
   if pair:
     prediction.check_label_map_path(FLAGS.out)  # before the model loads
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  pair, folder = FLAGS.pre or FLAGS.post or FLAGS.out, FLAGS.input or FLAGS.output
+  _check_flags(pair, folder)
   prediction.check_outputs(  # before the model loads: no output may touch an input
     FLAGS.workdir,
     FLAGS.model,

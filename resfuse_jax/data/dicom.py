@@ -267,15 +267,13 @@ def read_grid(
   return SeriesVolume(series, folder, None, _affine(frames), headers, frames, where)
 
 
-def read_series(
-  folder: str | Path,
-  selector: str | None,
-  what: str,
-  flag: str,
-  limits: InputLimits = InputLimits(),
-) -> SeriesVolume:
-  """`read_grid` with the voxels: [columns, rows, slices] float32, rescaled."""
-  grid = read_grid(folder, selector, what, flag, limits)
+def read_series(*args, **kwargs) -> SeriesVolume:
+  """`read_grid` (the same arguments), then `read_pixels`."""
+  return read_pixels(read_grid(*args, **kwargs))
+
+
+def read_pixels(grid: SeriesVolume) -> SeriesVolume:
+  """``grid`` with its voxels: ``array`` [columns, rows, slices] float32, rescaled."""
   frames, paths = grid.frames, grid.series.files
   array = np.empty((len(frames), *frames[0].size), np.float32)
   by_file: dict[int, list[tuple[int, Frame]]] = {}

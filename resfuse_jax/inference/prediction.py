@@ -67,29 +67,31 @@ def predict_case(
     )
   del labels
   if figure:
-    from resfuse_jax import visualize  # matplotlib only when figures are asked for
-
-    labels = postprocess.masks_to_labels(
-      postprocess.apply_rules(thresholded, predictor.rules, case.spacing), regions
-    )
-
-    visualize.case_figure(
-      figure_file,
-      files.case_id,
-      case.pre,
-      case.post,
-      labels,
-      heat=predictor.fusion_heat(case),
-      brats_colours=predictor.dataset.brats_like,
-    )
+    _write_figure(predictor, case, thresholded, figure_file)
   if write_probs:
     maps = np.stack(
       [geometry.to_original_grid(probs[..., r], case) for r in range(probs.shape[-1])], -1
     )
-    geometry.save_nifti(
-      nib.Nifti1Image(maps.astype(np.float32), case.affine),
-      probs_file,
-    )
+    geometry.save_nifti(nib.Nifti1Image(maps.astype(np.float32), case.affine), probs_file)
+
+
+def _write_figure(predictor, case: data.Case, thresholded: np.ndarray, path: Path) -> None:
+  """Scans, subtraction and prediction on the preprocessed grid, as ``path`` (PNG)."""
+  from resfuse_jax import visualize  # matplotlib only when figures are asked for
+
+  regions = predictor.dataset.regions
+  labels = postprocess.masks_to_labels(
+    postprocess.apply_rules(thresholded, predictor.rules, case.spacing), regions
+  )
+  visualize.case_figure(
+    path,
+    case.case_id,
+    case.pre,
+    case.post,
+    labels,
+    heat=predictor.fusion_heat(case),
+    brats_colours=predictor.dataset.brats_like,
+  )
 
 
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", dicom_seg.SUFFIX)
