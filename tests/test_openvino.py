@@ -393,3 +393,79 @@ def test_predict_workdir_says_its_choice_first_and_reuses_the_cache(
   assert [line for line in first if "built the ONNX graph of" in line]
   assert [line for line in second if "(cached)" in line]
   assert [line for line in second if "OpenVINO: loaded the compiled model.onnx" in line]
+
+
+def _conv_norm_graph(channels: int, size: int, eps: float = 1e-6) -> bytes:
+  """x [n, 1, s, s, s] -> Conv 3^3 (1 -> channels) -> InstanceNormalization -> y: the layer
+  pair where OpenVINO's channel sums lose accuracy (a conv output in its blocked layout)."""
+  import onnx
+  from onnx import TensorProto, helper, numpy_helper
+
+  rng = np.random.default_rng(0)
+  weights = {
+    "w": rng.normal(0, 0.3, (channels, 1, 3, 3, 3)).astype(np.float32),
+    "scale": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+    "bias": rng.normal(0, 0.1, channels).astype(np.float32),
+  }
+  nodes = [
+    helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 6),
+    helper.make_node("InstanceNormalization", ["c", "scale", "bias"], ["y"], epsilon=eps),
+  ]
+  shape = ["n", 1, size, size, size]
+  graph = helper.make_graph(
+    nodes, "conv_norm",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", channels, size, size, size])],
+    [numpy_helper.from_array(v, k) for k, v in weights.items()],
+  )  # fmt: skip
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  return model.SerializeToString(), weights, onnx
+
+
+def _reference(x: np.ndarray, weights: dict) -> np.ndarray:
+  """The conv + instance norm in float64 (numpy/scipy): what both graphs should compute."""
+  from scipy import ndimage
+
+  w = weights["w"].astype(np.float64)
+  out = []
+  for c in range(w.shape[0]):
+    conv = ndimage.correlate(x[0, 0].astype(np.float64), w[c, 0], mode="constant")
+    z = (conv - conv.mean()) / np.sqrt(conv.var() + 1e-6)
+    out.append(z * weights["scale"][c] + weights["bias"][c])
+  return np.stack(out)[None]
+
+
+def test_large_instance_norms_are_staged_and_compute_the_same_function():
+  from resfuse_jax.inference import openvino_norms
+
+  graph, weights, onnx = _conv_norm_graph(4, 24)
+  unchanged, staged = openvino_norms.rewrite(graph)  # 24^3 < MIN_VOXELS: left alone
+  assert (unchanged, staged) == (graph, 0)
+  rewritten, staged = openvino_norms.rewrite(graph, min_voxels=1)
+  assert staged == 1
+  ops = [n.op_type for n in onnx.load_from_string(rewritten).graph.node]
+  assert "InstanceNormalization" not in ops and {"ReduceL2", "ReduceSum"} <= set(ops)
+  import onnxruntime
+
+  x = np.random.default_rng(1).normal(size=(1, 1, 24, 24, 24)).astype(np.float32)
+  reference = _reference(x, weights)
+  for blob in (graph, rewritten):
+    session = onnxruntime.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], reference, atol=2e-5)
+
+
+def test_staged_norms_make_openvinos_channel_sums_accurate():
+  """OpenVINO's own InstanceNormalization after a conv is off by a per-channel scale that grows
+  with the window (BUILD_NOTES, issue 31); staged, it matches float64 to float32 rounding."""
+  from resfuse_jax.inference import openvino_norms
+
+  graph, weights, _ = _conv_norm_graph(8, 64)
+  x = np.random.default_rng(2).normal(size=(1, 1, 64, 64, 64)).astype(np.float32)
+  reference = _reference(x, weights)
+  errors = {}
+  core = openvino_runtime.core()
+  for name, blob in (("exported", graph), ("staged", openvino_norms.rewrite(graph)[0])):
+    compiled = core.compile_model(core.read_model(blob), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    errors[name] = float(np.abs(compiled({"x": x})[0] - reference).max())
+  assert errors["staged"] < 2e-5, errors
+  assert errors["staged"] < errors["exported"] / 3, errors
