@@ -192,7 +192,8 @@ class EnsemblePredictor:
   def parameter_digests(self) -> dict[str, str]:
     """Each fold's `Predictor.parameters_sha256`, keyed ``fold_<k>_parameters_sha256``."""
     return {
-      f"fold_{k}_parameters_sha256": m.parameters_sha256() for k, m in zip(self.folds, self.members)
+      f"{workdir.FOLD_PREFIX}{k}_parameters_sha256": m.parameters_sha256()
+      for k, m in zip(self.folds, self.members)
     }
 
   def describe(self) -> str:
