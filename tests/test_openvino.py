@@ -469,3 +469,21 @@ def test_staged_norms_make_openvinos_channel_sums_accurate():
     errors[name] = float(np.abs(compiled({"x": x})[0] - reference).max())
   assert errors["staged"] < 2e-5, errors
   assert errors["staged"] < errors["exported"] / 3, errors
+
+
+@pytest.mark.parametrize("model_name", ["resunet", "resfuse"])  # resunet leaves pre unused
+def test_a_staged_graph_runs_every_model_through_the_openvino_window(
+  model_name, tmp_path, monkeypatch
+):
+  from benchmarks import suite
+  from resfuse_jax.inference import openvino_norms
+
+  path = tmp_path / "model.onnx"
+  suite.onnx_export(model_name, 16, 2, str(path))
+  tiles = np.random.default_rng(3).normal(size=(2, 16, 16, 16, 2)).astype(np.float32)
+  exported = openvino_runtime.OpenVinoWindow(path, cache=False)(tiles)
+  monkeypatch.setattr(openvino_norms, "MIN_VOXELS", 1)  # every norm staged at this toy size
+  assert openvino_norms.rewrite(path.read_bytes())[1] > 0
+  window = openvino_runtime.OpenVinoWindow(path, cache=False)
+  assert not list(tmp_path.iterdir())[1:]  # the staged graph was never written beside the model
+  np.testing.assert_allclose(window(tiles), exported, atol=1e-5)

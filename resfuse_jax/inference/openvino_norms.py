@@ -78,11 +78,12 @@ def _staged(node, shape: tuple[int, int, int], constants: list) -> list:
   return nodes
 
 
-def rewrite(onnx_bytes: bytes, min_voxels: int = MIN_VOXELS) -> tuple[bytes, int]:
-  """(the graph with every InstanceNormalization of at least ``min_voxels`` staged, how
-  many were). A graph without such norms comes back unchanged."""
+def rewrite(onnx_bytes: bytes, min_voxels: int | None = None) -> tuple[bytes, int]:
+  """(the graph with every InstanceNormalization of at least ``min_voxels`` (default
+  `MIN_VOXELS`) staged, how many were). A graph without such norms comes back unchanged."""
   import onnx
 
+  min_voxels = MIN_VOXELS if min_voxels is None else min_voxels
   model = onnx.load_from_string(onnx_bytes)
   inferred = onnx.shape_inference.infer_shapes(model)
   constants, nodes, staged = [], [], 0

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging as std_logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -242,9 +243,15 @@ class OpenVinoWindow:
       )  # fmt: skip
       return str(self.path)
     graph, staged = openvino_norms.rewrite(self.path.read_bytes())
-    if staged:
-      logging.info("OpenVINO: %d instance norms of %s staged for accurate sums", staged, self.path)
-    return core().read_model(graph)
+    if not staged:
+      return str(self.path)
+    logging.info("OpenVINO: %d instance norms of %s staged for accurate sums", staged, self.path)
+    # Read from a file: from memory, OpenVINO's ONNX reader drops an input the graph does not
+    # use (ResUNet's pre), and the window feeds both.
+    with tempfile.TemporaryDirectory(prefix="resfuse-openvino-") as folder:
+      staged_path = Path(folder) / FILE
+      staged_path.write_bytes(graph)
+      return core().read_model(str(staged_path))
 
   def _check_channels(self, dim) -> None:
     channels = dim.get_length() if dim.is_static else None
