@@ -12,8 +12,9 @@ No lane sums more than d*h values. Measured on ResFuse 16-256, two 128^3 windows
 (BUILD_NOTES, issue 31): OpenVINO's error against JAX 9.3e-4 -> 6e-6, at ~+10% per window
 for staging every norm (only those of at least `MIN_VOXELS` are staged, the costly ones).
 
-Only the graph OpenVINO compiles is rewritten, in memory: ``model.onnx`` and its recorded
-SHA-256 stay as exported, and onnxruntime (whose kernel is accurate) runs the original.
+Only the graph OpenVINO compiles is rewritten (in a temporary file it reads and the OS then
+drops): ``model.onnx`` and its recorded SHA-256 stay as exported, and onnxruntime (whose
+kernel is accurate) runs the original.
 """
 
 from __future__ import annotations
